@@ -1,0 +1,71 @@
+"""Every field ddpm_jax reads, with the DDPM CIFAR-10 values (Ho et al. 2020) as defaults.
+
+Other configs start from this one and change what differs. Run it with:
+    python -m ddpm_jax.main --config=configs/default.py --workdir=runs/default
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline
+    c.data.split = "train"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_size = 32
+    c.data.channels = 3
+    c.data.random_flip = True
+    c.data.shuffle_buffer = 50_000
+
+    c.model = ml_collections.ConfigDict()
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_schedule = "linear"
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.model_output = "eps"  # eps | x0 | v
+    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall
+    c.diffusion.clip_x0 = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 5000
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.ema_decay = 0.9999
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global, over all devices and hosts
+    c.training.num_train_steps = 800_000
+    c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
+    c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
+    c.training.log_every = 100
+    c.training.checkpoint_every = 5000
+    c.training.keep_checkpoints = 3
+    c.training.sample_every = 20_000
+    c.training.num_sample_images = 64
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.sampler = "ancestral"
+    c.sampling.steps = 1000
+    c.sampling.eta = 0.0
+    c.sampling.guidance = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.eval_every = 0  # 0: no in-loop evaluation
+    c.eval.num_samples = 1000
+    c.eval.inception_weights = ml_collections.FieldReference(None, field_type=str)
+    c.eval.reference_stats = ml_collections.FieldReference(None, field_type=str)
+    return c
