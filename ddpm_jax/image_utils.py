@@ -1,0 +1,64 @@
+"""Converting model images to uint8, tiling them into grids and writing PNGs."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(x) -> np.ndarray:
+    """Images in [-1, 1] (any float dtype) -> uint8 in [0, 255], rounding to nearest."""
+    x = np.asarray(x, np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(x) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1]."""
+    return np.asarray(x, np.float32) / 127.5 - 1.0
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles `[N, H, W, C]` images into one `[rows*(H+p)+p, nrow*(W+p)+p, C]` image, row by row."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, images.dtype)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = img
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    """Writes a uint8 `[H, W, C]` image (C = 1 or 3) as PNG, enlarged `scale` times (nearest)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"save_png({path!r}): expected uint8, got {image.dtype}.")
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def load_images(path: str, image_size: int | None = None, channels: int = 3) -> np.ndarray:
+    """A PNG/JPEG file or a folder of them -> uint8 `[N, H, W, channels]`, resized when asked."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not files:
+            raise ValueError(f"{path}: folder has no .png/.jpg images.")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path}: no such image file or folder.")
+    out = []
+    for f in files:
+        img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        if image_size and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BILINEAR)
+        a = np.asarray(img, np.uint8)
+        out.append(a[..., None] if channels == 1 else a)
+    return np.stack(out)
