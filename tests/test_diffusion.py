@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion as D
+from ddpm_jax.analytic import gaussian_eps_model
 
 
 def _abar64(betas):
@@ -125,24 +126,6 @@ def test_reverse_scan_frames():
     np.testing.assert_allclose(x, [45.0, 45.0])
     # Frames after scan positions 0, 3, 6, 9 (evenly spaced): running sums 9, 9+8+7+6, +5+4+3, +2+1+0.
     np.testing.assert_allclose(frames[:, 0], [9.0, 30.0, 42.0, 45.0])
-
-
-def gaussian_eps_model(s, mu, Sigma):
-    """The exact E[eps | x_t] for data x_0 ~ N(mu, Sigma): s_t C_t^{-1}(x_t - a_t mu), C_t = a_t^2 Sigma + s_t^2 I.
-
-    Conditioned on x_t, eps and x_t are jointly Gaussian with Cov(eps, x_t) = s_t I.
-    """
-    abar = np.asarray(s.alphas_cumprod, np.float64)
-    a, sd = np.sqrt(abar), np.sqrt(1 - abar)
-    d = len(mu)
-    C_inv = np.linalg.inv(a[:, None, None] ** 2 * Sigma + sd[:, None, None] ** 2 * np.eye(d))
-    W = jnp.asarray(sd[:, None, None] * C_inv, jnp.float32)
-    a, mu = jnp.asarray(a, jnp.float32), jnp.asarray(mu, jnp.float32)
-
-    def model_fn(x_t, t):
-        return jnp.einsum("bij,bj->bi", W[t], x_t - a[t][:, None] * mu)
-
-    return model_fn
 
 
 GAUSS_MU = np.array([0.3, -0.2, 0.1, 0.0])
