@@ -6,6 +6,7 @@ import pytest
 
 from ddpm_jax import diffusion as D
 from ddpm_jax.analytic import gaussian_eps_model
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples
 
 
 def _abar64(betas):
@@ -126,25 +127,6 @@ def test_reverse_scan_frames():
     np.testing.assert_allclose(x, [45.0, 45.0])
     # Frames after scan positions 0, 3, 6, 9 (evenly spaced): running sums 9, 9+8+7+6, +5+4+3, +2+1+0.
     np.testing.assert_allclose(frames[:, 0], [9.0, 30.0, 42.0, 45.0])
-
-
-GAUSS_MU = np.array([0.3, -0.2, 0.1, 0.0])
-_L = np.array([[0.20, 0, 0, 0], [0.10, 0.15, 0, 0], [-0.05, 0.05, 0.10, 0], [0.02, -0.03, 0.04, 0.12]])
-GAUSS_SIGMA = _L @ _L.T  # non-diagonal, std 0.12..0.2
-
-
-def check_gaussian_samples(x, mu=GAUSS_MU, Sigma=GAUSS_SIGMA, bias=0.0):
-    """Sample mean and covariance of `x` [N, d] against N(mu, Sigma).
-
-    Tolerance = 5 standard errors (mean: sqrt(Sigma_ii/N); covariance: sqrt((S_ii S_jj + S_ij^2)/N))
-    plus `bias`, the discretisation error allowed for the sampler (absolute, on each entry).
-    """
-    x = np.asarray(x, np.float64)
-    n = x.shape[0]
-    se_mean = np.sqrt(np.diag(Sigma) / n)
-    se_cov = np.sqrt((np.outer(np.diag(Sigma), np.diag(Sigma)) + Sigma ** 2) / n)
-    assert np.all(np.abs(x.mean(0) - mu) < 5 * se_mean + bias), (x.mean(0), mu)
-    assert np.all(np.abs(np.cov(x.T) - Sigma) < 5 * se_cov + bias), (np.cov(x.T), Sigma)
 
 
 @pytest.mark.parametrize("variance", D.VARIANCES)

@@ -1,0 +1,260 @@
+"""Samplers, guidance and editing against exact answers: the analytic Gaussian denoiser, whose
+sampler chains have a closed-form law (tests/gaussian_helpers.py), and identities between samplers."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion as D
+from ddpm_jax import sampling as S
+from ddpm_jax.analytic import gaussian_eps_model
+from ddpm_jax.models import UNet
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, chain_law, check_gaussian_samples, ddim_invert64
+
+T = 1000
+BETAS = D.linear_betas(T)
+ABAR = np.cumprod(1 - BETAS)  # float64
+FULL = D.make_schedule(BETAS)
+GAUSS = gaussian_eps_model(FULL, GAUSS_MU, GAUSS_SIGMA)  # called with original timesteps
+EXACT = S.StepOptions(clip_x0=False)  # clipping is an image heuristic, not part of the exact chain
+N = 20_000
+
+
+def _respaced(steps):
+    return D.make_schedule(*D.respace_betas(BETAS, D.even_timesteps(T, steps)))
+
+
+def _gen(s, sampler, opts, key=0, x_T=None, model_fn=GAUSS):
+    """N samples of the 4-d Gaussian (from x_T when given), float64 numpy."""
+    run = jax.jit(lambda k, x: S.generate(s, "eps", model_fn, k, (N, 4), sampler=sampler, opts=opts, x_T=x))
+    return np.asarray(run(jax.random.key(key), x_T), np.float64)
+
+
+def test_registry_and_unknown_name():
+    assert S.SAMPLERS == {"ancestral": S.ancestral_step, "ddim": S.ddim_step}
+    with pytest.raises(ValueError, match=r"sampler='plms': must be one of \['ancestral', 'ddim'\]"):
+        S.get_step("plms")
+
+
+def test_generate_ancestral_is_diffusion_sample():
+    s = _respaced(20)
+    a = S.generate(s, "eps", GAUSS, jax.random.key(3), (16, 4), opts=EXACT)
+    b = D.sample(s, "eps", GAUSS, jax.random.key(3), (16, 4), clip_x0=False)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("variance", D.VARIANCES)
+def test_respaced_ancestral_50_steps_exact_law(variance):
+    s = _respaced(50)
+    x = _gen(s, "ancestral", EXACT._replace(variance=variance))
+    # The exact law of this 50-step chain (float64, composed affine steps from N(0, I)): the samples
+    # must match it to 5 standard errors; 1e-5 covers float32 rounding through 50 steps.
+    m, P = chain_law(ABAR, np.asarray(s.timesteps), 50, np.zeros(4), np.eye(4), "ancestral", variance=variance)
+    check_gaussian_samples(x, m, P, bias=1e-5)
+    # That law is N(mu, Sigma) up to the discretisation error of 50 steps: 1.0e-2 (fixedlarge) and
+    # 1.4e-2 (fixedsmall) on the largest covariance entry in float64; allowed 1.5e-2.
+    check_gaussian_samples(x, bias=1.5e-2)
+    # A sampler that told the model the respaced index i instead of the timestep s.timesteps[i] fails.
+    wrong = lambda x_t, t: GAUSS(x_t, jnp.searchsorted(s.timesteps, t))
+    with pytest.raises(AssertionError):
+        check_gaussian_samples(_gen(s, "ancestral", EXACT._replace(variance=variance), model_fn=wrong), m, P,
+                               bias=1e-5)
+
+
+def test_ddim_eta0_deterministic_and_exact():
+    s = _respaced(50)
+    x_T = jax.random.normal(jax.random.key(7), (N, 4))
+    x = _gen(s, "ddim", EXACT, key=0, x_T=x_T)
+    # Deterministic: the key (the only randomness besides x_T) does not matter, to the bit.
+    np.testing.assert_array_equal(x, _gen(s, "ddim", EXACT, key=1, x_T=x_T))
+    # Each output equals the float64 composition of the 50 affine DDIM steps applied to its x_T;
+    # 2e-5 allows float32 rounding (outputs are ~0.3, eps 1.2e-7, 50 steps of a few ops each).
+    ref, _ = chain_law(ABAR, np.asarray(s.timesteps), 50, np.asarray(x_T, np.float64), None, "ddim")
+    np.testing.assert_allclose(x, ref, atol=2e-5)
+    # In distribution: N(mu, Sigma) up to 50-step discretisation, 8.5e-3 in float64; allowed 1e-2.
+    check_gaussian_samples(x, bias=1e-2)
+
+
+def test_ddim_eta1_is_ancestral_with_posterior_variance():
+    # Song et al.: eta = 1 gives sigma^2 = beta_tilde, and then DDIM is DDPM's posterior step, so the
+    # two samplers map the same x_T and noise to the same output.
+    s = _respaced(30)
+    a = _gen(s, "ddim", EXACT._replace(eta=1.0), key=5)
+    b = _gen(s, "ancestral", EXACT._replace(variance="fixedsmall"), key=5)
+    # 1e-4: the two forms differ in float32 rounding, largest in 1 - abar' - beta_tilde near the end,
+    # where abar' ~ 1 (measured 2.7e-5).
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert not np.allclose(a, _gen(s, "ddim", EXACT._replace(eta=0.5), key=5), atol=1e-2)
+
+
+def test_ddim_inversion_round_trip():
+    x0 = np.random.default_rng(0).multivariate_normal(GAUSS_MU, GAUSS_SIGMA, 2000)
+    errors = {}
+    for steps in (100, 1000):
+        s = FULL if steps == T else _respaced(steps)
+        x_T = jax.jit(lambda x: S.ddim_invert(s, "eps", GAUSS, x))(jnp.asarray(x0, jnp.float32))
+        # The encoding is the float64 inversion, to float32 rounding over `steps` steps.
+        np.testing.assert_allclose(x_T, ddim_invert64(ABAR, np.asarray(s.timesteps), x0), atol=5e-4)
+        back = _gen(s, "ddim", EXACT, x_T=x_T)
+        errors[steps] = np.abs(back - x0).max()
+        if steps == T:
+            # Data ~ N(mu, Sigma) encodes to ~ N(0, I): 5 standard errors of 2000 samples.
+            check_gaussian_samples(x_T, np.zeros(4), np.eye(4))
+    # The round trip is first order in the step: 1000 steps come back within 0.01 (measured 0.0078;
+    # the data have std 0.12..0.2), and 10x the steps give ~10x less error.
+    assert errors[T] < 0.01, errors
+    assert 5 < errors[100] / errors[T] < 20, errors
+
+
+def test_img2img_exact_law_and_strength_zero():
+    s = _respaced(50)
+    x_in = jnp.tile(jnp.asarray([[0.6, -0.5, 0.4, 0.2]]), (N, 1))
+    assert S.strength_to_level(0.0, 50) == 0 and S.strength_to_level(0.08, 50) == 4
+    np.testing.assert_array_equal(S.img2img(s, "eps", GAUSS, jax.random.key(0), x_in, 0), x_in)
+    x = jax.jit(lambda k: S.img2img(s, "eps", GAUSS, k, x_in, 4, opts=EXACT))(jax.random.key(1))
+    # Exact law: x_4 ~ q(x_4 | x_in) = N(sqrt(abar) x_in, (1 - abar) I) at t = 61, then 4 ancestral
+    # steps. (A low strength, so the output still depends on x_in: its mean is 0.36, not mu_0 = 0.3.)
+    abar = ABAR[int(s.timesteps[3])]
+    start = (np.sqrt(abar) * np.asarray(x_in[0], np.float64), (1 - abar) * np.eye(4))
+    law = lambda levels: chain_law(ABAR, np.asarray(s.timesteps), levels, *start, "ancestral")
+    check_gaussian_samples(x, *law(4), bias=1e-5)
+    # Denoising from one level too low is a different law, and the check resolves it (means differ by 0.04).
+    with pytest.raises(AssertionError):
+        check_gaussian_samples(x, *law(3), bias=1e-5)
+    with pytest.raises(ValueError, match="strength=1.5"):
+        S.strength_to_level(1.5, 50)
+
+
+def test_img2img_with_inversion_reconstructs():
+    # Strength 1 with DDIM inversion and DDIM decoding is the round trip above: an edit that keeps x_in.
+    x_in = jnp.asarray(np.random.default_rng(1).multivariate_normal(GAUSS_MU, GAUSS_SIGMA, 64), jnp.float32)
+    x = S.img2img(FULL, "eps", GAUSS, jax.random.key(0), x_in, T, sampler="ddim", opts=EXACT, invert=True)
+    assert np.abs(np.asarray(x) - np.asarray(x_in)).max() < 0.01
+
+
+def test_repaint_schedule():
+    np.testing.assert_array_equal(S.repaint_schedule(4), [[3, 0], [2, 0], [1, 0], [0, 0]])
+    S_, j, r = 20, 5, 3
+    ops = S.repaint_schedule(S_, j, r)
+    # Jump points at levels 0, 5, 10, 15, each r - 1 times: S reverse steps plus j more per jump.
+    assert len(ops) == S_ + 4 * (r - 1) * (j + 1)
+    level = S_
+    for i, up in ops:
+        if up:
+            assert level == i and i % j == 0 and i + up <= S_
+            level += up
+        else:
+            assert i == level - 1
+            level -= 1
+    assert level == 0
+    with pytest.raises(ValueError, match="jump_length=30"):
+        S.repaint_schedule(20, 30, 2)
+
+
+def test_inpainting_gaussian_conditional():
+    # 2-d Gaussian, correlation 0.9: given x_0[0] = 0.5, x_0[1] ~ N(0.45, 0.0076) exactly.
+    mu, Sigma = np.zeros(2), np.array([[0.04, 0.036], [0.036, 0.04]])
+    model_fn = gaussian_eps_model(FULL, mu, Sigma)
+    s = _respaced(100)
+    x0 = jnp.zeros((N, 2)).at[:, 0].set(0.5)
+    mask = jnp.asarray([False, True])
+    run = jax.jit(lambda k, j, r: S.inpaint(s, "eps", model_fn, k, x0, mask, opts=EXACT, jump_length=j,
+                                            jump_n_sample=r), static_argnums=(1, 2))
+    plain, resampled = np.asarray(run(jax.random.key(0), 0, 1)), np.asarray(run(jax.random.key(0), 1, 20))
+    # Known pixels come back exactly as given.
+    np.testing.assert_array_equal(plain[:, 0], 0.5)
+    np.testing.assert_array_equal(resampled[:, 0], 0.5)
+    # Replacement alone is biased (mean 0.29, the known failure RePaint addresses); resampling with
+    # jumps of 1 level, 20 times, harmonises: mean 0.431, variance 0.0079 measured (SE 6e-4, 8e-5).
+    assert abs(plain[:, 1].mean() - 0.45) > 0.1
+    assert abs(resampled[:, 1].mean() - 0.45) < 0.03
+    assert abs(resampled[:, 1].var() - 0.0076) < 0.001 < abs(plain[:, 1].var() - 0.0076)
+
+
+@functools.cache
+def _cond_unet():
+    """A small class-conditional U-Net (3 classes, null class 3) with perturbed, non-zero output layers."""
+    # ch=64: with one channel per GroupNorm group (ch=32) the norm would erase the time and label embedding.
+    model = UNet(ch=64, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 num_classes=3)
+    x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return model, tree.unflatten([0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_classifier_free_guidance():
+    model, params = _cond_unet()
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    t, y = jnp.array([3, 50, 200, 900]), jnp.array([0, 1, 2, 1])
+    calls = []
+    apply_fn = lambda *a: calls.append(a[0].shape) or model.apply({"params": params}, *a)
+
+    @jax.jit
+    def outputs(w):
+        return dict(cond=apply_fn(x, t, y), uncond=apply_fn(x, t, jnp.full_like(y, 3)),
+                    guided=S.guided_model_fn(apply_fn, y, 3, w)(x, t),
+                    unet=S.unet_model_fn(model, params, y, 2.0)(x, t), unet_cond=S.unet_model_fn(model, params, y)(x, t))
+
+    o, o2 = outputs(0.0), outputs(2.0)
+    assert calls == [(4, 8, 8, 1), (4, 8, 8, 1), (8, 8, 8, 1)]  # guidance: one pass on the 2B stacked batch
+    assert not np.allclose(o["cond"], o["uncond"], atol=1e-2)  # the labels matter to this network
+    # w = 0 through the guided (batched) path is the conditional model (1e-5: batch-size rounding).
+    np.testing.assert_allclose(o["guided"], o["cond"], atol=1e-5)
+    np.testing.assert_allclose(o2["guided"], 3 * o["cond"] - 2 * o["uncond"], atol=1e-4)
+    np.testing.assert_allclose(o["unet"], o2["guided"], atol=1e-5)
+    np.testing.assert_allclose(o["unet_cond"], o["cond"], atol=1e-5)
+
+
+def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
+    model, params = _cond_unet()
+    s = _respaced(8)
+    x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+    mask = jnp.zeros((4, 8, 8, 1), bool).at[:, 2:6, 2:6].set(True)
+    model_fn = S.unet_model_fn(model, params, jnp.array([0, 1, 2, 0]), 1.5)
+    for sampler in S.SAMPLERS:
+        x = jax.jit(lambda k: S.inpaint(s, "eps", model_fn, k, x0, mask, sampler=sampler, jump_length=2,
+                                        jump_n_sample=2))(jax.random.key(0))
+        np.testing.assert_array_equal(np.where(mask, 0, x), np.where(mask, 0, x0))
+        assert np.abs(np.asarray(x - x0)[np.asarray(mask)]).max() > 0.1  # the hole was generated
+    np.testing.assert_array_equal(S.img2img(s, "eps", model_fn, jax.random.key(0), x0, 0), x0)
+
+
+def test_pmap_batches_pads_orders_and_folds_device_keys():
+    n_dev = jax.local_device_count()
+    assert n_dev == 8  # tests/conftest.py
+    fn = lambda params, key, b: {"y": b["labels"] * params, "u": jax.random.uniform(key, b["labels"].shape)}
+    labels = np.arange(13)
+    seen = []
+    out = S.pmap_batches(fn, 10, jax.random.key(0), {"labels": labels}, batch_size=5,
+                         progress=lambda done, total: seen.append((done, total)))
+    # batch 5 over 8 devices -> chunks of 8 (1 per device): 13 = 8 + 5 (padded to 8, padding dropped).
+    np.testing.assert_array_equal(out["y"], 10 * labels)
+    assert seen == [(8, 13), (13, 13)]
+    assert len(np.unique(out["u"])) == 13  # every device and chunk has its own key
+    out2 = S.pmap_batches(fn, 10, jax.random.key(0), {"labels": labels}, batch_size=5)
+    np.testing.assert_array_equal(out["u"], out2["u"])
+
+
+def test_sample_shard_pmapped_with_frames():
+    model, params = _cond_unet()
+    s = _respaced(6)
+    spec = S.SampleSpec(sampler="ddim", guidance=1.0, num_frames=3)
+    fn = lambda p, k, b: S.sample_shard(model, s, "eps", spec, (8, 8, 1), p, k, b)
+    out = S.pmap_batches(fn, params, jax.random.key(0), {"labels": np.arange(10) % 3}, batch_size=16)
+    assert out["images"].shape == (10, 8, 8, 1) and out["frames"].shape == (10, 3, 8, 8, 1)
+    np.testing.assert_array_equal(out["frames"][:, -1], out["images"])
+
+
+def test_forward_trajectory_marginals():
+    s = _respaced(50)
+    x0 = jnp.full((N, 1), 0.7)
+    frames = np.asarray(S.forward_trajectory(s, jax.random.key(0), x0, 5), np.float64)
+    for f, pos in zip(frames, D.frame_indices(50, 5)):
+        # After step pos the chain is at noise level abar of index pos: N(sqrt(abar) x0, 1 - abar).
+        abar = float(s.alphas_cumprod[pos])
+        assert abs(f.mean() - 0.7 * np.sqrt(abar)) < 5 * np.sqrt((1 - abar) / N) + 1e-6
+        assert abs(f.var() - (1 - abar)) < 5 * (1 - abar) * np.sqrt(2 / N) + 1e-6
