@@ -57,11 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.sample_every = 20_000
     c.training.num_sample_images = 64
 
-    c.sampling = ml_collections.ConfigDict()
-    c.sampling.sampler = "ancestral"
-    c.sampling.steps = 1000
-    c.sampling.eta = 0.0
-    c.sampling.guidance = 0.0
+    c.sampling = ml_collections.ConfigDict()  # defaults of `python -m ddpm_jax.sample`
+    c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim
+    c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021)
+    c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
+    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
+    c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
+    c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
+    c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
+    c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures
 
     c.eval = ml_collections.ConfigDict()
     c.eval.eval_every = 0  # 0: no in-loop evaluation

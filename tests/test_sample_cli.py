@@ -1,0 +1,138 @@
+"""`python -m ddpm_jax.sample`: the files it promises, editing through it, and its errors."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from ddpm_jax import checkpoints, image_utils
+from ddpm_jax import sample as cli
+from ddpm_jax.train_state import create_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(num_classes=3):
+    c = tiny.get_config()
+    c.data.image_size, c.data.channels = 8, 1
+    c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 32, (1,), ()
+    c.model.num_classes = num_classes
+    c.diffusion.num_timesteps = 20
+    c.sampling.steps = 5
+    c.sampling.num_frames = 4
+    return c
+
+
+def _workdir(path, config):
+    checkpoints.write_config(path, config)
+    manager = checkpoints.checkpoint_manager(path)
+    checkpoints.save_train_state(manager, jax.device_get(create_train_state(config, 0)), {})
+    manager.wait_until_finished()
+    manager.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    return _workdir(tmp_path_factory.mktemp("cond"), _config())
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image_utils.save_png(str(d / f"in{i}.png"), rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
+    mask = np.zeros((8, 8, 1), np.uint8)
+    mask[2:6, 2:6] = 255
+    image_utils.save_png(str(d.parent / "mask.png"), mask)
+    image_utils.save_png(str(d.parent / "mask16.png"), np.zeros((16, 16, 1), np.uint8))
+    return str(d)
+
+
+def test_cli_writes_the_files_it_promises(cond_run, tmp_path):
+    out = str(tmp_path / "out")
+    # 10 samples in batches of 4 over 8 devices (tests/conftest.py): padding and a ragged last batch.
+    r = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={cond_run}", f"--out={out}", "--num_samples=9",
+         "--batch_size=4", "--sampler=ddim", "--guidance=2", "--label=all", "--individual", "--figures"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for name in ("samples.png", "samples.npz", "forward_process.png", "reverse_process.png"):
+        assert os.path.join(out, name) in r.stdout.split()
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    npz = np.load(os.path.join(out, "samples.npz"))
+    assert npz["arr_0"].shape == (9, 8, 8, 1) and npz["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(npz["labels"], [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert sorted(os.listdir(os.path.join(out, "images"))) == [f"{i:06d}.png" for i in range(9)]
+    np.testing.assert_array_equal(image_utils.load_images(os.path.join(out, "images", "000004.png"), channels=1)[0],
+                                  npz["arr_0"][4])
+    # Grid: one row per class (3 rows of 3), 8x8 images with 2px padding, enlarged 4x.
+    grid = image_utils.load_images(os.path.join(out, "samples.png"), channels=1)[0]
+    assert grid.shape == (4 * (3 * 10 + 2), 4 * (3 * 10 + 2), 1)
+    # Figures: 8 rows (capped at the 9 samples), x_0 + 4 frames forward, 4 frames reverse.
+    assert image_utils.load_images(os.path.join(out, "forward_process.png"), channels=1).shape[1:3] == (
+        4 * (8 * 10 + 2), 4 * (5 * 10 + 2))
+    assert "[##############################] 9/9 images" in r.stderr
+
+
+def test_editing_keeps_what_it_must(cond_run, images_dir):
+    config = checkpoints.load_config(cond_run)
+    params, step = checkpoints.load_params(cond_run, config)
+    assert step == 0
+    inputs = image_utils.load_images(images_dir, channels=1)
+    mask_path = os.path.join(os.path.dirname(images_dir), "mask.png")
+    for kw in (dict(mask=mask_path, jump_length=1, jump_n_sample=2), dict(mask=mask_path, sampler="ddim")):
+        req = cli.make_request(config, init_images=images_dir, num_samples=5, label="1", guidance=1.0, **kw)
+        out = image_utils.to_uint8(cli.run(config, params, req)["images"])
+        known = np.ones((8, 8, 1), bool)
+        known[2:6, 2:6] = False
+        # Every known pixel comes back exactly as the input PNG had it (images cycle: 0 1 2 0 1).
+        np.testing.assert_array_equal(out[:, known], inputs[[0, 1, 2, 0, 1]][:, known])
+    req = cli.make_request(config, init_images=images_dir, strength=0.0)
+    np.testing.assert_array_equal(image_utils.to_uint8(cli.run(config, params, req)["images"]), inputs)
+    req = cli.make_request(config, init_images=images_dir, strength=0.6, invert=True, sampler="ddim")
+    assert req.spec.level == 3 and req.spec.invert
+    assert cli.run(config, params, req)["images"].shape == (3, 8, 8, 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(sampler="plms"), r"sampler='plms': must be one of \['ancestral', 'ddim'\]"),
+    (dict(steps=21), r"--steps=21: must be between 1 and diffusion.num_timesteps=20"),
+    (dict(eta=0.5), r"--eta=0.5 applies to --sampler=ddim only"),
+    (dict(label="3"), r"--label=3: must be 'all', 'null' or a class in \[0, 2\]"),
+    (dict(label="dog"), r"--label=dog: must be"),
+    (dict(guidance=-1.0), r"--guidance=-1.0: must be >= 0"),
+    (dict(strength=0.5), r"--strength edits the --init_images"),
+    (dict(init_images="INPUTS", strength=1.5), r"strength=1.5: must be in \[0, 1\]"),
+    (dict(init_images="INPUTS", mask="MASK16"), r"--mask=.*mask16.png: the mask is 16x16; it must be 8x8"),
+    (dict(init_images="INPUTS", mask="MASK", strength=0.3), r"--strength applies to image-to-image"),
+    (dict(init_images="INPUTS", mask="MASK", jump_length=9), r"--jump_length/--jump_n_sample: jump_length=9"),
+    (dict(init_images="nowhere/"), r"--init_images=nowhere/: .*no such image file or folder"),
+    (dict(jump_length=2), r"apply to inpainting"),
+])
+def test_bad_flags_are_named(cond_run, images_dir, kw, message):
+    config = checkpoints.load_config(cond_run)
+    subst = {"INPUTS": images_dir, "MASK": os.path.join(os.path.dirname(images_dir), "mask.png"),
+             "MASK16": os.path.join(os.path.dirname(images_dir), "mask16.png")}
+    kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=message):
+        cli.make_request(config, **kw)
+
+
+def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
+    config = _config(num_classes=0)
+    with pytest.raises(ValueError, match=r"--guidance=2.0 needs a class-conditional model.*num_classes=0"):
+        cli.make_request(config, guidance=2.0)
+    with pytest.raises(ValueError, match=r"--label=1: this run's model is unconditional"):
+        cli.make_request(config, label="1")
+    # Through the CLI: a usage error, before the params are loaded or anything is compiled or written.
+    checkpoints.write_config(str(tmp_path), config)
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "-m", "ddpm_jax.sample", f"--workdir={tmp_path}", f"--out={out}",
+                        "--guidance=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--guidance=2.0 needs a class-conditional model" in r.stderr
+    assert not os.path.exists(out)
