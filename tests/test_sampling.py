@@ -258,3 +258,42 @@ def test_forward_trajectory_marginals():
         abar = float(s.alphas_cumprod[pos])
         assert abs(f.mean() - 0.7 * np.sqrt(abar)) < 5 * np.sqrt((1 - abar) / N) + 1e-6
         assert abs(f.var() - (1 - abar)) < 5 * (1 - abar) * np.sqrt(2 / N) + 1e-6
+
+
+LABELS_A, LABELS_B = (0, 1, 2, 0) * 4, (2, 2, 1, 0) * 4
+
+
+def _train_three_steps(label_dropout: float):
+    """Params after 3 train steps on fixed images with labels A and with labels B (8 devices x 2
+    examples, same keys), and the initial params."""
+    from configs import tiny
+    from ddpm_jax import parallel, train
+
+    c = tiny.get_config()
+    c.data.image_size, c.data.channels = 8, 1
+    c.model.ch, c.model.ch_mult, c.model.attn_resolutions, c.model.num_classes = 64, (1,), (), 3
+    c.optim.warmup_steps = 0  # (with warmup the first step is lr = 0 and the zero-init output hides all)
+    c.training.label_dropout = label_dropout
+    state = train.create_train_state(c, 0)
+    step = jax.pmap(functools.partial(train.train_step, config=c), axis_name=parallel.AXIS_NAME)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 2, 8, 8, 1)), jnp.float32)
+    out = []
+    for labels in (LABELS_A, LABELS_B):
+        replicated = parallel.replicate(state)
+        for _ in range(3):
+            replicated, _ = step(replicated, {"image": images, "label": jnp.asarray(labels).reshape(8, 2)})
+        out.append(jax.tree.map(lambda a: np.asarray(a)[0], replicated.params))
+    return out[0], out[1], jax.device_get(state.params)
+
+
+def test_label_dropout_one_makes_training_ignore_labels():
+    # label_dropout = 1: every label becomes the null class, so the update is the same for any labels,
+    # to the bit, and the real classes' embeddings never move from their initial values.
+    p_a, p_b, init = _train_three_steps(1.0)
+    jax.tree.map(np.testing.assert_array_equal, p_a, p_b)
+    emb, emb0 = p_a["label_emb"]["embedding"], init["label_emb"]["embedding"]
+    np.testing.assert_array_equal(emb[:3], emb0[:3])
+    assert np.abs(emb[3] - emb0[3]).max() > 1e-4  # the null class (index 3) is what it learns
+    # Control: without dropout the labels change the update.
+    q_a, q_b, _ = _train_three_steps(0.0)
+    assert np.abs(q_a["conv_out"]["kernel"] - q_b["conv_out"]["kernel"]).max() > 1e-6
