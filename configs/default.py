@@ -67,9 +67,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
     c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures
 
-    c.eval = ml_collections.ConfigDict()
+    c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate`
     c.eval.eval_every = 0  # 0: no in-loop evaluation
-    c.eval.num_samples = 1000
+    c.eval.num_samples = 1000  # samples for FID/IS/KID and the digits metrics; 0: none
+    c.eval.steps = 0  # sampler steps for those samples; 0: sampling.steps
+    c.eval.batch_size = 256  # images per device call, over all local devices (sampling and bpd)
+    c.eval.bpd_examples = 0  # bits/dim on this many examples of eval.split; 0: none (in-loop)
+    c.eval.split = ml_collections.FieldReference(None, field_type=str)  # None: 'test' if any, else data.split
+    # FID/IS: the .npz from `evaluate convert_inception` and one from `evaluate reference_stats` (or
+    # pytorch-fid's statistics file); both or neither.
     c.eval.inception_weights = ml_collections.FieldReference(None, field_type=str)
     c.eval.reference_stats = ml_collections.FieldReference(None, field_type=str)
+    c.eval.digits_classifier = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache/ddpm_jax/
     return c

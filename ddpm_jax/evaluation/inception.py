@@ -304,14 +304,15 @@ def _check_against_model(arrays: dict[str, np.ndarray], source: str) -> None:
             f"{[(k, got[k], expected[k]) for k in wrong[:5]]} ({len(wrong)}).")
 
 
-def load_variables(npz_path: str | None) -> dict:
-    """The `.npz` written by `convert_pytorch_fid_weights` -> {'params', 'batch_stats'} as jnp arrays."""
+def load_variables(npz_path: str | None, field: str = "eval.inception_weights") -> dict:
+    """The `.npz` written by `convert_pytorch_fid_weights` -> {'params', 'batch_stats'} as jnp arrays.
+    `field`: the config field or flag that named the file, for the error message."""
     if not npz_path or not os.path.isfile(npz_path):
         raise FileNotFoundError(
-            f"eval.inception_weights={npz_path!r}: no such file. Download pytorch-fid's weights "
+            f"{field}={npz_path!r}: no such file. Download pytorch-fid's weights "
             f"({PYTORCH_FID_WEIGHTS_URL}) and convert them once with `python -m ddpm_jax.evaluate "
             "convert_inception --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz`, "
-            "then set eval.inception_weights to the .npz.")
+            f"then set {field} to the .npz.")
     with np.load(npz_path) as f:
         arrays = {k: f[k] for k in f.files}
     _check_against_model(arrays, npz_path)
