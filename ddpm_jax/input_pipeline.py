@@ -1,0 +1,142 @@
+"""Training input: a tfds dataset as an endless, seed-ordered stream of batches shaped for pmap.
+
+Batches are dicts {'image': float32 `[D, B_dev, H, W, C]` in [-1, 1], 'label': int32 `[D, B_dev]`}
+(D = local devices, B_dev = per-device batch; with `training.steps_per_call` k > 1 a `[D, k, B_dev,
+...]` stack of k consecutive batches). 'label' is there when the dataset has one.
+
+The order is a fixed function of `config.seed`: epoch e of this process's part of the split is
+shuffled with its own seed, and the flip of its i-th example comes from (that seed, i). The stream
+from example position p is therefore the tail of the stream from 0, and a resumed run rebuilds it
+from epoch p // n, skipping p % n records that are still encoded (cheap).
+"""
+from __future__ import annotations
+
+import collections
+import difflib
+from typing import Iterator
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
+from ddpm_jax import parallel
+from ddpm_jax.config_validation import ConfigError
+
+# TensorFlow only feeds data here; it must not take GPU memory from JAX.
+tf.config.set_visible_devices([], "GPU")
+
+_EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride + e
+
+
+def get_builder(data_config) -> tfds.core.DatasetBuilder:
+    """The tfds builder of `data.dataset`, or a ConfigError naming the field and similar names."""
+    name = data_config.dataset
+    try:
+        return tfds.builder(name, data_dir=data_config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(
+            f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' "
+            f"ships with this package (offline); others such as 'cifar10', 'celeb_a' or "
+            f"'lsun/church_outdoor' are downloaded once into data.data_dir.") from None
+
+
+def check_dataset(config) -> None:
+    """Checks that `data.dataset` exists and has the image channels and labels the config expects."""
+    d, m = config.data, config.model
+    features = get_builder(d).info.features
+    if "image" not in features:
+        raise ConfigError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
+    channels = features["image"].shape[-1]
+    if channels is not None and channels != d.channels:
+        raise ConfigError(f"data.channels={d.channels}: the {d.dataset!r} images have {channels} channels.")
+    if m.num_classes:
+        label = features["label"] if "label" in features else None
+        if not isinstance(label, tfds.features.ClassLabel):
+            raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has no class "
+                             f"labels; use model.num_classes=0.")
+        if label.num_classes != m.num_classes:
+            raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
+                             f"{label.num_classes} classes.")
+
+
+def _to_square(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Centre crop to a square, then resize to `size` x `size` (for celeb_a / lsun style images)."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    s = tf.minimum(h, w)
+    image = tf.image.crop_to_bounding_box(image, (h - s) // 2, (w - s) // 2, s, s)
+    image = tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def create_dataset(config, *, start_example: int = 0, num_local_devices: int | None = None,
+                   process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """The batch stream of this process, starting `start_example` examples into it (see module doc)."""
+    d, t = config.data, config.training
+    num_local_devices = num_local_devices or jax.local_device_count()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = process_count or jax.process_count()
+
+    builder = get_builder(d)
+    builder.download_and_prepare()  # builds 'digits' locally; downloads others once
+    # Each process reads its own part of the split.
+    split = d.split if process_count == 1 else tfds.even_splits(d.split, process_count)[process_index]
+    records = builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+    image_feature = builder.info.features["image"]
+    keys = ["image"] + (["label"] if "label" in builder.info.features else [])
+    records = records.map(lambda ex: {k: ex[k] for k in keys})
+    n = int(records.cardinality())
+    first_epoch, skip = divmod(start_example, n)
+
+    def epoch(e):
+        seed = config.seed * _EPOCH_SEED_STRIDE + e
+        shuffled = records.shuffle(min(d.shuffle_buffer, n), seed=seed, reshuffle_each_iteration=False)
+        flip_seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([seed, i]))
+        return tf.data.Dataset.zip(shuffled, flip_seeds)
+
+    resize = tuple(image_feature.shape[:2]) != (d.image_size, d.image_size)
+
+    def preprocess(ex, flip_seed):
+        image = image_feature.decode_example(ex["image"])
+        image = _to_square(image, d.image_size) if resize else tf.cast(image, tf.float32)
+        if d.random_flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        out = {"image": image / 127.5 - 1.0}
+        if "label" in ex:
+            out["label"] = tf.cast(ex["label"], tf.int32)
+        return out
+
+    k, per_process = t.steps_per_call, t.batch_size // process_count
+    per_device = per_process // num_local_devices
+
+    def shape_for_pmap(batch):
+        def reshape(x):
+            x = tf.reshape(x, [k, num_local_devices, per_device] + x.shape[1:].as_list())
+            # [k, D, ...] -> [D, k, ...]: pmap maps axis 0, the scanned step inside takes axis 0 next.
+            return x[0] if k == 1 else tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
+        return {key: reshape(x) for key, x in batch.items()}
+
+    ds = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(skip)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process * k, drop_remainder=True).map(shape_for_pmap)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def prefetch_to_device(iterator, size: int = 2, devices=None) -> Iterator:
+    """Keeps `size` batches already placed on the devices (as pmap takes them) ahead of the consumer."""
+    sharding = parallel.device_sharding(devices)
+    queue = collections.deque()
+    for batch in iterator:
+        queue.append(jax.device_put(batch, sharding))
+        if len(queue) == size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def create_train_iterator(config, start_example: int = 0) -> Iterator[dict]:
+    """Device-resident batches from `create_dataset`, for pmap over all local devices."""
+    return prefetch_to_device(tfds.as_numpy(create_dataset(config, start_example=start_example)))

@@ -1,0 +1,137 @@
+"""The digits builder and the tf.data pipeline: real data, [-1, 1] scaling, pmap layout, fixed order."""
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ddpm_jax import input_pipeline, parallel
+from ddpm_jax.datasets.digits import NUM_EXAMPLES
+from tests.train_helpers import prepare_digits, small_digits_config
+
+# What sklearn's 0..16 become: stored as uint8 round(v * 255 / 16), then x / 127.5 - 1 in float32.
+LEVELS = np.round(np.arange(17) * 255 / 16).astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_digits(str(tmp_path_factory.mktemp("tfds")))
+
+
+def _examples(config, num, **kwargs):
+    """The first `num` examples of the stream as (images [num, H, W, C], labels [num])."""
+    images, labels = [], []
+    for batch in tfds.as_numpy(input_pipeline.create_dataset(config, **kwargs)):
+        images.append(batch["image"].reshape((-1,) + batch["image"].shape[-3:]))
+        labels.append(batch["label"].reshape(-1))
+        if sum(map(len, labels)) >= num:
+            return np.concatenate(images)[:num], np.concatenate(labels)[:num]
+
+
+def _sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
+def _as_sorted_rows(images, labels):
+    rows = np.concatenate([labels.reshape(-1, 1), images.reshape(len(images), -1)], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_digits_builder_yields_the_real_1797_images_with_labels(data_dir):
+    builder = tfds.builder("digits", data_dir=data_dir)
+    assert builder.info.splits["train"].num_examples == NUM_EXAMPLES
+    assert builder.info.features["label"].num_classes == 10
+    ds = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    images = np.stack([ex["image"] for ex in ds])
+    labels = np.array([ex["label"] for ex in ds])
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    sk_images, sk_labels = _sklearn_digits()
+    expected = np.round(sk_images * 255 / 16)
+    np.testing.assert_array_equal(_as_sorted_rows(images[..., 0], labels), _as_sorted_rows(expected, sk_labels))
+
+
+def test_pipeline_scales_to_unit_range_in_pmap_layout_and_an_epoch_is_a_permutation(data_dir):
+    config = small_digits_config(data_dir)  # batch 16 over the 8 test devices, no flips
+    batch = next(iter(tfds.as_numpy(input_pipeline.create_dataset(config))))
+    assert batch["image"].shape == (8, 2, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8, 2) and batch["label"].dtype == np.int32
+
+    images, labels = _examples(config, NUM_EXAMPLES)
+    assert np.isin(images, LEVELS).all()
+    assert images.min() == -1.0 and images.max() == 1.0
+    sk_images, sk_labels = _sklearn_digits()
+    expected = np.round(sk_images * 255 / 16) / 127.5 - 1
+    np.testing.assert_allclose(_as_sorted_rows(images[..., 0], labels),
+                               _as_sorted_rows(expected, sk_labels), atol=1e-6)
+
+
+def _uint8_rows(images):
+    return [bytes(r) for r in np.round((images + 1) * 127.5).astype(np.uint8).reshape(len(images), -1)]
+
+
+def test_stream_is_fixed_by_the_seed_and_resumes_as_its_tail(data_dir):
+    config = small_digits_config(data_dir)
+    config.data.random_flip = True
+    config.data.shuffle_buffer = 500  # smaller than the data, as for large datasets
+    n = NUM_EXAMPLES
+    full, full_labels = _examples(config, 2 * n + 40)
+    np.testing.assert_array_equal(full, _examples(config, 2 * n + 40)[0])
+    for start in (37, n + 5):  # inside the first epoch, and in the second
+        tail, tail_labels = _examples(config, 40, start_example=start)
+        np.testing.assert_array_equal(tail, full[start:start + 40])
+        np.testing.assert_array_equal(tail_labels, full_labels[start:start + 40])
+    # Epochs are shuffled differently; about half of the images are mirrored.
+    assert not np.array_equal(full_labels[:n], full_labels[n:2 * n])
+    originals = set(_uint8_rows(np.round(_sklearn_digits()[0] * 255 / 16)[..., None] / 127.5 - 1))
+    as_is = np.array([r in originals for r in _uint8_rows(full[:n])])
+    mirrored = np.array([r in originals for r in _uint8_rows(full[:n, :, ::-1])])
+    assert (as_is | mirrored).all()
+    assert 0.3 < np.mean(~as_is) < 0.7
+
+
+def test_steps_per_call_stacks_consecutive_batches(data_dir):
+    config = small_digits_config(data_dir)
+    one = iter(tfds.as_numpy(input_pipeline.create_dataset(config)))
+    first, second = next(one), next(one)
+    config.training.steps_per_call = 2
+    stacked = next(iter(tfds.as_numpy(input_pipeline.create_dataset(config))))
+    assert stacked["image"].shape == (8, 2, 2, 8, 8, 1)  # [devices, k, per device, H, W, C]
+    np.testing.assert_array_equal(stacked["image"][:, 0], first["image"])
+    np.testing.assert_array_equal(stacked["image"][:, 1], second["image"])
+    np.testing.assert_array_equal(stacked["label"][:, 1], second["label"])
+
+
+def test_each_process_reads_its_own_part(data_dir):
+    config = small_digits_config(data_dir)
+    sizes = (899, 898)  # tfds.even_splits of 1,797 in two
+    parts = [_examples(config, sizes[i], process_index=i, process_count=2, num_local_devices=4)
+             for i in range(2)]
+    images = np.concatenate([p[0] for p in parts])[..., 0]
+    labels = np.concatenate([p[1] for p in parts])
+    sk_images, sk_labels = _sklearn_digits()
+    np.testing.assert_allclose(_as_sorted_rows(images, labels),
+                               _as_sorted_rows(np.round(sk_images * 255 / 16) / 127.5 - 1, sk_labels), atol=1e-6)
+
+
+def test_device_prefetch_places_batches_as_pmap_takes_them(data_dir):
+    batch = next(input_pipeline.create_train_iterator(small_digits_config(data_dir)))
+    assert isinstance(batch["image"], jax.Array)
+    assert batch["image"].sharding == parallel.device_sharding()
+    assert [s.data.shape for s in batch["image"].addressable_shards] == [(1, 2, 8, 8, 1)] * 8
+
+
+def test_unknown_dataset_and_mismatched_channels_name_the_field(data_dir):
+    config = small_digits_config(data_dir)
+    config.data.dataset = "cifar100x"
+    with pytest.raises(ValueError, match=r"data\.dataset='cifar100x'.*Did you mean.*'cifar100'"):
+        input_pipeline.check_dataset(config)
+    config.data.dataset = "digits"
+    config.data.channels = 3
+    with pytest.raises(ValueError, match=r"data\.channels=3: the 'digits' images have 1 channels"):
+        input_pipeline.check_dataset(config)
+    config.data.channels = 1
+    config.model.num_classes = 100
+    with pytest.raises(ValueError, match=r"model\.num_classes=100: the 'digits' dataset has 10 classes"):
+        input_pipeline.check_dataset(config)

@@ -1,0 +1,71 @@
+"""Small configs and readers shared by the training tests."""
+import glob
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from configs import digits, tiny
+
+
+def small_digits_config(data_dir: str):
+    """The digits config shrunk to seconds: a 2-level U-Net at 8x8, T=100, batch 16 over 8 devices."""
+    c = digits.get_config()
+    c.data.data_dir = data_dir
+    c.model.ch = 32
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = (4,)
+    c.diffusion.num_timesteps = 100
+    c.optim.warmup_steps = 2
+    c.training.batch_size = 16
+    c.training.num_train_steps = 8
+    c.training.steps_per_call = 1
+    c.training.log_every = 2
+    c.training.checkpoint_every = 4
+    c.training.sample_every = 0
+    c.training.num_sample_images = 16
+    c.training.profile_steps = 0
+    return c
+
+
+def small_cifar10_config():
+    """configs/tiny.py (CIFAR-10 shapes) for a 4-step run with a checkpoint, a log and a sample grid."""
+    c = tiny.get_config()
+    c.diffusion.num_timesteps = 20
+    c.sampling.steps = 20
+    c.training.num_train_steps = 4
+    c.training.log_every = 2
+    c.training.checkpoint_every = 2
+    c.training.sample_every = 4
+    return c
+
+
+def read_events(workdir: str) -> dict:
+    """{tag: [(step, value)]} from the TensorBoard event files in `workdir` (images as shapes)."""
+    out = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                value = tf.make_ndarray(v.tensor)
+                out.setdefault(v.tag, []).append((event.step, value if value.ndim else float(value)))
+    return out
+
+
+def assert_trees_equal(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) and la
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def prepare_digits(data_dir: str) -> str:
+    """Builds the offline digits dataset into `data_dir` (about a second) and returns `data_dir`."""
+    import tensorflow_datasets as tfds
+
+    from ddpm_jax import datasets  # noqa: F401  (registers 'digits')
+
+    tfds.builder("digits", data_dir=data_dir).download_and_prepare()
+    return data_dir
