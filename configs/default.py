@@ -54,8 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
     c.training.keep_checkpoints = 3
-    c.training.sample_every = 20_000
+    c.training.sample_every = 20_000  # EMA sample grid to DIR/samples and TensorBoard; 0: none
     c.training.num_sample_images = 64
+    c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
 
     c.sampling = ml_collections.ConfigDict()  # defaults of `python -m ddpm_jax.sample`
     c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim

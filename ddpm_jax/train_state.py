@@ -1,0 +1,64 @@
+"""The training state and optimizer: what a checkpoint holds, built from the config alone."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax.models import unet_from_config
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. Leaves gain a leading device axis when replicated for pmap.
+
+    step: int32 `[]`, steps taken. key: uint32 raw key data of the base training key (every step's
+    keys are `fold_in`s of it), stored raw so a checkpoint holds a plain array.
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def learning_rate_schedule(optim_config) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then constant (Ho et al.)."""
+    o = optim_config
+    if o.warmup_steps == 0:
+        return optax.constant_schedule(o.learning_rate)
+    return optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+
+
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+    """Adam with the warmup schedule, after clipping the gradient's global norm (0: no clipping)."""
+    o = optim_config
+    adam = optax.adam(learning_rate_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+
+
+def init_params(config, key: jax.Array):
+    """Float32 U-Net params for `config` (traced with a batch of one image)."""
+    d = config.data
+    x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    return unet_from_config(config).init({"params": key}, x, t, y)["params"]
+
+
+def create_train_state(config, key_or_seed: int | jax.Array) -> TrainState:
+    """Fresh state: initial params (also the EMA), Adam state, step 0 and the base training key."""
+    key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
+    init_key, train_key = jax.random.split(key)
+    params = init_params(config, init_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=make_optimizer(config.optim).init(params),
+        key=jax.random.key_data(train_key),
+    )

@@ -1,0 +1,73 @@
+"""Bad config values and flags fail at once, naming the field and what would be valid."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar10, digits, tiny
+from ddpm_jax import train
+from ddpm_jax.config_validation import ConfigError, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_configs_are_valid():
+    for module in (cifar10, digits, tiny):
+        validate_config(module.get_config(), num_devices=8)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("training.batch_size", 100, r"training\.batch_size=100 is not divisible by 8 devices: use a multiple of 8"),
+    ("model.attn_resolutions", (16, 64), r"model\.attn_resolutions=\(16, 64\) contains 64, .* valid resolutions "
+                                         r"are \(32, 16\)"),
+    ("data.image_size", 31, r"data\.image_size=31 is not divisible by .*=2"),
+    ("model.ch", 48, r"model\.ch=48, model\.ch_mult=\(1, 2\): the U-Net cannot be built"),
+    ("model.dtype", "float64", r"model\.dtype='float64': must be one of \('float32', 'bfloat16', 'float16'\)"),
+    ("diffusion.beta_schedule", "quadratic", r"diffusion\.beta_schedule='quadratic': must be one of \('linear', "
+                                             r"'cosine'\)"),
+    ("diffusion.model_output", "score", r"diffusion\.model_output='score': must be one of \('eps', 'x0', 'v'\)"),
+    ("diffusion.variance", "learned", r"diffusion\.variance='learned': must be one of"),
+    ("training.steps_per_call", 3, r"training\.num_train_steps=20 is not a multiple of training\.steps_per_call=3"),
+    ("training.sample_every", -1, r"training\.sample_every=-1: must be 0 \(no samples\) or a multiple of "
+                                 r"training\.steps_per_call=1"),
+    ("data.channels", 2, r"data\.channels=2: must be one of \(1, 3\)"),
+    ("optim.ema_decay", 1.0, r"optim\.ema_decay=1\.0: must be in \[0, 1\)"),
+])
+def test_bad_values_name_the_field(field, value, message):
+    config = tiny.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, num_devices=8)
+
+
+def test_train_and_evaluate_rejects_bad_config_before_writing(tmp_path):
+    config = tiny.get_config()
+    config.training.batch_size = 12
+    with pytest.raises(ValueError, match="training.batch_size=12"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config = tiny.get_config()
+    config.data.dataset = "cifar100x"
+    with pytest.raises(ValueError, match="data.dataset='cifar100x'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def _main(*flags):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_rejects_bad_flags_and_values(tmp_path):
+    workdir = str(tmp_path / "run")
+    r = _main("--config=configs/tiny.py", f"--workdir={workdir}", "--config.training.batch_size=100")
+    assert r.returncode != 0
+    assert "training.batch_size=100 is not divisible by 8 devices" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _main("--config=configs/tiny.py", f"--workdir={workdir}", "--config.training.batch_sise=64")
+    assert r.returncode != 0 and "batch_sise" in r.stderr
+    r = _main("--config=configs/tiny.py")
+    assert r.returncode != 0 and "workdir" in r.stderr
+    assert not os.path.exists(workdir)
