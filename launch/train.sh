@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Starts training on the TPU VM inside tmux (default) or nohup, logging to ~/ddpm_jax/train.log.
+# Running it again after a stop or preemption resumes from the workdir's last checkpoint.
+#
+# Needs: the gcloud CLI and a VM set up by launch/setup_vm.sh. For a workdir on a bucket, a gs://
+# bucket the VM's service account can write to. See launch/common.sh for the common flags.
+#
+#   launch/train.sh --workdir=gs://BUCKET/runs/cifar10 [--config=configs/cifar10.py] [--nohup] \
+#       [common flags] [-- --config.training.batch_size=64 ...]
+source "$(dirname "$0")/common.sh"
+
+CONFIG=configs/cifar10.py
+WORKDIR=""
+MODE=tmux
+OVERRIDES=""
+seen_dashes=0
+for arg in "${ARGS[@]+"${ARGS[@]}"}"; do
+  if [[ "$seen_dashes" == 1 ]]; then OVERRIDES+=" $(printf '%q' "$arg")"; continue; fi
+  case "$arg" in
+    --config=*) CONFIG="${arg#*=}" ;;
+    --workdir=*) WORKDIR="${arg#*=}" ;;
+    --nohup) MODE=nohup ;;
+    --) seen_dashes=1 ;;
+    *) usage_error "unknown flag $arg (pass config overrides after --)" ;;
+  esac
+done
+[[ -n "$WORKDIR" ]] || usage_error "--workdir=DIR is required (a gs:// bucket path survives the VM)"
+
+TRAIN="python3 -m ddpm_jax.main --config=$CONFIG --workdir=$WORKDIR$OVERRIDES >> train.log 2>&1"
+if [[ "$MODE" == tmux ]]; then
+  vm_ssh "cd $REMOTE_DIR && tmux new-session -d -s ddpm '$TRAIN' && echo started in tmux session ddpm"
+else
+  vm_ssh "cd $REMOTE_DIR && nohup sh -c '$TRAIN' > /dev/null 2>&1 < /dev/null & echo started with nohup"
+fi
