@@ -165,6 +165,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     input_pipeline.check_dataset(config)
     from clu import metric_writers, periodic_actions
 
+    from ddpm_jax.evaluation import in_loop  # checks and loads what eval.* names, before any compile
+    evaluator = in_loop.Evaluator(config) if config.eval.eval_every else None
+
     t = config.training
     k = t.steps_per_call
     is_main = jax.process_index() == 0
@@ -225,6 +228,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     images = images.reshape((-1,) + images.shape[2:])[:t.num_sample_images]
                     _write_samples(writer, workdir, step, images)
             # Further periodic actions on (step, state) go here, before the checkpoint.
+            if evaluator and (step % config.eval.eval_every == 0 or last):
+                with report.timed("eval"):
+                    evaluator(step, parallel.to_host(state.ema_params), writer)
             if step % t.checkpoint_every == 0 or last or stop.requested:
                 with report.timed("checkpoint", wait_jax_async_dispatch=False):
                     checkpoints.save_train_state(manager, parallel.to_host(state), {"position": position})
