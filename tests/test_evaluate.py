@@ -107,3 +107,20 @@ def test_cli_errors_before_work(tmp_path):
     assert r.returncode != 0 and "--inception_weights / eval.inception_weights=None" in r.stderr
     r = run("bpd", f"--workdir={tmp_path}")
     assert r.returncode != 0 and "config.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_training_loop_writes_eval_scalars(tmp_path):
+    """The hook in `train_and_evaluate`: eval/ scalars at every eval.eval_every steps and at the end."""
+    from ddpm_jax.train import train_and_evaluate
+    from train_helpers import read_events, small_digits_config
+    config = small_digits_config(str(tmp_path / "tfds"))
+    config.training.num_train_steps = 4
+    config.eval.eval_every, config.eval.num_samples, config.eval.bpd_examples = 3, 16, 16
+    config.eval.steps, config.eval.batch_size = 5, 16
+    config.eval.digits_classifier = str(tmp_path / "clf.npz")
+    train_and_evaluate(config, str(tmp_path / "run"))
+    events = read_events(str(tmp_path / "run"))
+    for tag in ("eval/digits_fd", "eval/digits_cs", "eval/bpd", "eval/bpd_decoder"):
+        assert [s for s, _ in events[tag]] == [3, 4], tag
+        assert all(np.isfinite(v) for _, v in events[tag])
