@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import special_ortho_group
 
+from ddpm_jax import parallel
 from ddpm_jax.evaluation import metrics as M
 
 
@@ -116,7 +117,7 @@ def test_sharded_map_regroups_pads_and_keeps_order():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3 * n + 5, 2, 2), dtype=np.uint8)
     batches = [images[:7], images[7:8], images[8:]]  # uneven sizes, remainder to pad
-    out = M.sharded_map(_square_sum, (M.replicate(jnp.float32(2.0)),), batches, per_device_batch=2)
+    out = M.sharded_map(_square_sum, (parallel.replicate(jnp.float32(2.0)),), batches, per_device_batch=2)
     want = 2.0 * (images.astype(np.float32) ** 2).sum((1, 2))
     np.testing.assert_allclose(out["y"], want)
     np.testing.assert_array_equal(out["first"], images[:, 0, 0])

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from ddpm_jax import parallel
 from ddpm_jax.evaluation import inception
 
 
@@ -130,16 +131,6 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, num_subsets: int =
 # Feature extraction sharded over the local devices.
 
 
-def replicate(tree):
-    """Copies a pytree onto every local device once, as `[n_devices, ...]` arrays for `jax.pmap`."""
-    devices = jax.local_devices()
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
-                                          jax.sharding.PartitionSpec("d"))
-    return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding),
-        tree)
-
-
 _pmap = functools.cache(jax.pmap)  # one compiled program per function, reused across calls
 
 
@@ -195,7 +186,7 @@ def _inception_outputs(variables, images):
 def inception_features(variables, batches, per_device_batch: int = 50) -> dict:
     """uint8 image batches -> {'pool' `[N, 2048]`, 'logits_unbiased' `[N, 1008]`} float32, on all
     local devices."""
-    return sharded_map(_inception_outputs, (replicate(variables),), batches, per_device_batch)
+    return sharded_map(_inception_outputs, (parallel.replicate(variables),), batches, per_device_batch)
 
 
 def sample_quality(features: dict, reference: dict, splits: int = 10) -> dict:
