@@ -31,26 +31,29 @@ from ddpm_jax.models import unet_from_config
 
 FIGURE_ROWS = 8  # images in each process figure
 
-flags.DEFINE_string("workdir", None, "A training run's --workdir.")
-flags.DEFINE_string("out", None, "Output folder (default WORKDIR/samples).")
-flags.DEFINE_integer("num_samples", None, "Images to make (default 64, or one per --init_images image).")
-flags.DEFINE_integer("batch_size", 256, "Images per device call, over all local devices.")
-flags.DEFINE_string("sampler", None, f"One of {sorted(S.SAMPLERS)} (default sampling.sampler).")
-flags.DEFINE_integer("steps", None, "Sampler steps; fewer than diffusion.num_timesteps respaces.")
-flags.DEFINE_float("eta", None, "DDIM noise: 0 deterministic, 1 as ancestral (ddim only).")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (class-conditional models).")
-flags.DEFINE_string("label", None, "A class index, 'all' (the classes in equal blocks; the default for "
-                                   "class-conditional models) or 'null' (unconditional).")
-flags.DEFINE_integer("seed", 0, "Base random seed.")
-flags.DEFINE_string("init_images", None, "Image-to-image / inpainting input: a PNG or a folder of them.")
-flags.DEFINE_float("strength", None, "Image-to-image: noise the inputs to t = strength * T, in [0, 1].")
-flags.DEFINE_bool("invert", False, "Image-to-image: reach t by DDIM inversion instead of adding noise.")
-flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep.")
-flags.DEFINE_integer("jump_length", None, "Inpainting: RePaint resampling jump length (0: no jumps).")
-flags.DEFINE_integer("jump_n_sample", None, "Inpainting: times each jump stretch is sampled.")
-flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png.")
-flags.DEFINE_bool("figures", False, "Also draw the forward and reverse process figures.")
-flags.DEFINE_bool("ema", True, "Use the EMA params (--noema: the raw params).")
+
+def define_flags():
+    """The command-line flags (defined only when run as a program, so importing defines none)."""
+    flags.DEFINE_string("workdir", None, "A training run's --workdir.")
+    flags.DEFINE_string("out", None, "Output folder (default WORKDIR/samples).")
+    flags.DEFINE_integer("num_samples", None, "Images to make (default 64, or one per --init_images image).")
+    flags.DEFINE_integer("batch_size", 256, "Images per device call, over all local devices.")
+    flags.DEFINE_string("sampler", None, f"One of {sorted(S.SAMPLERS)} (default sampling.sampler).")
+    flags.DEFINE_integer("steps", None, "Sampler steps; fewer than diffusion.num_timesteps respaces.")
+    flags.DEFINE_float("eta", None, "DDIM noise: 0 deterministic, 1 as ancestral (ddim only).")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (class-conditional models).")
+    flags.DEFINE_string("label", None, "A class index, 'all' (the classes in equal blocks; the default for "
+                                       "class-conditional models) or 'null' (unconditional).")
+    flags.DEFINE_integer("seed", 0, "Base random seed.")
+    flags.DEFINE_string("init_images", None, "Image-to-image / inpainting input: a PNG or a folder of them.")
+    flags.DEFINE_float("strength", None, "Image-to-image: noise the inputs to t = strength * T, in [0, 1].")
+    flags.DEFINE_bool("invert", False, "Image-to-image: reach t by DDIM inversion instead of adding noise.")
+    flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep.")
+    flags.DEFINE_integer("jump_length", None, "Inpainting: RePaint resampling jump length (0: no jumps).")
+    flags.DEFINE_integer("jump_n_sample", None, "Inpainting: times each jump stretch is sampled.")
+    flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png.")
+    flags.DEFINE_bool("figures", False, "Also draw the forward and reverse process figures.")
+    flags.DEFINE_bool("ema", True, "Use the EMA params (--noema: the raw params).")
 
 
 @dataclasses.dataclass
@@ -265,4 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
