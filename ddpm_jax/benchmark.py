@@ -97,8 +97,7 @@ def bench_train(config, num_calls: int) -> dict:
     k, batch_size = config.training.steps_per_call, config.training.batch_size
     state = parallel.replicate(jax.jit(functools.partial(train.create_train_state, config))(jax.random.key(0)))
     batch = synthetic_batch(config, np.random.default_rng(0))
-    p_train = jax.pmap(functools.partial(train.train_steps if k > 1 else train.train_step, config=config),
-                       axis_name=parallel.AXIS_NAME, donate_argnums=0)
+    p_train = train.pmap_train_step(config)
     lowered, lower_s = _seconds(lambda: p_train.lower(state, batch))
     compiled, compile_s = _seconds(lowered.compile)
     for _ in range(2):  # warm-up: first-run allocations, autotuning

@@ -35,7 +35,7 @@ from ddpm_jax.parallel import AXIS_NAME
 from ddpm_jax.train_state import (TrainState, create_train_state, learning_rate_schedule,
                                   make_optimizer)
 
-__all__ = ["TrainState", "create_train_state", "train_step", "train_steps", "sample_images",
+__all__ = ["TrainState", "create_train_state", "train_step", "train_steps", "pmap_train_step", "sample_images",
            "train_and_evaluate"]
 
 # fold_in tags under the base key: training steps and sample grids draw from disjoint streams.
@@ -98,6 +98,13 @@ def train_steps(state: TrainState, batches: dict, *, config) -> tuple[TrainState
     """
     state, metrics = jax.lax.scan(functools.partial(train_step, config=config), state, batches)
     return state, jax.tree.map(jnp.mean, metrics)
+
+
+def pmap_train_step(config):
+    """`train_steps` (or `train_step` when `training.steps_per_call` is 1) pmapped over the local
+    devices, with the replicated state donated: `(state, batch) -> (state, metrics)`."""
+    fn = train_steps if config.training.steps_per_call > 1 else train_step
+    return jax.pmap(functools.partial(fn, config=config), axis_name=AXIS_NAME, donate_argnums=0)
 
 
 def sample_images(params, labels: jax.Array, key: jax.Array, *, config) -> jax.Array:
@@ -189,8 +196,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     train_iter = input_pipeline.create_train_iterator(config, start_example=position)
 
     state = parallel.replicate(state)
-    p_train = jax.pmap(functools.partial(train_steps if k > 1 else train_step, config=config),
-                       axis_name=AXIS_NAME, donate_argnums=0)
+    p_train = pmap_train_step(config)
     p_sample = jax.pmap(functools.partial(_sample_on_device, config=config), axis_name=AXIS_NAME)
     # Every device samples the same number; the grid keeps the first num_sample_images.
     per_device = -(-t.num_sample_images // jax.local_device_count())
