@@ -39,7 +39,7 @@ def real_images(config, split: str, max_examples: int | None = None) -> tuple[np
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
                          "(set eval.split or --split).")
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
     if max_examples:
         ds = ds.take(max_examples)
     resize = tuple(builder.info.features["image"].shape[:2]) != (d.image_size, d.image_size)
