@@ -141,7 +141,7 @@ def make_request(config, *, num_samples=None, batch_size=256, sampler=None, step
     jn = sp.jump_n_sample if jump_n_sample is None else jump_n_sample
     if init_images is not None:
         imgs = _load("init_images", init_images, image_size=d.image_size, channels=d.channels)
-        num_samples = num_samples or len(imgs)
+        num_samples = len(imgs) if num_samples is None else num_samples
         x0 = image_utils.from_uint8(imgs[np.arange(num_samples) % len(imgs)])
         if mask is None:
             level = S.strength_to_level(sp.strength if strength is None else strength, steps)
@@ -158,7 +158,7 @@ def make_request(config, *, num_samples=None, batch_size=256, sampler=None, step
                 S.repaint_schedule(steps, jl, jn)
             except ValueError as e:
                 raise ValueError(f"--jump_length/--jump_n_sample: {e}") from None
-    num_samples = num_samples or 64
+    num_samples = 64 if num_samples is None else num_samples
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num_samples={num_samples} and --batch_size={batch_size}: must be >= 1.")
     labels = parse_labels(label, K, num_samples)

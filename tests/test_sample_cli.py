@@ -113,6 +113,7 @@ def test_editing_keeps_what_it_must(cond_run, images_dir):
     (dict(init_images="INPUTS", mask="MASK", jump_length=9), r"--jump_length/--jump_n_sample: jump_length=9"),
     (dict(init_images="nowhere/"), r"--init_images=nowhere/: .*no such image file or folder"),
     (dict(jump_length=2), r"apply to inpainting"),
+    (dict(num_samples=0), r"--num_samples=0 and --batch_size=256: must be >= 1"),
 ])
 def test_bad_flags_are_named(cond_run, images_dir, kw, message):
     config = checkpoints.load_config(cond_run)
