@@ -24,18 +24,18 @@ def test_classifier_accuracy_on_held_out_digits(fitted):
 
 
 def test_digits_fd_real_vs_real_small_real_vs_noise_large(fitted):
-    """Two disjoint halves of the real digits are ~7 apart (the finite-sample bias of FD with 128-d
-    features and ~900 images each); uniform noise is ~480, blurred digits ~140. Thresholds sit an
-    order of magnitude from the measured values on either side."""
+    """Two disjoint halves of the real digits are ~4 apart (mostly the finite-sample bias of FD with
+    128-d features and ~900 images each); uniform noise is ~230. The thresholds sit 5x and 2x from
+    those measured values, and the two sides are 5x apart."""
     images, labels = C.real_digits()
     perm = np.random.default_rng(1).permutation(len(images))
     a, b = perm[:900], perm[900:]
     real = C.digits_metrics(fitted, images[a], labels[a], reference=images[b])
     noise = np.random.default_rng(0).integers(0, 256, images[a].shape, dtype=np.uint8)
     fake = C.digits_metrics(fitted, noise, labels[a], reference=images[b])
-    assert real["digits_fd"] < 25 and fake["digits_fd"] > 250
+    assert real["digits_fd"] < 20 and fake["digits_fd"] > 100
     assert real["digits_accuracy"] > 0.95 and fake["digits_accuracy"] < 0.3
-    assert real["digits_cs"] > 9.0 > 5.0 > fake["digits_cs"]
+    assert real["digits_cs"] > 8.5 and fake["digits_cs"] < 5.0
 
 
 def test_digits_metrics_reject_wrong_images(fitted):
