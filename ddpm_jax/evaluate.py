@@ -35,7 +35,7 @@ flags.DEFINE_string("reference_stats", None, "Reference statistics .npz (default
 flags.DEFINE_string("split", None, "reference_stats / bpd: the tfds split (default data.split / eval.split).")
 flags.DEFINE_bool("keep_features", False, "reference_stats: also store the features, which KID needs.")
 flags.DEFINE_integer("num_samples", None, "fid/digits: samples to generate (default eval.num_samples).")
-flags.DEFINE_integer("num_examples", None, "bpd: examples of the split (default: all of it).")
+flags.DEFINE_integer("num_examples", None, "reference_stats / bpd: examples of the split (default: all).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default eval.steps, then sampling.steps).")
 flags.DEFINE_integer("batch_size", None, "Images per device call over all devices (default eval.batch_size).")
 flags.DEFINE_integer("per_device_batch", 50, "Inception images per device per call.")
@@ -45,7 +45,7 @@ _WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
 
 
 def _with_eval_defaults(config):
-    """The run's config with the current `eval` defaults under its own values (older runs lack fields)."""
+    """A run's config.json with the current `eval` defaults under its values (older runs lack fields)."""
     from configs import default
     e = default.get_config().eval
     e.update(config.get("eval", {}))
@@ -89,7 +89,7 @@ def main(argv):
         return
 
     if command == "reference_stats":
-        config = _with_eval_defaults(_require("config", _CONFIG.value))
+        config = _require("config", _CONFIG.value)
         weights = FLAGS.inception_weights or config.eval.inception_weights
         inception.load_variables(weights, _WEIGHTS_FIELD)  # a missing file fails before the dataset is read
         out = _require("out", FLAGS.out)
