@@ -124,3 +124,11 @@ def test_training_loop_writes_eval_scalars(tmp_path):
     for tag in ("eval/digits_fd", "eval/digits_cs", "eval/bpd", "eval/bpd_decoder"):
         assert [s for s, _ in events[tag]] == [3, 4], tag
         assert all(np.isfinite(v) for _, v in events[tag])
+
+
+def test_run_configs_get_current_eval_defaults():
+    """An older run's config.json lacks newer eval fields: they come from configs/default.py."""
+    import ml_collections
+    from ddpm_jax import evaluate
+    config = evaluate._with_eval_defaults(ml_collections.ConfigDict({"eval": {"num_samples": 5}}))
+    assert config.eval.num_samples == 5 and config.eval.bpd_examples == 0 and config.eval.digits_classifier is None
