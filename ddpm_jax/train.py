@@ -85,7 +85,7 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
     updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(config.optim)(state.step)}
     state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
     return state, metrics
