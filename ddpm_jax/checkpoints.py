@@ -19,17 +19,22 @@ from ddpm_jax.train_state import create_train_state, init_params
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
-ITEMS = ("params", "ema_params", "opt_state", "progress", "data")
+ITEMS = ("params", "ema_params", "opt_state", "progress", "data")  # "data" is JSON, the rest arrays
 
 
 def checkpoint_manager(workdir, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """Manager of `workdir/checkpoints`: asynchronous saves keeping the last `keep` (None: all)."""
+    """Manager of `workdir/checkpoints`: asynchronous saves keeping the last `keep` (None: all).
+
+    `read_only`: for restoring only; it creates, cleans and deletes nothing (Orbax's own read-only
+    mode would say so in warnings on every load).
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=not read_only,
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=not read_only,
         # Saves go to a temporary folder that is renamed when complete; a killed save leaves one.
         cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options, item_names=ITEMS)
+    handlers = {name: ocp.JsonCheckpointHandler() if name == "data" else ocp.StandardCheckpointHandler()
+                for name in ITEMS}
+    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options, item_handlers=handlers)
 
 
 def _placed(abstract_tree, device):
@@ -48,13 +53,26 @@ def save_train_state(manager: ocp.CheckpointManager, state, data_state: dict) ->
         data=ocp.args.JsonSave(data_state)))
 
 
+def _shapes(tree) -> dict:
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _restore(manager, step: int, **items):
+    """Restores the named items of checkpoint `step`; a checkpoint that does not fit is a ValueError."""
+    where = manager.directory / str(step)
+    advice = "Resume with the config the run was started with (its config.json) or use another --workdir."
+    # The params tell a model that differs from the config's before any array is read.
+    for name in {"params", "ema_params"} & set(items):
+        saved, wanted = _shapes(manager.item_metadata(step)[name]), _shapes(items[name].item)
+        for path in sorted(saved.keys() | wanted.keys()):
+            if saved.get(path) != wanted.get(path):
+                raise ValueError(f"{where}: the checkpoint does not fit this config: {name}{path} is "
+                                 f"{saved.get(path, 'missing')} in the checkpoint and "
+                                 f"{wanted.get(path, 'missing')} for the config. {advice}")
     try:
         return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"{manager.directory / str(step)}: the checkpoint does not fit this config ({e}). Resume with "
-            f"the config the run was started with (its config.json) or use another --workdir.") from e
+        raise ValueError(f"{where}: the checkpoint does not fit this config ({e}). {advice}") from e
 
 
 def restore_train_state(manager: ocp.CheckpointManager, config, device=None):

@@ -178,12 +178,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     t = config.training
     k = t.steps_per_call
     is_main = jax.process_index() == 0
+    manager = checkpoints.checkpoint_manager(workdir, keep=t.keep_checkpoints)
+    restored = checkpoints.restore_train_state(manager, config)  # before writing: it may not fit
     if is_main:
         checkpoints.write_config(workdir, config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    manager = checkpoints.checkpoint_manager(workdir, keep=t.keep_checkpoints)
-
-    restored = checkpoints.restore_train_state(manager, config)
     if restored is None:
         state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(config.seed))
         position = 0  # examples this process has consumed from its data stream

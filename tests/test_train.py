@@ -69,6 +69,12 @@ def test_stopping_and_restarting_gives_bitwise_identical_params(data_dir, tmp_pa
     # The data position went into the checkpoint: 8 steps of 16 examples.
     with open(tmp_path / "resumed" / "checkpoints" / "8" / "data" / "metadata") as f:
         assert json.load(f) == {"position": 128}
+    # Another model in the same workdir: a clear error, and the run's config.json stays as it was.
+    saved_config = (tmp_path / "resumed" / "config.json").read_text()
+    config.model.ch = 32
+    with pytest.raises(ValueError, match=r"checkpoints/8: the checkpoint does not fit this config"):
+        _run(config, str(tmp_path / "resumed"), 16)
+    assert (tmp_path / "resumed" / "config.json").read_text() == saved_config
 
 
 def test_sigterm_saves_and_the_restart_resumes_exactly_with_steps_per_call(data_dir, tmp_path, monkeypatch):
