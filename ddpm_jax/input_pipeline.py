@@ -18,13 +18,17 @@ from typing import Iterator
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
 from ddpm_jax import parallel
 from ddpm_jax.config_validation import ConfigError
 
 # TensorFlow only feeds data here; it must not take GPU memory from JAX.
-tf.config.set_visible_devices([], "GPU")
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow ran something before this import: too late to hide the GPUs
+    logging.warning("TensorFlow was initialised before ddpm_jax.input_pipeline and may hold GPU memory.")
 
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride + e
 
