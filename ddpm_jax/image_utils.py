@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -39,8 +40,10 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
         raise ValueError(f"save_png({path!r}): expected uint8, got {image.dtype}.")
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    path = epath.Path(path)  # a local path or gs://... (a training workdir on a bucket)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def load_images(path: str, image_size: int | None = None, channels: int = 3) -> np.ndarray:
