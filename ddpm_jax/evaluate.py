@@ -1,5 +1,10 @@
 """Evaluation from the command line: FID / IS / KID, reference statistics, bits/dim, digits metrics.
 
+    # one command: converts the weights and computes CIFAR-10 train statistics on first use
+    python -m ddpm_jax.evaluate fid --workdir=runs/cifar10 --num_samples=50000 \\
+        --inception_weights=pt_inception-2015-12-05-6726825d.pth \\
+        --reference_stats=cifar10_train_stats.npz --reference_split=train
+    # or step by step
     python -m ddpm_jax.evaluate convert_inception --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
     python -m ddpm_jax.evaluate reference_stats --config=configs/cifar10.py --split=train \\
         --inception_weights=inception_fid.npz --out=cifar10_train_stats.npz
@@ -30,10 +35,13 @@ flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under
                     "'labels' optional) instead of sampling the workdir's model.")
 flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.")
 flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write.")
-flags.DEFINE_string("inception_weights", None, "The converted .npz (default eval.inception_weights).")
+flags.DEFINE_string("inception_weights", None, "The converted .npz (default eval.inception_weights); a .pth "
+                    "is converted once to the .npz beside it.")
 flags.DEFINE_string("reference_stats", None, "Reference statistics .npz (default eval.reference_stats).")
 flags.DEFINE_string("split", None, "reference_stats / bpd: the tfds split (default data.split / eval.split).")
 flags.DEFINE_bool("keep_features", False, "reference_stats: also store the features, which KID needs.")
+flags.DEFINE_string("reference_split", None, "fid: if --reference_stats does not exist yet, first compute it "
+                    "from this split of the run's dataset (e.g. train) and save it there.")
 flags.DEFINE_integer("num_samples", None, "fid/digits: samples to generate (default eval.num_samples).")
 flags.DEFINE_integer("num_examples", None, "reference_stats / bpd: examples of the split (default: all).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default eval.steps, then sampling.steps).")
@@ -70,6 +78,27 @@ def _write(workdir: str | None, name: str, result: dict) -> None:
         print(f"wrote {path}")
 
 
+def _weights(path: str | None) -> str | None:
+    """pytorch-fid's .pth is converted once to the .npz of the same name beside it (needs torch)."""
+    from ddpm_jax.evaluation import inception
+    if path and path.endswith(".pth"):
+        npz = os.path.splitext(path)[0] + ".npz"
+        if not os.path.isfile(npz):
+            inception.convert_pytorch_fid_weights(path, npz)
+            print(f"converted {path} to {npz}")
+        return npz
+    return path
+
+
+def _reference_stats(config, split: str, weights: str, out: str) -> None:
+    from ddpm_jax.evaluation import metrics, tasks
+    images, _ = tasks.real_images(config, split, FLAGS.num_examples)
+    stats = tasks.reference_statistics(metrics.batched(images, 1000), weights, out, keep_features=FLAGS.keep_features,
+                                       per_device_batch=FLAGS.per_device_batch)
+    print(f"wrote {out}: statistics of {len(images)} images of {config.data.dataset}/{split} "
+          f"({stats['mu'].shape[0]}-d)")
+
+
 def _run_config_and_params(workdir: str):
     from ddpm_jax import checkpoints
     config = _with_eval_defaults(checkpoints.load_config(workdir))
@@ -90,16 +119,9 @@ def main(argv):
 
     if command == "reference_stats":
         config = _require("config", _CONFIG.value)
-        weights = FLAGS.inception_weights or config.eval.inception_weights
+        weights = _weights(FLAGS.inception_weights or config.eval.inception_weights)
         inception.load_variables(weights, _WEIGHTS_FIELD)  # a missing file fails before the dataset is read
-        out = _require("out", FLAGS.out)
-        split = FLAGS.split or config.data.split
-        images, _ = tasks.real_images(config, split, FLAGS.num_examples)
-        stats = tasks.reference_statistics(metrics.batched(images, 1000), weights, out,
-                                           keep_features=FLAGS.keep_features,
-                                           per_device_batch=FLAGS.per_device_batch)
-        print(f"wrote {out}: statistics of {len(images)} images of {config.data.dataset}/{split} "
-              f"({stats['mu'].shape[0]}-d)")
+        _reference_stats(config, FLAGS.split or config.data.split, weights, _require("out", FLAGS.out))
         return
 
     workdir = FLAGS.workdir
@@ -120,9 +142,14 @@ def main(argv):
         return
 
     if command == "fid":
-        weights = FLAGS.inception_weights or (e.inception_weights if e else None)
+        weights = _weights(FLAGS.inception_weights or (e.inception_weights if e else None))
         stats = FLAGS.reference_stats or (e.reference_stats if e else None)
         inception.load_variables(weights, _WEIGHTS_FIELD)  # missing files fail before sampling
+        if FLAGS.reference_split and stats and not os.path.isfile(stats):
+            if config is None:
+                raise app.UsageError("--reference_split reads the dataset of a --workdir's run; with --samples "
+                                     "make the statistics first with `reference_stats --config=...`.")
+            _reference_stats(config, FLAGS.reference_split, weights, stats)
         metrics.load_statistics(stats, "--reference_stats / eval.reference_stats")
     if FLAGS.samples:
         images, labels = tasks.load_samples(FLAGS.samples)
