@@ -132,3 +132,15 @@ def test_run_configs_get_current_eval_defaults():
     from ddpm_jax import evaluate
     config = evaluate._with_eval_defaults(ml_collections.ConfigDict({"eval": {"num_samples": 5}}))
     assert config.eval.num_samples == 5 and config.eval.bpd_examples == 0 and config.eval.digits_classifier is None
+
+
+def test_pth_weights_are_converted_once_beside_the_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    from ddpm_jax import evaluate
+    from test_inception import _synthetic_state_dict
+    torch.save({k: torch.from_numpy(v) for k, v in _synthetic_state_dict().items()}, tmp_path / "fid.pth")
+    npz = evaluate._weights(str(tmp_path / "fid.pth"))
+    assert npz == str(tmp_path / "fid.npz") and os.path.isfile(npz)
+    mtime = os.path.getmtime(npz)
+    assert evaluate._weights(str(tmp_path / "fid.pth")) == npz and os.path.getmtime(npz) == mtime
+    assert evaluate._weights(npz) == npz
