@@ -69,11 +69,14 @@ def main(argv):
     from ddpm_jax.evaluation import digits_classifier
 
     F = flags.FLAGS
-    config = checkpoints.load_config(F.workdir)
-    if config.data.dataset != "digits" or not config.model.num_classes:
-        raise app.UsageError(f"--workdir={F.workdir}: needs a class-conditional digits run "
-                             f"(data.dataset={config.data.dataset}, model.num_classes={config.model.num_classes}).")
-    params, step = checkpoints.load_params(F.workdir, config)
+    try:
+        config = checkpoints.load_config(F.workdir)
+        if config.data.dataset != "digits" or not config.model.num_classes:
+            raise ValueError(f"--workdir={F.workdir}: needs a class-conditional digits run (data.dataset="
+                             f"{config.data.dataset}, model.num_classes={config.model.num_classes}).")
+        params, step = checkpoints.load_params(F.workdir, config)
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from None
     classifier = digits_classifier.load_or_fit()
     guidance = sample_cli.sampling_defaults(config).guidance if F.guidance is None else F.guidance
     out = F.out or os.path.join(F.workdir, "accuracy")
@@ -85,7 +88,7 @@ def main(argv):
         r = evaluate(config, params, classifier, sampler=sampler, steps=int(steps), guidance=w,
                      num_per_class=F.num_per_class, batch_size=F.batch_size)
         grid = image_utils.make_grid(r["images"], nrow=F.num_per_class)
-        image_utils.save_png(os.path.join(out, f"{sampler}_{steps}_w{w:g}.png"), grid, scale=2)
+        image_utils.save_png(os.path.join(out, f"{sampler}_{steps}_w{w:g}.png"), grid, scale=4)
         print(f"{name}: {100 * r['accuracy']:.1f}% in {r['seconds']:.0f}s", file=sys.stderr)
         rows.append((name, r))
     print(f"step {step}, {F.num_per_class} samples per class, classifier: evaluation.digits_classifier\n")

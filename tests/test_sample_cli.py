@@ -137,3 +137,13 @@ def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
                         "--guidance=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--guidance=2.0 needs a class-conditional model" in r.stderr
     assert not os.path.exists(out)
+
+
+def test_per_class_accuracy_table():
+    from ddpm_jax import conditional_accuracy as ca
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    acc = ca.per_class_accuracy(np.array([0, 1, 1, 1, 0, 0]), labels, 3)
+    np.testing.assert_allclose(acc, [0.5, 1.0, 0.0])
+    table = ca.markdown_table([("ddim 10", {"per_class": acc, "accuracy": 0.5, "seconds": 12.3})], 3)
+    assert table.splitlines()[2] == "| ddim 10 | 50 | 100 | 0 | 50.0 | 12 |"
