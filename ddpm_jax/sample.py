@@ -187,15 +187,16 @@ def run(config, params, req: Request, spec: S.SampleSpec | None = None, progress
 
 
 def process_figures(config, params, req: Request) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 grids (rows: images, columns: steps): the forward process from x_0 (the first sample
-    or input) to x_T, and the sampler's reverse trajectory (its own first FIGURE_ROWS samples)."""
-    k = min(FIGURE_ROWS, req.num_samples)
-    first = dataclasses.replace(
-        req, num_samples=k, batch_size=k, labels=req.labels[:k],
-        x0=None if req.x0 is None else req.x0[:k], mask=None if req.mask is None else req.mask[:k])
+    """uint8 grids (rows: images, columns: steps): the sampler's reverse trajectory from noise for
+    FIGURE_ROWS of the request's rows (evenly spaced, so several classes with --label=all; its own
+    samples, drawn again), and the forward process from x_0 (those samples, or the inputs) to x_T."""
+    rows = np.unique(np.linspace(0, req.num_samples - 1, min(FIGURE_ROWS, req.num_samples)).round().astype(int))
+    pick = lambda a: None if a is None else a[rows]
+    some = dataclasses.replace(req, num_samples=len(rows), batch_size=len(rows), labels=req.labels[rows],
+                               x0=pick(req.x0), mask=pick(req.mask))
     num_frames = sampling_defaults(config).num_frames
-    rev = run(config, params, first, req.spec._replace(num_frames=num_frames))
-    x0 = rev["images"] if req.x0 is None else req.x0[:k]
+    rev = run(config, params, some, req.spec._replace(num_frames=num_frames))
+    x0 = rev["images"] if req.x0 is None else some.x0
     full = D.schedule_from_config(config.diffusion)
     frames = jax.jit(S.forward_trajectory, static_argnums=3)(full, jax.random.key(req.seed + 1), jnp.asarray(x0),
                                                              num_frames)
