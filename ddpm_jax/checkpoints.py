@@ -9,6 +9,7 @@ inference reads only the params it needs.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -34,7 +35,9 @@ def checkpoint_manager(workdir, *, keep: int | None = None, read_only: bool = Fa
         cleanup_tmp_directories=not read_only)
     handlers = {name: ocp.JsonCheckpointHandler() if name == "data" else ocp.StandardCheckpointHandler()
                 for name in ITEMS}
-    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options, item_handlers=handlers)
+    # Orbax wants absolute paths; a relative local workdir (runs/digits) is taken from the current folder.
+    root = epath.Path(workdir) if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+    return ocp.CheckpointManager(root / CHECKPOINT_DIR, options=options, item_handlers=handlers)
 
 
 def _placed(abstract_tree, device):

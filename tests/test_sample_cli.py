@@ -147,3 +147,10 @@ def test_per_class_accuracy_table():
     np.testing.assert_allclose(acc, [0.5, 1.0, 0.0])
     table = ca.markdown_table([("ddim 10", {"per_class": acc, "accuracy": 0.5, "seconds": 12.3})], 3)
     assert table.splitlines()[2] == "| ddim 10 | 50 | 100 | 0 | 50.0 | 12 |"
+
+
+def test_relative_workdir_loads(cond_run, monkeypatch):
+    """`--workdir=runs/x` is relative to the current folder (Orbax itself wants absolute paths)."""
+    monkeypatch.chdir(os.path.dirname(cond_run))
+    params, step = checkpoints.load_params(os.path.basename(cond_run))
+    assert step == 0 and jax.tree.leaves(params)
