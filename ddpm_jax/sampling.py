@@ -22,8 +22,8 @@ import numpy as np
 
 from ddpm_jax import diffusion as D
 from ddpm_jax.diffusion import ModelFn, Schedule
+from ddpm_jax.parallel import AXIS_NAME
 
-AXIS = "devices"  # pmap axis name of `pmap_batches`
 
 
 class StepOptions(NamedTuple):
@@ -305,9 +305,9 @@ def pmap_batches(fn: Callable, params, key: jax.Array, inputs: dict, batch_size:
     chunk = per_dev * n_dev
 
     def device_fn(params, key, shard):
-        return fn(params, jax.random.fold_in(key, jax.lax.axis_index(AXIS)), shard)
+        return fn(params, jax.random.fold_in(key, jax.lax.axis_index(AXIS_NAME)), shard)
 
-    run = jax.pmap(device_fn, AXIS, in_axes=(None, None, 0))
+    run = jax.pmap(device_fn, AXIS_NAME, in_axes=(None, None, 0))
     outs = []
     for c, start in enumerate(range(0, n, chunk)):
         shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
