@@ -25,7 +25,6 @@ from ddpm_jax.diffusion import ModelFn, Schedule
 from ddpm_jax.parallel import AXIS_NAME
 
 
-
 class StepOptions(NamedTuple):
     """Sampler options (static). eta: DDIM noise scale; variance, clip_x0: as `diffusion.p_mean_variance`."""
 
@@ -293,7 +292,7 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
 def pmap_batches(fn: Callable, params, key: jax.Array, inputs: dict, batch_size: int,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Runs `fn(params, key, shard) -> {name: [b, ...]}` over `inputs` ({name: `[N, ...]`}) in chunks of
-    `batch_size`, each split over the local devices with `jax.pmap`.
+    `batch_size`, each split over the local devices with `jax.pmap` (axis `parallel.AXIS_NAME`).
 
     Chunk c uses key fold_in(key, c), device d within it fold_in(that, d). Chunks are padded to a
     multiple of the device count (repeating the last input), so every chunk has one shape and compiles
