@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoints, diffusion, image_utils, parallel
+from ddpm_jax import checkpoints, diffusion, image_utils, parallel, sampling
 from ddpm_jax.config_validation import validate_config
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.parallel import AXIS_NAME
@@ -111,8 +111,7 @@ def sample_images(params, labels: jax.Array, key: jax.Array, *, config) -> jax.A
     """Ancestral samples `[N, H, W, C]` in [-1, 1]; `labels` int32 `[N]` are used by conditional models."""
     model = unet_from_config(config)
     d, c = config.data, config.diffusion
-    y = labels if config.model.num_classes else None
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, y)
+    model_fn = sampling.unet_model_fn(model, params, labels if config.model.num_classes else None)
     shape = (labels.shape[0], d.image_size, d.image_size, d.channels)
     return diffusion.sample(diffusion.schedule_from_config(c), c.model_output, model_fn, key, shape,
                             variance=c.variance, clip_x0=c.clip_x0)
