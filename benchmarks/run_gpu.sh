@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# ddpm_jax beside the PyTorch peer on one GPU, in one invocation; JSON results and the ratio table.
+# ddpm_jax beside the PyTorch peer on one GPU, in one invocation: JSON results, a kernel-time table of
+# a profiled train step, and the side-by-side table (table.md). About 6-8 minutes on an H100/H200.
 #
 # Needs: a CUDA JAX, torch, and the wheels of what the GPU image lacks (ml_collections, diffusers,
 # importlib_metadata), prepared once on a machine with network, from the repository root:
-#   echo /.whl/ >> .git/info/exclude
+#   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     -d .whl ml_collections==1.1.0 diffusers==0.42.1 importlib_metadata
-# Usage (OUT: where results go, default ./bench_out):
+# Usage (OUT: where results go, default ./bench_out; at most 8 files land there):
 #   OUT=/tmp/out bash benchmarks/run_gpu.sh
-set -euo pipefail
+#   VARIANTS="cudnn:--config.model.attention=cudnn nodrop:--config.model.dropout=0" bash benchmarks/run_gpu.sh
+#   SMOKE=1 bash benchmarks/run_gpu.sh   # the same steps at toy sizes: checks the script on a CPU
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -17,14 +20,32 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
+LOG="$OUT/ddpm_jax.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >"$LOG" 2>&1 || true
 
-# The peer: bf16 autocast + torch.compile with CUDA graphs (its fastest configuration).
-python3 benchmarks/peer_torch.py --compile_mode reduce-overhead --out "$OUT/peer.jsonl" || true
+# Variants: name:flags (each one more train-step compile and run; keep the list short).
+VARIANTS=${VARIANTS-"cudnn:--config.model.attention=cudnn"}
+if [ "${SMOKE:-0}" = 1 ]; then
+  CONFIG=configs/tiny.py
+  SIZES=(--train_calls=2 --sample_batch=8 --sample_steps=4 --large_batch=16 --large_steps=2)
+  PEER=(--batch 4 --steps 2 --warmup 1 --sample_n 2 --sample_steps 3 --no_compile --no_bf16)
+  VARIANTS=${VARIANTS/cudnn:--config.model.attention=cudnn/nodrop:--config.model.dropout=0.0}
+else
+  CONFIG=configs/cifar10.py
+  SIZES=()
+  PEER=(--compile_mode reduce-overhead)  # the peer's fastest: bf16 autocast, torch.compile, CUDA graphs
+fi
+bench() { python3 -m ddpm_jax.benchmark --config=$CONFIG "${SIZES[@]}" "$@" 2>>"$LOG"; }
 
-# ddpm_jax: first launch fills the persistent compilation cache, the second reuses it.
+# The peer, then ddpm_jax (first launch fills the persistent compilation cache, the second reuses it).
+python3 benchmarks/peer_torch.py "${PEER[@]}" --out "$OUT/peer.jsonl" >>"$LOG" 2>&1 || echo "peer failed" >>"$LOG"
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-python3 -m ddpm_jax.benchmark --config=configs/cifar10.py --out="$OUT/ddpm_jax.json" 2>"$OUT/ddpm_jax.log"
-python3 -m ddpm_jax.benchmark --config=configs/cifar10.py --skip=sample,large --train_calls=5 \
-  --out="$OUT/ddpm_jax_cached.json" 2>>"$OUT/ddpm_jax.log"
+bench --out="$OUT/ddpm_jax.json" --profile_dir=/tmp/ddpm_jax_profile >/dev/null || echo "ddpm_jax failed" >>"$LOG"
+bench --skip=parts,sample,large --train_calls=5 --out="$OUT/ddpm_jax_cached.json" >/dev/null \
+  || echo "cached launch failed" >>"$LOG"
+python3 benchmarks/trace_summary.py /tmp/ddpm_jax_profile >"$OUT/trace.md" 2>>"$LOG"
+for variant in $VARIANTS; do
+  bench --skip=parts,large ${variant#*:} --out="$OUT/ddpm_jax_variant_${variant%%:*}.json" >/dev/null \
+    || echo "variant ${variant%%:*} failed" >>"$LOG"
+done
 python3 benchmarks/compare.py "$OUT" | tee "$OUT/table.md"

@@ -5,9 +5,15 @@ stated or given peak, compile time (a second launch with a persistent compilatio
 saving), sampling time for a batch (default 256 x T steps) and images/s at a large batch, peak
 device memory, device and versions. Imports neither TensorFlow nor tfds.
 
+Where the time goes: the forward pass and forward+backward timed alone next to the whole step
+(`parts`); the step's floor from XLA's own FLOP and byte counts over the chip's peak rate and memory
+bandwidth (`roofline`); with --profile_dir, a trace of a few steps that
+`benchmarks/trace_summary.py` turns into a table of device time by kernel.
+
   python -m ddpm_jax.benchmark --config=configs/cifar10.py --out=bench.json
   JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache python -m ddpm_jax.benchmark --config=configs/cifar10.py
   python -m ddpm_jax.benchmark --config=configs/tiny.py --sample_batch=16 --large_batch=64  # CPU smoke
+  python -m ddpm_jax.benchmark --config=configs/cifar10.py --skip=sample,large --profile_dir=/tmp/prof
 """
 from __future__ import annotations
 
@@ -28,10 +34,14 @@ from ddpm_jax import diffusion, parallel, sampling, train, train_state
 from ddpm_jax.config_validation import validate_config
 from ddpm_jax.models import unet_from_config
 
-# Dense bf16 matrix peak per chip, TFLOP/s, from the vendors' data sheets. The brief's measured
-# figure for an H200 is ~790; pass --peak_tflops to use a measured peak instead.
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
-                    "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+# Per chip, from the vendors' data sheets: dense bf16 matrix peak (TFLOP/s) and memory bandwidth
+# (TB/s). Measured on this workplace's H200: ~790 TFLOP/s and ~4.3 TB/s (copy, read + write); pass
+# --peak_tflops / --peak_tbps to use measured figures. The first matching name wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0,
+                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
+                    "TPU v6e": 918.0}
+PEAK_HBM_TBPS = {"H100 PCIe": 2.0, "H100": 3.35, "H200": 4.8, "A100": 2.0, "TPU v4": 1.2, "TPU v5 lite": 0.82,
+                 "TPU v5e": 0.82, "TPU v5p": 2.76, "TPU v6 lite": 1.64, "TPU v6e": 1.64}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_string("out", "", "Write the results here as JSON.")
@@ -41,7 +51,10 @@ flags.DEFINE_integer("sample_steps", 0, "Reverse steps (0: diffusion.num_timeste
 flags.DEFINE_integer("large_batch", 2048, "Batch for the sampling images/s measurement (0: skip).")
 flags.DEFINE_integer("large_steps", 100, "Reverse steps timed at the large batch (images/s is scaled to sample_steps).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: look up the device kind).")
-flags.DEFINE_list("skip", [], "Parts to skip: train, sample, large.")
+flags.DEFINE_float("peak_tbps", 0.0, "Memory bandwidth per device, TB/s, for the roofline (0: look up).")
+flags.DEFINE_list("skip", [], "Parts to skip: train, parts, sample, large.")
+flags.DEFINE_string("profile_dir", "", "Trace --profile_calls train calls here (perfetto_trace.json.gz too).")
+flags.DEFINE_integer("profile_calls", 3, "Train calls in the trace.")
 
 
 def _seconds(fn):
@@ -51,19 +64,26 @@ def _seconds(fn):
     return out, time.perf_counter() - start
 
 
-def _flops(compiled) -> float | None:
-    """FLOPs of one run of a compiled program (per device for pmap), from XLA's cost analysis."""
+def _cost(compiled, key: str = "flops") -> float | None:
+    """XLA's count of `key` ('flops' or 'bytes accessed') for one run of a compiled program (per
+    device for pmap), from its cost analysis; None where the backend reports none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend reports costs
         return None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return float(cost[key]) if cost and key in cost else None
 
 
-def peak_tflops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
+def _lookup(table: dict, device) -> float | None:
+    kind = getattr(device, "device_kind", "").lower()
+    return next((v for k, v in table.items() if k.lower() in kind), None)
+
+
+def roofline(flops: float, bytes_accessed: float, tflops: float, tbps: float) -> dict:
+    """Lower bounds on one device's time: its FLOPs at the peak rate, its bytes at full bandwidth."""
+    return dict(compute_floor_s=flops / (tflops * 1e12), memory_floor_s=bytes_accessed / (tbps * 1e12),
+                arithmetic_intensity=flops / bytes_accessed)
 
 
 def peak_memory_bytes() -> int | None:
@@ -80,7 +100,7 @@ def forward_flops_per_image(config) -> float | None:
     x = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     y = jax.ShapeDtypeStruct((1,), jnp.int32) if config.model.num_classes else None
-    return _flops(jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y)).lower(params, x, t, y).compile())
+    return _cost(jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y)).lower(params, x, t, y).compile())
 
 
 def synthetic_batch(config, rng: np.random.Generator) -> dict:
@@ -93,7 +113,8 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
     return jax.device_put(batch, parallel.device_sharding())
 
 
-def bench_train(config, num_calls: int) -> dict:
+def bench_train(config, num_calls: int, profile_dir: str = "", profile_calls: int = 3) -> dict:
+    """Times `num_calls` calls of the pmapped, donating train step on a fixed synthetic batch."""
     k, batch_size = config.training.steps_per_call, config.training.batch_size
     state = parallel.replicate(jax.jit(functools.partial(train.create_train_state, config))(jax.random.key(0)))
     batch = synthetic_batch(config, np.random.default_rng(0))
@@ -108,12 +129,48 @@ def bench_train(config, num_calls: int) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for i in range(profile_calls):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
     steps = num_calls * k
-    flops = _flops(compiled)
+    flops, bytes_accessed = _cost(compiled), _cost(compiled, "bytes accessed")
+    n_dev = jax.local_device_count()
     return dict(batch=batch_size, steps_per_call=k, timed_steps=steps, step_s=elapsed / steps,
                 images_per_s=steps * batch_size / elapsed, lower_s=lower_s, compile_s=compile_s,
-                flops_per_step=None if flops is None else flops * jax.local_device_count() / k,
+                flops_per_step=None if flops is None else flops * n_dev / k,
+                bytes_per_step=None if bytes_accessed is None else bytes_accessed * n_dev / k,
                 final_loss=float(parallel.to_host(metrics)["loss"]))
+
+
+def _median_seconds(fn, args, calls: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = [_seconds(lambda: fn(*args))[1] for _ in range(calls)]
+    return float(np.median(times))
+
+
+def bench_parts(config, num_calls: int) -> dict:
+    """The U-Net's forward pass (as in sampling) and forward+backward (as in training, without the
+    optimizer, EMA and cross-device mean) on one device at its share of the batch, median seconds."""
+    model = unet_from_config(config)
+    d = config.data
+    n = config.training.batch_size // jax.local_device_count()
+    rng = np.random.default_rng(0)
+    params = jax.jit(functools.partial(train_state.init_params, config))(jax.random.key(0))
+    x = jnp.asarray(rng.uniform(-1, 1, (n, d.image_size, d.image_size, d.channels)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, config.diffusion.num_timesteps, n), jnp.int32)
+    y = jnp.zeros((n,), jnp.int32) if config.model.num_classes else None
+
+    def loss(p, x, t, y, key):
+        return jnp.mean(jnp.square(model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": key}) - x))
+
+    forward = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    backward = jax.jit(jax.value_and_grad(loss))
+    return dict(batch_per_device=n,
+                forward_s=_median_seconds(forward, (params, x, t, y), num_calls),
+                forward_backward_s=_median_seconds(backward, (params, x, t, y, jax.random.key(1)), num_calls))
 
 
 def bench_sample(config, num_images: int, num_steps: int) -> dict:
@@ -140,30 +197,38 @@ def bench_sample(config, num_images: int, num_steps: int) -> dict:
 
 
 def run_benchmark(config, *, train_calls=20, sample_batch=256, sample_steps=0, large_batch=2048,
-                  large_steps=100, peak=0.0, skip=()) -> dict:
+                  large_steps=100, peak=0.0, bandwidth=0.0, skip=(), profile_dir="", profile_calls=3) -> dict:
     """All measurements as one dict (see the module docstring)."""
     validate_config(config, jax.local_device_count())
     device = jax.local_devices()[0]
     sample_steps = sample_steps or config.diffusion.num_timesteps
-    peak = peak or peak_tflops(device)
+    peak = peak or _lookup(PEAK_BF16_TFLOPS, device)
+    bandwidth = bandwidth or _lookup(PEAK_HBM_TBPS, device)
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=device.device_kind, platform=device.platform, num_devices=jax.local_device_count(),
         versions={name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
         | {"python": platform.python_version()},
         compilation_cache_dir=jax.config.jax_compilation_cache_dir,
-        model=dict(dtype=config.model.dtype, ch=config.model.ch, ch_mult=list(config.model.ch_mult),
-                   image_size=config.data.image_size,
+        model=dict(dtype=config.model.dtype, attention=config.model.attention, ch=config.model.ch,
+                   ch_mult=list(config.model.ch_mult), image_size=config.data.image_size,
+                   dropout=config.model.dropout,
                    params=int(sum(p.size for p in jax.tree.leaves(
                        jax.eval_shape(lambda: train_state.init_params(config, jax.random.key(0)))))),
                    forward_flops_per_image=forward_flops_per_image(config)),
-        peak_tflops_per_device=peak)
+        peak_tflops_per_device=peak, peak_tbps_per_device=bandwidth)
     if "train" not in skip:
-        r = bench_train(config, train_calls)
+        r = bench_train(config, train_calls, profile_dir, profile_calls)
+        n_dev = jax.local_device_count()
         if r["flops_per_step"] and peak:
-            r["mfu"] = r["flops_per_step"] / r["step_s"] / (peak * 1e12 * jax.local_device_count())
+            r["mfu"] = r["flops_per_step"] / r["step_s"] / (peak * 1e12 * n_dev)
+        if r["flops_per_step"] and r["bytes_per_step"] and peak and bandwidth:
+            r["roofline"] = roofline(r["flops_per_step"] / n_dev, r["bytes_per_step"] / n_dev, peak, bandwidth)
         result["train"] = r
         logging.info("train: %s", r)
+    if "parts" not in skip:
+        result["parts"] = bench_parts(config, train_calls)
+        logging.info("parts: %s", result["parts"])
     if "sample" not in skip:
         result["sample"] = bench_sample(config, sample_batch, sample_steps)
         logging.info("sample: %s", result["sample"])
@@ -181,7 +246,8 @@ def main(argv):
     f = flags.FLAGS
     result = run_benchmark(_CONFIG.value, train_calls=f.train_calls, sample_batch=f.sample_batch,
                            sample_steps=f.sample_steps, large_batch=f.large_batch,
-                           large_steps=f.large_steps, peak=f.peak_tflops, skip=f.skip)
+                           large_steps=f.large_steps, peak=f.peak_tflops, bandwidth=f.peak_tbps, skip=f.skip,
+                           profile_dir=f.profile_dir, profile_calls=f.profile_calls)
     text = json.dumps(result, indent=2)
     print(text)
     if f.out:

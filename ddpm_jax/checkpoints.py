@@ -16,6 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from configs import default
 from ddpm_jax.train_state import create_train_state, init_params
 
 CHECKPOINT_DIR = "checkpoints"
@@ -110,11 +111,14 @@ def _tuples(x):
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote to `workdir`."""
+    """The resolved config a training run wrote to `workdir`, over `configs/default.py` so that runs
+    saved before a field existed get its default."""
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE} there; is it the --workdir of a training run?")
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    config = default.get_config()
+    config.update(_tuples(json.loads(path.read_text())))
+    return config
 
 
 def load_params(workdir, config=None, use_ema: bool = True):

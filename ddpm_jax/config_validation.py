@@ -11,6 +11,7 @@ from ddpm_jax import diffusion
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,12 @@ def validate_data_and_model(config):
     _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
              f"model.num_classes={m.num_classes!r}: must be 0 (unconditional) or the number of classes.")
     _one_of(m.dtype, "model.dtype", DTYPES)
+    _one_of(m.attention, "model.attention", ATTENTION_KERNELS)
+    if m.attention == "cudnn":
+        _require(m.dtype != "float32", f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (got "
+                                       f"{m.dtype!r}); use model.attention='xla' for float32.")
+        _require(jax.default_backend() == "gpu", f"model.attention='cudnn' needs an NVIDIA GPU; this process "
+                                                 f"runs on {jax.default_backend()!r}: use model.attention='xla'.")
     try:  # trace the U-Net abstractly (nothing is compiled) to catch channel counts it cannot use
         jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     except ValueError as e:

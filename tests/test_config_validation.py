@@ -33,12 +33,21 @@ def test_shipped_configs_are_valid():
                                  r"training\.steps_per_call=1"),
     ("data.channels", 2, r"data\.channels=2: must be one of \(1, 3\)"),
     ("optim.ema_decay", 1.0, r"optim\.ema_decay=1\.0: must be in \[0, 1\)"),
+    ("model.attention", "flash", r"model\.attention='flash': must be one of \('xla', 'cudnn'\)"),
+    ("model.attention", "cudnn", r"model\.attention='cudnn' needs model\.dtype bfloat16 or float16"),
 ])
 def test_bad_values_name_the_field(field, value, message):
     config = tiny.get_config()
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ConfigError, match=message):
+        validate_config(config, num_devices=8)
+
+
+def test_cudnn_attention_needs_a_gpu():
+    config = tiny.get_config()
+    config.model.dtype, config.model.attention = "bfloat16", "cudnn"
+    with pytest.raises(ConfigError, match=r"model\.attention='cudnn' needs an NVIDIA GPU; this process runs on 'cpu'"):
         validate_config(config, num_devices=8)
 
 

@@ -25,6 +25,18 @@ def data_dir(tmp_path_factory):
     return prepare_digits(str(tmp_path_factory.mktemp("tfds")))
 
 
+def test_load_config_gives_fields_added_later_their_defaults(tmp_path):
+    config = small_cifar10_config()
+    config.model.attention = "cudnn"  # not the default: must come back as written
+    checkpoints.write_config(str(tmp_path), config)
+    assert checkpoints.load_config(str(tmp_path)).model.attention == "cudnn"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["attention"]  # a run saved before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = checkpoints.load_config(str(tmp_path))
+    assert loaded.model.attention == "xla" and loaded.model.ch == config.model.ch
+
+
 def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     config = small_cifar10_config()
     workdir = str(tmp_path / "run")

@@ -69,17 +69,21 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions with 1x1 q/k/v and a zero-init output."""
+    """Single-head self-attention over all H*W positions with 1x1 q/k/v and a zero-init output.
+
+    `attention` picks `jax.nn.dot_product_attention`'s kernel: 'xla' anywhere, 'cudnn' (fused flash
+    attention) on NVIDIA GPUs with bf16/fp16 compute and head dim C <= 256 on Hopper (<= 128 before).
+    """
 
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
         h = GroupNorm(self.dtype, name="norm")(x)
         q, k, v = (_dense(C, self.dtype, name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
-        # jax.nn.dot_product_attention: XLA here, cuDNN flash attention on GPU when it applies.
-        h = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)
+        h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention).reshape(B, H, W, C)
         return x + _dense(C, self.dtype, zero=True, name="proj_out")(h)
 
 
@@ -98,11 +102,13 @@ class UNet(nn.Module):
     dropout: float = 0.1
     num_classes: int = 0
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # AttnBlock's kernel: xla | cudnn
 
     @nn.compact
     def __call__(self, x, t, y=None, *, train: bool = False):
         dt = self.dtype
         block = lambda out_ch, name: ResnetBlock(out_ch, self.dropout, dt, name=name)
+        attn = lambda name: AttnBlock(dt, self.attention, name=name)
         temb = timestep_embedding(t, self.ch)
         temb = _dense(self.ch * 4, dt, name="temb_dense0")(temb)
         temb = _dense(self.ch * 4, dt, name="temb_dense1")(nn.swish(temb))
@@ -116,14 +122,14 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks):
                 h = block(self.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"down_{level}_attn_{i}")(h)
+                    h = attn(f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
                 hs.append(_conv(h.shape[-1], dt, stride=2, name=f"down_{level}_downsample")(hs[-1]))
 
         h = hs[-1]
         h = block(h.shape[-1], "mid_block_1")(h, temb, train)
-        h = AttnBlock(dt, name="mid_attn_1")(h)
+        h = attn("mid_attn_1")(h)
         h = block(h.shape[-1], "mid_block_2")(h, temb, train)
 
         for level, mult in reversed(list(enumerate(self.ch_mult))):
@@ -131,7 +137,7 @@ class UNet(nn.Module):
                 h = block(self.ch * mult, f"up_{level}_block_{i}")(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"up_{level}_attn_{i}")(h)
+                    h = attn(f"up_{level}_attn_{i}")(h)
             if level != 0:
                 B, H, W, C = h.shape
                 h = jnp.broadcast_to(h[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
@@ -147,4 +153,5 @@ def unet_from_config(config) -> UNet:
     m = config.model
     return UNet(ch=m.ch, out_ch=config.data.channels, ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-                dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype))
+                dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
+                attention=m.attention)

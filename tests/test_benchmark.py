@@ -1,0 +1,98 @@
+"""The benchmark command runs without TensorFlow, tfds or clu, and its figures hang together."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import compare, trace_summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs the real command line with the packages the GPU image lacks made unimportable.
+_WITHOUT_TF = """
+import sys
+for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    sys.modules[name] = None
+from absl import app
+from ddpm_jax import benchmark
+sys.argv = ["benchmark"] + sys.argv[1:]
+app.run(benchmark.main)
+"""
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TF, "--config=configs/tiny.py", "--train_calls=2", "--sample_batch=6",
+         "--sample_steps=3", "--large_batch=8", "--large_steps=2", "--peak_tflops=2", "--peak_tbps=0.5",
+         f"--profile_dir={out / 'profile'}", "--profile_calls=2", f"--out={out / 'bench.json'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "bench.json") as f:
+        return json.load(f), out
+
+
+def test_benchmark_reports_consistent_figures(result):
+    res, _ = result
+    assert res["num_devices"] == 2 and res["platform"] == "cpu"
+    assert res["model"]["params"] == 702_499  # the tiny config's U-Net
+    tr = res["train"]
+    assert tr["batch"] == 16 and tr["timed_steps"] == 2
+    assert tr["images_per_s"] == pytest.approx(16 / tr["step_s"])
+    # A train step (forward, backward, Adam) costs about 3 forward passes, summed over both devices.
+    assert 2.5 < tr["flops_per_step"] / (16 * res["model"]["forward_flops_per_image"]) < 4.0
+    assert tr["mfu"] == pytest.approx(tr["flops_per_step"] / tr["step_s"] / (2 * 2e12))
+    floor = tr["roofline"]
+    assert floor["compute_floor_s"] == pytest.approx(tr["flops_per_step"] / 2 / 2e12)
+    assert floor["memory_floor_s"] == pytest.approx(tr["bytes_per_step"] / 2 / 0.5e12)
+    assert res["parts"]["batch_per_device"] == 8
+    assert 0 < res["parts"]["forward_s"] < res["parts"]["forward_backward_s"]
+    sa, lg = res["sample"], res["sample_large_batch"]
+    assert (sa["images"], sa["steps"], lg["images"], lg["steps"]) == (6, 3, 8, 2)
+    assert lg["images_per_s_at_sample_steps"] == pytest.approx(lg["image_steps_per_s"] / 3)
+    text = compare.table(res, None, {"nodrop": res}, {})  # no peer: its columns are blank
+    assert f"| train images/s (batch 16) | {tr['images_per_s']:,.0f} | - | - |" in text
+    assert "floors per step: compute" in text and "| nodrop |" in text
+
+
+def test_benchmark_profile_holds_the_profiled_steps(result):
+    _, out = result
+    summary = trace_summary.summarize(trace_summary.load_events(str(out / "profile")))
+    assert summary["steps"] == 2  # the host's step annotations; a CPU trace has no device lines
+    assert summary["kernels"] == 0
+
+
+def _event(pid, tid, name, ts, dur, **args):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_trace_summary_counts_overlapping_kernels_once(tmp_path):
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "Stream #8(Compute)"}},
+            {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    events = meta + [
+        _event(1, 1, "train", 0, 5), _event(1, 1, "train", 100, 5),
+        _event(2, 7, "conv_kernel", 10, 30, hlo_op="convolution.3"),
+        _event(2, 8, "loop_fusion", 30, 20, hlo_op="fusion.12"),  # overlaps the conv by 10
+        _event(2, 7, "conv_kernel", 110, 30, hlo_op="convolution.4"),
+        _event(2, 9, "convolution.3", 10, 30),  # a summary line: must not be counted again
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_summary.summarize(trace_summary.load_events(str(tmp_path)))
+    assert s["steps"] == 2 and s["kernels"] == 3
+    assert s["busy_us_per_step"] == pytest.approx((40 + 30) / 2)  # [10, 50) and [110, 140)
+    assert s["span_us_per_step"] == pytest.approx(130 / 2)
+    assert s["idle_share"] == pytest.approx(1 - 70 / 130)
+    assert [(k["name"], k["total_us"], k["calls_per_step"]) for k in s["top_kernels"]] == [
+        ("conv_kernel", 60, 1.0), ("loop_fusion", 20, 0.5)]
+    assert [(k["name"], k["share"]) for k in s["top_op_kinds"]] == [("convolution", 0.75), ("fusion", 0.25)]
+    assert "2 steps: device busy 0.04 ms per step" in trace_summary.format_summary(s)
