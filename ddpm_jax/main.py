@@ -3,7 +3,9 @@
     python -m ddpm_jax.main --config=configs/digits.py --workdir=runs/digits
     python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR --config.training.batch_size=64
 
-SIGTERM or Ctrl-C saves a checkpoint and exits; the same command resumes.
+SIGTERM or Ctrl-C saves a checkpoint and exits; the same command resumes. Compiled programs are kept
+in JAX's persistent compilation cache (--compilation_cache), so a restart and each in-loop evaluation
+after the first load them instead of compiling again.
 """
 import logging as py_logging
 import os
@@ -17,6 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples and config.json go here "
                                                 "(a local folder or gs://...).")
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/ddpm_jax/xla",
+                             "JAX's persistent compilation cache folder ('': none). The environment "
+                             "variable JAX_COMPILATION_CACHE_DIR, when set, wins.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +34,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_drop_orbax_info)
+    import jax
+
+    if _CACHE.value and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
     from ddpm_jax import train
     from ddpm_jax.config_validation import ConfigError
 

@@ -3,6 +3,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,6 +20,9 @@ from tests.train_helpers import (assert_trees_equal, compilation_cache, prepare_
 def _compile_once(tmp_path_factory):
     with compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))):
         yield
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +188,21 @@ def test_a_few_hundred_digits_steps_lower_the_loss(data_dir, tmp_path):
     losses = [v for _, v in read_events(str(tmp_path))["loss"]]
     assert np.mean(losses[:2]) > 0.6  # eps prediction starts at E[eps^2] = 1
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:2])
+
+
+def test_main_command_trains_and_keeps_compiled_programs(tmp_path, data_dir):
+    cache, workdir = tmp_path / "xla", tmp_path / "run"
+    flags = ["--config=configs/digits.py", f"--workdir={workdir}", f"--compilation_cache={cache}",
+             f"--config.data.data_dir={data_dir}", "--config.model.ch=16", "--config.model.ch_mult=(1,)",
+             "--config.model.attn_resolutions=()", "--config.training.batch_size=16",
+             "--config.training.num_train_steps=2", "--config.training.log_every=2",
+             "--config.training.checkpoint_every=2", "--config.training.sample_every=0",
+             "--config.training.profile_steps=0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "ddpm_jax.main", *flags], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    assert any(name.startswith("jit_create_train_state") for name in os.listdir(cache))
