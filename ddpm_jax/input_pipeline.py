@@ -48,9 +48,11 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
 
 
 def check_dataset(config) -> None:
-    """Checks that `data.dataset` exists and has the image channels and labels the config expects."""
+    """Checks that `data.dataset` exists and has the image channels and labels the config expects,
+    then prepares it in `data.data_dir` (builds 'digits' locally; downloads others once)."""
     d, m = config.data, config.model
-    features = get_builder(d).info.features
+    builder = get_builder(d)
+    features = builder.info.features
     if "image" not in features:
         raise ConfigError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
     channels = features["image"].shape[-1]
@@ -64,9 +66,16 @@ def check_dataset(config) -> None:
         if label.num_classes != m.num_classes:
             raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # no network, no space, an unwritable folder: say which field to change
+        raise ConfigError(
+            f"data.dataset={d.dataset!r} is not prepared in data.data_dir={d.data_dir!r} and could not be "
+            f"prepared there ({type(e).__name__}: {str(e)[:300]}). On a machine with network run `tfds build "
+            f"{d.dataset} --data_dir=DIR`, copy DIR here and pass --config.data.data_dir=DIR.") from e
 
 
-def _to_square(image: tf.Tensor, size: int) -> tf.Tensor:
+def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
     """Centre crop to a square, then resize to `size` x `size` (for celeb_a / lsun style images)."""
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     s = tf.minimum(h, w)
@@ -84,7 +93,7 @@ def create_dataset(config, *, start_example: int = 0, num_local_devices: int | N
     process_count = process_count or jax.process_count()
 
     builder = get_builder(d)
-    builder.download_and_prepare()  # builds 'digits' locally; downloads others once
+    builder.download_and_prepare()  # a no-op once `check_dataset` has prepared it
     # Each process reads its own part of the split.
     split = d.split if process_count == 1 else tfds.even_splits(d.split, process_count)[process_index]
     records = builder.as_dataset(split=split, shuffle_files=False,
@@ -105,7 +114,7 @@ def create_dataset(config, *, start_example: int = 0, num_local_devices: int | N
 
     def preprocess(ex, flip_seed):
         image = image_feature.decode_example(ex["image"])
-        image = _to_square(image, d.image_size) if resize else tf.cast(image, tf.float32)
+        image = to_square(image, d.image_size) if resize else tf.cast(image, tf.float32)
         if d.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         out = {"image": image / 127.5 - 1.0}

@@ -135,3 +135,18 @@ def test_unknown_dataset_and_mismatched_channels_name_the_field(data_dir):
     config.model.num_classes = 100
     with pytest.raises(ValueError, match=r"model\.num_classes=100: the 'digits' dataset has 10 classes"):
         input_pipeline.check_dataset(config)
+
+
+def test_dataset_that_cannot_be_prepared_names_the_fields_before_anything_is_written(data_dir, tmp_path,
+                                                                                     monkeypatch):
+    from ddpm_jax import train
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    config = small_digits_config(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"data\.dataset='digits' is not prepared in data\.data_dir='.*empty' and "
+                                         r"could not be prepared there \(ConnectionError: Failed to resolve"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

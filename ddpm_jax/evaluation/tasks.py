@@ -48,7 +48,7 @@ def real_images(config, split: str, max_examples: int | None = None) -> tuple[np
     def prepare(ex):
         image = ex["image"]
         if resize:  # the training pipeline's crop and resize, back to uint8
-            image = tf.cast(tf.round(input_pipeline._to_square(image, d.image_size)), tf.uint8)
+            image = tf.cast(tf.round(input_pipeline.to_square(image, d.image_size)), tf.uint8)
         return (image, ex["label"]) if has_label else (image,)
 
     images, labels = [], []
