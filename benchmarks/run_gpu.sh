@@ -9,7 +9,7 @@
 #     -d .whl ml_collections==1.1.0 diffusers==0.42.1 importlib_metadata
 # Usage (OUT: where results go, default ./bench_out; at most 8 files land there):
 #   OUT=/tmp/out bash benchmarks/run_gpu.sh
-#   VARIANTS="cudnn:--config.model.attention=cudnn nodrop:--config.model.dropout=0" bash benchmarks/run_gpu.sh
+#   VARIANTS="cudnn:--config.model.attention=cudnn rbg:JAX_DEFAULT_PRNG_IMPL=rbg" bash benchmarks/run_gpu.sh
 #   SMOKE=1 bash benchmarks/run_gpu.sh   # the same steps at toy sizes: checks the script on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,19 +23,21 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 LOG="$OUT/ddpm_jax.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >"$LOG" 2>&1 || true
 
-# Variants: name:flags (each one more train-step compile and run; keep the list short).
-VARIANTS=${VARIANTS-"cudnn:--config.model.attention=cudnn"}
+# Variants, space-separated: name:--one.benchmark.flag or name:ONE_ENV_VAR=value (XLA_FLAGS, JAX_*).
+# Each costs a train-step and a sampler compile and run: keep the list short.
 if [ "${SMOKE:-0}" = 1 ]; then
   CONFIG=configs/tiny.py
   SIZES=(--train_calls=2 --sample_batch=8 --sample_steps=4 --large_batch=16 --large_steps=2)
   PEER=(--batch 4 --steps 2 --warmup 1 --sample_n 2 --sample_steps 3 --no_compile --no_bf16)
-  VARIANTS=${VARIANTS/cudnn:--config.model.attention=cudnn/nodrop:--config.model.dropout=0.0}
+  VARIANTS=${VARIANTS-"rbg:JAX_DEFAULT_PRNG_IMPL=rbg"}  # cuDNN attention needs a GPU
 else
   CONFIG=configs/cifar10.py
   SIZES=()
   PEER=(--compile_mode reduce-overhead)  # the peer's fastest: bf16 autocast, torch.compile, CUDA graphs
+  VARIANTS=${VARIANTS-"cudnn:--config.model.attention=cudnn"}
 fi
-bench() { python3 -m ddpm_jax.benchmark --config=$CONFIG "${SIZES[@]}" "$@" 2>>"$LOG"; }
+setting=()  # a variant's environment setting
+bench() { env "${setting[@]}" python3 -m ddpm_jax.benchmark --config=$CONFIG "${SIZES[@]}" "$@" 2>>"$LOG"; }
 
 # The peer, then ddpm_jax (first launch fills the persistent compilation cache, the second reuses it).
 python3 benchmarks/peer_torch.py "${PEER[@]}" --out "$OUT/peer.jsonl" >>"$LOG" 2>&1 || echo "peer failed" >>"$LOG"
@@ -45,7 +47,9 @@ bench --skip=parts,sample,large --train_calls=5 --out="$OUT/ddpm_jax_cached.json
   || echo "cached launch failed" >>"$LOG"
 python3 benchmarks/trace_summary.py /tmp/ddpm_jax_profile >"$OUT/trace.md" 2>>"$LOG"
 for variant in $VARIANTS; do
-  bench --skip=parts,large ${variant#*:} --out="$OUT/ddpm_jax_variant_${variant%%:*}.json" >/dev/null \
-    || echo "variant ${variant%%:*} failed" >>"$LOG"
+  name=${variant%%:*} body=${variant#*:}
+  case $body in --*) setting=(); flag=("$body") ;; *) setting=("$body"); flag=() ;; esac
+  bench --skip=parts,large "${flag[@]}" --out="$OUT/ddpm_jax_variant_$name.json" >/dev/null \
+    || echo "variant $name failed" >>"$LOG"
 done
 python3 benchmarks/compare.py "$OUT" | tee "$OUT/table.md"
