@@ -57,7 +57,8 @@ def table(ours, cached, variants, peer) -> str:
         if rec.get("error"):
             lines.append(f"peer {what} failed: {rec['error']}")
     if tr:
-        lines.append(f"train step {tr['step_s'] * 1e3:.2f} ms, compile {tr['compile_s']:.1f} s"
+        lines.append(f"train step {tr['step_s'] * 1e3:.2f} ms (host dispatch {tr['dispatch_s'] * 1e3:.2f} ms per call), "
+                     f"compile {tr['compile_s']:.1f} s"
                      + (f" (second launch with the cache: {cached['train']['compile_s']:.1f} s)" if cached else "")
                      + (f", MFU {tr['mfu']:.1%} of {ours['peak_tflops_per_device']} TFLOP/s" if tr.get("mfu") else ""))
     if "roofline" in tr:

@@ -124,9 +124,12 @@ def bench_train(config, num_calls: int, profile_dir: str = "", profile_calls: in
     for _ in range(2):  # warm-up: first-run allocations, autotuning
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
+    dispatch = []  # host time to enqueue each call; near step_s means the host is the bottleneck
     start = time.perf_counter()
     for _ in range(num_calls):
+        t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
+        dispatch.append(time.perf_counter() - t0)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
     if profile_dir:
@@ -139,7 +142,8 @@ def bench_train(config, num_calls: int, profile_dir: str = "", profile_calls: in
     flops, bytes_accessed = _cost(compiled), _cost(compiled, "bytes accessed")
     n_dev = jax.local_device_count()
     return dict(batch=batch_size, steps_per_call=k, timed_steps=steps, step_s=elapsed / steps,
-                images_per_s=steps * batch_size / elapsed, lower_s=lower_s, compile_s=compile_s,
+                images_per_s=steps * batch_size / elapsed, dispatch_s=float(np.median(dispatch)),
+                lower_s=lower_s, compile_s=compile_s,
                 flops_per_step=None if flops is None else flops * n_dev / k,
                 bytes_per_step=None if bytes_accessed is None else bytes_accessed * n_dev / k,
                 final_loss=float(parallel.to_host(metrics)["loss"]))

@@ -44,6 +44,7 @@ def test_benchmark_reports_consistent_figures(result):
     tr = res["train"]
     assert tr["batch"] == 16 and tr["timed_steps"] == 2
     assert tr["images_per_s"] == pytest.approx(16 / tr["step_s"])
+    assert 0 < tr["dispatch_s"] < tr["step_s"]  # calls return before the step finishes
     # A train step (forward, backward, Adam) costs about 3 forward passes, summed over both devices.
     assert 2.5 < tr["flops_per_step"] / (16 * res["model"]["forward_flops_per_image"]) < 4.0
     assert tr["mfu"] == pytest.approx(tr["flops_per_step"] / tr["step_s"] / (2 * 2e12))
