@@ -57,8 +57,9 @@ def table(ours, cached, variants, peer) -> str:
         if rec.get("error"):
             lines.append(f"peer {what} failed: {rec['error']}")
     if tr:
-        lines.append(f"train step {tr['step_s'] * 1e3:.2f} ms (host dispatch {tr['dispatch_s'] * 1e3:.2f} ms per call), "
-                     f"compile {tr['compile_s']:.1f} s"
+        lines.append(f"train step {tr['step_s'] * 1e3:.2f} ms"
+                     + (f" (host dispatch {tr['dispatch_s'] * 1e3:.2f} ms per call)" if "dispatch_s" in tr else "")
+                     + f", compile {tr['compile_s']:.1f} s"
                      + (f" (second launch with the cache: {cached['train']['compile_s']:.1f} s)" if cached else "")
                      + (f", MFU {tr['mfu']:.1%} of {ours['peak_tflops_per_device']} TFLOP/s" if tr.get("mfu") else ""))
     if "roofline" in tr:
@@ -70,12 +71,14 @@ def table(ours, cached, variants, peer) -> str:
         p = ours["parts"]
         lines.append(f"at {p['batch_per_device']} images per device: forward {p['forward_s'] * 1e3:.2f} ms, "
                      f"forward+backward {p['forward_backward_s'] * 1e3:.2f} ms"
-                     + (f", the rest of the step (Adam, EMA, noise, mean) {(tr['step_s'] - p['forward_backward_s']) * 1e3:.2f} ms"
+                     + (f"; step - forward+backward = {(tr['step_s'] - p['forward_backward_s']) * 1e3:.2f} ms (Adam, EMA, "
+                        "noise, cross-device mean; timing noise when near 0)"
                         if tr else ""))
     if "sample_large_batch" in ours:
         lg = ours["sample_large_batch"]
         lines.append(f"sampling at batch {lg['images']}: {lg['image_steps_per_s']:,.0f} image-steps/s = "
-                     f"{lg['images_per_s_at_sample_steps']:.1f} images/s at {sa.get('steps')} steps")
+                     f"{lg['images_per_s_at_sample_steps']:.1f} images/s at {sa.get('steps')} steps"
+                     + (f"; MFU {lg['mfu']:.1%} (batch {sa['images']}: {sa['mfu']:.1%})" if "mfu" in lg and "mfu" in sa else ""))
     if ours.get("peak_memory_bytes"):
         lines.append(f"peak device memory {ours['peak_memory_bytes'] / 2**30:.1f} GiB")
     if variants:

@@ -200,6 +200,13 @@ def bench_sample(config, num_images: int, num_steps: int) -> dict:
                 images_per_s=images / total_s, image_steps_per_s=images * len(s.betas) / total_s)
 
 
+def _sampling_mfu(r: dict, forward_flops: float | None, peak: float | None) -> dict:
+    """Adds the MFU of a sampling measurement: one U-Net forward pass per image and step."""
+    if forward_flops and peak:
+        r["mfu"] = r["image_steps_per_s"] * forward_flops / (peak * 1e12 * jax.local_device_count())
+    return r
+
+
 def run_benchmark(config, *, train_calls=20, sample_batch=256, sample_steps=0, large_batch=2048,
                   large_steps=100, peak=0.0, bandwidth=0.0, skip=(), profile_dir="", profile_calls=3) -> dict:
     """All measurements as one dict (see the module docstring)."""
@@ -233,11 +240,13 @@ def run_benchmark(config, *, train_calls=20, sample_batch=256, sample_steps=0, l
     if "parts" not in skip:
         result["parts"] = bench_parts(config, train_calls)
         logging.info("parts: %s", result["parts"])
+    sampling_mfu = functools.partial(_sampling_mfu, forward_flops=result["model"]["forward_flops_per_image"],
+                                     peak=peak)
     if "sample" not in skip:
-        result["sample"] = bench_sample(config, sample_batch, sample_steps)
+        result["sample"] = sampling_mfu(bench_sample(config, sample_batch, sample_steps))
         logging.info("sample: %s", result["sample"])
     if large_batch and "large" not in skip:
-        r = bench_sample(config, large_batch, large_steps)
+        r = sampling_mfu(bench_sample(config, large_batch, large_steps))
         r["images_per_s_at_sample_steps"] = r["image_steps_per_s"] / sample_steps
         result["sample_large_batch"] = r
         logging.info("large batch: %s", r)

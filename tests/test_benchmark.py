@@ -56,6 +56,7 @@ def test_benchmark_reports_consistent_figures(result):
     sa, lg = res["sample"], res["sample_large_batch"]
     assert (sa["images"], sa["steps"], lg["images"], lg["steps"]) == (6, 3, 8, 2)
     assert lg["images_per_s_at_sample_steps"] == pytest.approx(lg["image_steps_per_s"] / 3)
+    assert sa["mfu"] == pytest.approx(6 * 3 / sa["total_s"] * res["model"]["forward_flops_per_image"] / (2 * 2e12))
     text = compare.table(res, None, {"nodrop": res}, {})  # no peer: its columns are blank
     assert f"| train images/s (batch 16) | {tr['images_per_s']:,.0f} | - | - |" in text
     assert "floors per step: compute" in text and "| nodrop |" in text
