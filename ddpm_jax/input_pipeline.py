@@ -47,12 +47,25 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
             f"'lsun/church_outdoor' are downloaded once into data.data_dir.") from None
 
 
+def prepared_builder(d) -> tfds.core.DatasetBuilder:
+    """`get_builder`, with the dataset prepared in `data.data_dir` ('digits' is built locally, others
+    downloaded once), or a ConfigError naming the fields when it cannot be. `d`: `config.data`."""
+    builder = get_builder(d)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # no network, no space, an unwritable folder: say which field to change
+        raise ConfigError(
+            f"data.dataset={d.dataset!r} is not prepared in data.data_dir={d.data_dir!r} and could not be "
+            f"prepared there ({type(e).__name__}: {str(e)[:300]}). On a machine with network run `tfds build "
+            f"{d.dataset} --data_dir=DIR`, copy DIR here and pass --config.data.data_dir=DIR.") from e
+    return builder
+
+
 def check_dataset(config) -> None:
     """Checks that `data.dataset` exists and has the image channels and labels the config expects,
-    then prepares it in `data.data_dir` (builds 'digits' locally; downloads others once)."""
+    then prepares it (`prepared_builder`)."""
     d, m = config.data, config.model
-    builder = get_builder(d)
-    features = builder.info.features
+    features = get_builder(d).info.features
     if "image" not in features:
         raise ConfigError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
     channels = features["image"].shape[-1]
@@ -66,13 +79,7 @@ def check_dataset(config) -> None:
         if label.num_classes != m.num_classes:
             raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
-    try:
-        builder.download_and_prepare()
-    except Exception as e:  # no network, no space, an unwritable folder: say which field to change
-        raise ConfigError(
-            f"data.dataset={d.dataset!r} is not prepared in data.data_dir={d.data_dir!r} and could not be "
-            f"prepared there ({type(e).__name__}: {str(e)[:300]}). On a machine with network run `tfds build "
-            f"{d.dataset} --data_dir=DIR`, copy DIR here and pass --config.data.data_dir=DIR.") from e
+    prepared_builder(d)
 
 
 def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -92,8 +99,7 @@ def create_dataset(config, *, start_example: int = 0, num_local_devices: int | N
     process_index = jax.process_index() if process_index is None else process_index
     process_count = process_count or jax.process_count()
 
-    builder = get_builder(d)
-    builder.download_and_prepare()  # a no-op once `check_dataset` has prepared it
+    builder = prepared_builder(d)  # a quick check once `check_dataset` has prepared it
     # Each process reads its own part of the split.
     split = d.split if process_count == 1 else tfds.even_splits(d.split, process_count)[process_index]
     records = builder.as_dataset(split=split, shuffle_files=False,

@@ -34,8 +34,7 @@ def real_images(config, split: str, max_examples: int | None = None) -> tuple[np
     import tensorflow_datasets as tfds
 
     d = config.data
-    builder = input_pipeline.get_builder(d)
-    builder.download_and_prepare()
+    builder = input_pipeline.prepared_builder(d)
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
                          "(set eval.split or --split).")
