@@ -7,11 +7,11 @@ XLA on CPU runs a `lax.scan` of steps much slower than single steps. 3,000 steps
 15 minutes on a 2-core CPU (13 minutes measured while other jobs shared the machine):
     python -m ddpm_jax.main --config=configs/digits.py --workdir=runs/digits
 """
-from configs import default
+from ddpm_jax import defaults
 
 
 def get_config():
-    c = default.get_config()
+    c = defaults.get_config()
     c.data.dataset = "digits"
     c.data.image_size = 8
     c.data.channels = 1

@@ -9,11 +9,11 @@ respaced samplers can be compared on it; no in-loop sample grids (`python -m ddp
     python -m ddpm_jax.sample --workdir=runs/digits_cond --num_samples=100 --label=all
     python -m ddpm_jax.conditional_accuracy --workdir=runs/digits_cond
 """
-from configs import digits
+from ddpm_jax.defaults import load_config_file
 
 
 def get_config():
-    c = digits.get_config()
+    c = load_config_file("digits.py", relative_to=__file__)
     c.model.num_classes = 10
     c.training.label_dropout = 0.1
     c.training.sample_every = 0

@@ -1,11 +1,11 @@
 """A tiny U-Net and schedule on CIFAR-10 shapes, for CPU tests and smoke runs.
     python -m ddpm_jax.main --config=configs/tiny.py --workdir=runs/tiny
 """
-from configs import default
+from ddpm_jax import defaults
 
 
 def get_config():
-    c = default.get_config()
+    c = defaults.get_config()
     c.model.ch = 32
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks = 1

@@ -30,8 +30,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import diffusion, parallel, sampling, train, train_state
-from ddpm_jax.config_validation import validate_config
+from ddpm_jax import diffusion, parallel, sampling, train_state, training
+from ddpm_jax.validation import validate_config
 from ddpm_jax.models import unet_from_config
 
 # Per chip, from the vendors' data sheets: dense bf16 matrix peak (TFLOP/s) and memory bandwidth
@@ -116,9 +116,9 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
 def bench_train(config, num_calls: int, profile_dir: str = "", profile_calls: int = 3) -> dict:
     """Times `num_calls` calls of the pmapped, donating train step on a fixed synthetic batch."""
     k, batch_size = config.training.steps_per_call, config.training.batch_size
-    state = parallel.replicate(jax.jit(functools.partial(train.create_train_state, config))(jax.random.key(0)))
+    state = parallel.replicate(jax.jit(functools.partial(training.create_train_state, config))(jax.random.key(0)))
     batch = synthetic_batch(config, np.random.default_rng(0))
-    p_train = train.pmap_train_step(config)
+    p_train = training.pmap_train_step(config)
     lowered, lower_s = _seconds(lambda: p_train.lower(state, batch))
     compiled, compile_s = _seconds(lowered.compile)
     for _ in range(2):  # warm-up: first-run allocations, autotuning

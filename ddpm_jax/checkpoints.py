@@ -16,7 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from configs import default
+from ddpm_jax import defaults
 from ddpm_jax.train_state import create_train_state, init_params
 
 CHECKPOINT_DIR = "checkpoints"
@@ -116,7 +116,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE} there; is it the --workdir of a training run?")
-    config = default.get_config()
+    config = defaults.get_config()
     config.update(_tuples(json.loads(path.read_text())))
     return config
 

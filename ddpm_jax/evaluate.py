@@ -54,8 +54,8 @@ _WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
 
 def _with_eval_defaults(config):
     """A run's config.json with the current `eval` defaults under its values (older runs lack fields)."""
-    from configs import default
-    e = default.get_config().eval
+    from ddpm_jax import defaults
+    e = defaults.get_config().eval
     e.update(config.get("eval", {}))
     config.eval = e
     return config

@@ -22,7 +22,7 @@ from absl import logging
 
 from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
 from ddpm_jax import parallel
-from ddpm_jax.config_validation import ConfigError
+from ddpm_jax.validation import UserError
 
 # TensorFlow only feeds data here; it must not take GPU memory from JAX.
 try:
@@ -34,14 +34,14 @@ _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride 
 
 
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The tfds builder of `data.dataset`, or a ConfigError naming the field and similar names."""
+    """The tfds builder of `data.dataset`, or a UserError naming the field and similar names."""
     name = data_config.dataset
     try:
         return tfds.builder(name, data_dir=data_config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(
+        raise UserError(
             f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' "
             f"ships with this package (offline); others such as 'cifar10', 'celeb_a' or "
             f"'lsun/church_outdoor' are downloaded once into data.data_dir.") from None
@@ -49,12 +49,12 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
 
 def prepared_builder(d) -> tfds.core.DatasetBuilder:
     """`get_builder`, with the dataset prepared in `data.data_dir` ('digits' is built locally, others
-    downloaded once), or a ConfigError naming the fields when it cannot be. `d`: `config.data`."""
+    downloaded once), or a UserError naming the fields when it cannot be. `d`: `config.data`."""
     builder = get_builder(d)
     try:
         builder.download_and_prepare()
     except Exception as e:  # no network, no space, an unwritable folder: say which field to change
-        raise ConfigError(
+        raise UserError(
             f"data.dataset={d.dataset!r} is not prepared in data.data_dir={d.data_dir!r} and could not be "
             f"prepared there ({type(e).__name__}: {str(e)[:300]}). On a machine with network run `tfds build "
             f"{d.dataset} --data_dir=DIR`, copy DIR here and pass --config.data.data_dir=DIR.") from e
@@ -67,17 +67,17 @@ def check_dataset(config) -> None:
     d, m = config.data, config.model
     features = get_builder(d).info.features
     if "image" not in features:
-        raise ConfigError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
+        raise UserError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
     channels = features["image"].shape[-1]
     if channels is not None and channels != d.channels:
-        raise ConfigError(f"data.channels={d.channels}: the {d.dataset!r} images have {channels} channels.")
+        raise UserError(f"data.channels={d.channels}: the {d.dataset!r} images have {channels} channels.")
     if m.num_classes:
         label = features["label"] if "label" in features else None
         if not isinstance(label, tfds.features.ClassLabel):
-            raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has no class "
+            raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has no class "
                              f"labels; use model.num_classes=0.")
         if label.num_classes != m.num_classes:
-            raise ConfigError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
+            raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
     prepared_builder(d)
 

@@ -38,12 +38,12 @@ def main(argv):
 
     if _CACHE.value and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-    from ddpm_jax import train
-    from ddpm_jax.config_validation import ConfigError
+    from ddpm_jax import training
+    from ddpm_jax.validation import UserError
 
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:  # raised before anything is compiled or written
+        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:  # raised before anything is compiled or written
         raise app.UsageError(str(e)) from None
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import default as default_config
+from ddpm_jax import defaults
 from ddpm_jax import diffusion as D
 from ddpm_jax import image_utils
 from ddpm_jax import sampling as S
@@ -73,7 +73,7 @@ class Request:
 
 def sampling_defaults(config):
     """The run's `sampling` section on top of the current defaults (older runs lack newer fields)."""
-    sampling = default_config.get_config().sampling
+    sampling = defaults.get_config().sampling
     sampling.update(config.get("sampling", {}))
     return sampling
 

@@ -112,7 +112,7 @@ def test_cli_errors_before_work(tmp_path):
 @pytest.mark.slow
 def test_training_loop_writes_eval_scalars(tmp_path):
     """The hook in `train_and_evaluate`: eval/ scalars at every eval.eval_every steps and at the end."""
-    from ddpm_jax.train import train_and_evaluate
+    from ddpm_jax.training import train_and_evaluate
     from train_helpers import read_events, small_digits_config
     config = small_digits_config(str(tmp_path / "tfds"))
     config.training.num_train_steps = 4

@@ -138,7 +138,7 @@ def test_unknown_dataset_and_mismatched_channels_name_the_field(data_dir):
 
 
 def test_dataset_that_cannot_be_prepared_names_the_fields_before_anything_is_written(tmp_path, monkeypatch):
-    from ddpm_jax import train
+    from ddpm_jax import training
     from ddpm_jax.evaluation import tasks
 
     def offline(self, *args, **kwargs):
@@ -148,7 +148,7 @@ def test_dataset_that_cannot_be_prepared_names_the_fields_before_anything_is_wri
     config = small_digits_config(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"data\.dataset='digits' is not prepared in data\.data_dir='.*empty' and "
                                          r"could not be prepared there \(ConnectionError: Failed to resolve"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        training.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"data\.dataset='digits' is not prepared"):  # evaluation reads it too
         tasks.real_images(config, "train")

@@ -21,8 +21,8 @@ def _loss_curve(dtype: str, num_steps: int = 150):
     images = (load_digits().images / 16.0 * 2.0 - 1.0).astype(np.float32)[..., None]
     rng = np.random.default_rng(0)  # the same batches for both dtypes
     n_dev = jax.local_device_count()
-    p_step = jax.pmap(functools.partial(train.train_step, config=c), axis_name=parallel.AXIS_NAME)
-    state = parallel.replicate(train.create_train_state(c, 0))
+    p_step = jax.pmap(functools.partial(training.train_step, config=c), axis_name=parallel.AXIS_NAME)
+    state = parallel.replicate(training.create_train_state(c, 0))
     losses = []
     for _ in range(num_steps):
         batch = images[rng.choice(len(images), c.training.batch_size)]

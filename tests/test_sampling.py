@@ -274,8 +274,8 @@ def _train_three_steps(label_dropout: float):
     c.model.ch, c.model.ch_mult, c.model.attn_resolutions, c.model.num_classes = 64, (1,), (), 3
     c.optim.warmup_steps = 0  # (with warmup the first step is lr = 0 and the zero-init output hides all)
     c.training.label_dropout = label_dropout
-    state = train.create_train_state(c, 0)
-    step = jax.pmap(functools.partial(train.train_step, config=c), axis_name=parallel.AXIS_NAME)
+    state = training.create_train_state(c, 0)
+    step = jax.pmap(functools.partial(training.train_step, config=c), axis_name=parallel.AXIS_NAME)
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 2, 8, 8, 1)), jnp.float32)
     out = []
     for labels in (LABELS_A, LABELS_B):

@@ -14,13 +14,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("xla", "cudnn")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
     """A config value (or flag) that cannot work; the message names the field and what is valid."""
 
 
 def _require(ok: bool, message: str):
     if not ok:
-        raise ConfigError(message)
+        raise UserError(message)
 
 
 def _positive_int(config, path: str):
@@ -74,7 +74,7 @@ def validate_data_and_model(config):
     try:  # trace the U-Net abstractly (nothing is compiled) to catch channel counts it cannot use
         jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     except ValueError as e:
-        raise ConfigError(
+        raise UserError(
             f"model.ch={m.ch}, model.ch_mult={tuple(m.ch_mult)}: the U-Net cannot be built ({e}). Its "
             f"GroupNorm takes 32 groups, so every channel count, skip concatenations included, must be "
             f"below 32 or a multiple of 32: a model.ch that is a multiple of 32 always works.") from None
@@ -120,7 +120,7 @@ def validate_training(config, num_devices: int):
 
 
 def validate_config(config, num_devices: int | None = None):
-    """Raises ConfigError (a ValueError) naming the first bad field. `num_devices`: all JAX devices."""
+    """Raises UserError (a ValueError) naming the first bad field. `num_devices`: all JAX devices."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     validate_data_and_model(config)
     validate_diffusion(config)

@@ -46,7 +46,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     config = small_cifar10_config()
     workdir = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=64):  # CIFAR-10's features, random pixels, no download
-        state = train.train_and_evaluate(config, workdir)
+        state = training.train_and_evaluate(config, workdir)
 
     assert int(state.step) == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
@@ -74,7 +74,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
 def _run(config, workdir, num_steps):
     config = config.copy_and_resolve_references()
     config.training.num_train_steps = num_steps
-    return train.train_and_evaluate(config, workdir)
+    return training.train_and_evaluate(config, workdir)
 
 
 def test_stopping_and_restarting_gives_bitwise_identical_params(data_dir, tmp_path):
@@ -137,10 +137,10 @@ def steps_on_8_and_1_devices(data_dir):
     rng = np.random.default_rng(0)
     batches = [{"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
                 "label": np.full((16,), 3, np.int32)} for _ in range(3)]
-    state = train.create_train_state(config, 0)
+    state = training.create_train_state(config, 0)
     results = []
     for devices in (jax.devices()[:8], jax.devices()[:1]):
-        p_step = jax.pmap(functools.partial(train.train_step, config=config), axis_name=parallel.AXIS_NAME,
+        p_step = jax.pmap(functools.partial(training.train_step, config=config), axis_name=parallel.AXIS_NAME,
                           devices=devices, donate_argnums=0)
         s = parallel.replicate(state, devices)
         for b in batches:
@@ -184,7 +184,7 @@ def test_a_few_hundred_digits_steps_lower_the_loss(data_dir, tmp_path):
     config.training.num_train_steps = 300
     config.training.log_every = 10
     config.training.checkpoint_every = 300
-    train.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path))
     losses = [v for _, v in read_events(str(tmp_path))["loss"]]
     assert np.mean(losses[:2]) > 0.6  # eps prediction starts at E[eps^2] = 1
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:2])

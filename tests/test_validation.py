@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from configs import cifar10, digits, tiny
-from ddpm_jax import train
-from ddpm_jax.config_validation import ConfigError, validate_config
+from ddpm_jax import training
+from ddpm_jax.validation import UserError, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,14 +40,14 @@ def test_bad_values_name_the_field(field, value, message):
     config = tiny.get_config()
     section, name = field.split(".")
     config[section][name] = value
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         validate_config(config, num_devices=8)
 
 
 def test_cudnn_attention_needs_a_gpu():
     config = tiny.get_config()
     config.model.dtype, config.model.attention = "bfloat16", "cudnn"
-    with pytest.raises(ConfigError, match=r"model\.attention='cudnn' needs an NVIDIA GPU; this process runs on 'cpu'"):
+    with pytest.raises(UserError, match=r"model\.attention='cudnn' needs an NVIDIA GPU; this process runs on 'cpu'"):
         validate_config(config, num_devices=8)
 
 
@@ -55,11 +55,11 @@ def test_train_and_evaluate_rejects_bad_config_before_writing(tmp_path):
     config = tiny.get_config()
     config.training.batch_size = 12
     with pytest.raises(ValueError, match="training.batch_size=12"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        training.train_and_evaluate(config, str(tmp_path / "run"))
     config = tiny.get_config()
     config.data.dataset = "cifar100x"
     with pytest.raises(ValueError, match="data.dataset='cifar100x'"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        training.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 

@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 
 from ddpm_jax import checkpoints, diffusion, image_utils, parallel, sampling
-from ddpm_jax.config_validation import validate_config
+from ddpm_jax.validation import validate_config
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.parallel import AXIS_NAME
 from ddpm_jax.train_state import (TrainState, create_train_state, learning_rate_schedule,

@@ -1,0 +1,99 @@
+"""Every config field ddpm_jax reads, with the DDPM CIFAR-10 values (Ho et al. 2020) as defaults.
+
+The runnable configs in the repository's `configs/` start from `get_config()` and change what
+differs; `load_config_file` reads one of them by path (a config built on another loads it so).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline
+    c.data.split = "train"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_size = 32
+    c.data.channels = 3
+    c.data.random_flip = True
+    c.data.shuffle_buffer = 50_000
+
+    c.model = ml_collections.ConfigDict()
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_schedule = "linear"
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.model_output = "eps"  # eps | x0 | v
+    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall
+    c.diffusion.clip_x0 = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 5000
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.ema_decay = 0.9999
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global, over all devices and hosts
+    c.training.num_train_steps = 800_000
+    c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
+    c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
+    c.training.log_every = 100
+    c.training.checkpoint_every = 5000
+    c.training.keep_checkpoints = 3
+    c.training.sample_every = 20_000  # EMA sample grid to DIR/samples and TensorBoard; 0: none
+    c.training.num_sample_images = 64
+    c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
+
+    c.sampling = ml_collections.ConfigDict()  # defaults of `python -m ddpm_jax.sample`
+    c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim
+    c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021)
+    c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
+    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
+    c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
+    c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
+    c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
+    c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures
+
+    c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate`
+    c.eval.eval_every = 0  # 0: no in-loop evaluation
+    c.eval.num_samples = 1000  # samples for FID/IS/KID and the digits metrics; 0: none
+    c.eval.steps = 0  # sampler steps for those samples; 0: sampling.steps
+    c.eval.batch_size = 256  # images per device call, over all local devices (sampling and bpd)
+    c.eval.bpd_examples = 0  # bits/dim on this many examples of eval.split; 0: none (in-loop)
+    c.eval.split = ml_collections.FieldReference(None, field_type=str)  # None: 'test' if any, else data.split
+    # FID/IS: the .npz from `evaluate convert_inception` and one from `evaluate reference_stats` (or
+    # pytorch-fid's statistics file); both or neither.
+    c.eval.inception_weights = ml_collections.FieldReference(None, field_type=str)
+    c.eval.reference_stats = ml_collections.FieldReference(None, field_type=str)
+    c.eval.digits_classifier = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache/ddpm_jax/
+    return c
+
+
+def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path` (relative to the folder of the file `relative_to`)."""
+    if relative_to:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
