@@ -13,4 +13,4 @@ for arg in "${ARGS[@]+"${ARGS[@]}"}"; do
     *) usage_error "unknown flag $arg" ;;
   esac
 done
-vm_ssh "tail -n $LINES -F $REMOTE_DIR/train.log"
+vm_ssh "$(quote_words tail -n "$LINES" -F "$REMOTE_DIR/train.log")"
