@@ -12,8 +12,13 @@
 # The project's folder on the VM is [REMOTE_DIR, default ddpm_jax], relative to the ssh user's home.
 # Every value (flags, config overrides, REMOTE_DIR) reaches the VM's shell quoted, as one literal
 # word: no ~, $VAR or glob expansion there.
-# Script-specific flags are left in the array ARGS.
+# Script-specific flags are left in the array ARGS. A bad flag or value exits with status 2.
 set -euo pipefail
+
+usage_error() {
+  echo "$0: $1" >&2
+  exit 2
+}
 
 TPU_NAME="${TPU_NAME:-ddpm}"
 ZONE="${ZONE:-us-central2-b}"
@@ -31,12 +36,16 @@ for arg in "$@"; do
     *) ARGS+=("$arg") ;;
   esac
 done
+[[ -n "$TPU_NAME" ]] || usage_error "--name must not be empty"
+[[ "$WORKER" == all || "$WORKER" =~ ^[0-9]+$ ]] || usage_error "--worker must be all or a non-negative integer"
 
 # The flags every `gcloud compute tpus tpu-vm` command takes.
 GCLOUD_TPU=(gcloud compute tpus tpu-vm)
 LOCATION=(--zone="$ZONE")
 if [[ -n "$PROJECT" ]]; then LOCATION+=(--project="$PROJECT"); fi
 REMOTE_DIR="${REMOTE_DIR:-ddpm_jax}"
+# A leading - would make cd/tar/tail read it as an option (cd - even changes to another folder).
+[[ "$REMOTE_DIR" != -* ]] || usage_error "REMOTE_DIR must not start with -"
 
 # Prints its arguments as one command line for a POSIX shell, each argument one literal word: bare
 # if it has only safe characters, else in single quotes (a ' inside becomes '\''); a --flag= prefix
@@ -76,9 +85,4 @@ run() {
 # every value that comes from the user, so that the VM's shell reads each as one literal word.
 vm_ssh() {
   run "${GCLOUD_TPU[@]}" ssh "$TPU_NAME" "${LOCATION[@]}" --worker="$WORKER" --command="$1"
-}
-
-usage_error() {
-  echo "$0: $1" >&2
-  exit 2
 }

@@ -7,7 +7,7 @@
 #
 #   launch/setup_vm.sh [common flags]
 source "$(dirname "$0")/common.sh"
-[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag ${ARGS[0]}"
+[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag $(printf '%q' "${ARGS[0]}")"
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TARBALL="${TMPDIR:-/tmp}/ddpm_jax.tar.gz"

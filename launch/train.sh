@@ -22,10 +22,11 @@ for arg in "${ARGS[@]+"${ARGS[@]}"}"; do
     --workdir=*) WORKDIR="${arg#*=}" ;;
     --nohup) MODE=nohup ;;
     --) seen_dashes=1 ;;
-    *) usage_error "unknown flag $arg (pass config overrides after --)" ;;
+    *) usage_error "unknown flag $(printf '%q' "$arg") (pass config overrides after --)" ;;
   esac
 done
-[[ -n "$WORKDIR" ]] || usage_error "--workdir=DIR is required (a gs:// bucket path survives the VM)"
+[[ -n "$WORKDIR" ]] || usage_error "--workdir=DIR is required and must not be empty (a gs:// bucket path survives the VM)"
+[[ -n "$CONFIG" ]] || usage_error "--config must not be empty (a config file such as configs/cifar10.py)"
 
 TRAIN="$(quote_words python3 -m ddpm_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
   "${OVERRIDES[@]+"${OVERRIDES[@]}"}") >> train.log 2>&1"

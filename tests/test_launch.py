@@ -178,6 +178,23 @@ def test_create_and_delete_pass_the_name_as_one_word(vm, value, script):
     assert not (vm / "pwned").exists()
 
 
+@pytest.mark.parametrize("script, flags, env, named", [
+    ("tail_log.sh", ["--lines=abc"], {}, "--lines"),
+    ("tail_log.sh", ["--lines=0"], {}, "--lines"),
+    ("tail_log.sh", ["--lines=5; touch x"], {}, "--lines"),
+    ("train.sh", ["--worker=-1", "--workdir=w"], {}, "--worker"),
+    ("delete_vm.sh", ["--worker=one"], {}, "--worker"),
+    ("train.sh", ["--workdir="], {}, "--workdir"),
+    ("train.sh", ["--workdir=w", "--config="], {}, "--config"),
+    ("create_vm.sh", ["--name="], {}, "--name"),
+    ("tail_log.sh", [], {"REMOTE_DIR": "-x"}, "REMOTE_DIR"),
+    ("train.sh", ["--workdir=w", "--bad\nflag"], {}, "--bad"),
+])
+def test_bad_values_exit_2_with_one_line_naming_the_flag(script, flags, env, named):
+    rc, out, err = _dry_run(script, *flags, env={**os.environ, **env})
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and named in err, err
+
+
 def test_every_script_says_what_it_needs_and_rejects_unknown_flags():
     for script in ("create_vm.sh", "setup_vm.sh", "train.sh", "tail_log.sh", "delete_vm.sh"):
         with open(os.path.join(LAUNCH, script)) as f:
