@@ -18,7 +18,7 @@ for arg in "${ARGS[@]+"${ARGS[@]}"}"; do
     --accelerator=*) ACCELERATOR="${arg#*=}" ;;
     --version=*) VERSION="${arg#*=}" ;;
     --spot) EXTRA+=(--spot) ;;
-    *) usage_error "unknown flag $arg" ;;
+    *) usage_error "unknown flag $(printf '%q' "$arg")" ;;
   esac
 done
 

@@ -5,6 +5,6 @@
 #
 #   launch/delete_vm.sh [common flags]
 source "$(dirname "$0")/common.sh"
-[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag ${ARGS[0]}"
+[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag $(printf '%q' "${ARGS[0]}")"
 
 run "${GCLOUD_TPU[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet

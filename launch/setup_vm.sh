@@ -7,13 +7,14 @@
 #
 #   launch/setup_vm.sh [common flags]
 source "$(dirname "$0")/common.sh"
-[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag ${ARGS[0]}"
+[[ ${#ARGS[@]} -eq 0 ]] || usage_error "unknown flag $(printf '%q' "${ARGS[0]}")"
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TARBALL="${TMPDIR:-/tmp}/ddpm_jax.tar.gz"
 run git -C "$REPO" archive --format=tar.gz -o "$TARBALL" HEAD
 run "${GCLOUD_TPU[@]}" scp "$TARBALL" "$TPU_NAME:ddpm_jax.tar.gz" "${LOCATION[@]}" --worker="$WORKER"
-vm_ssh "set -e; mkdir -p $REMOTE_DIR && tar -xzf ddpm_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR \
+DIR="$(quote_words "$REMOTE_DIR")"
+vm_ssh "set -e; mkdir -p $DIR && tar -xzf ddpm_jax.tar.gz -C $DIR && cd $DIR \
 && (command -v tmux >/dev/null || sudo apt-get install -y tmux) \
 && python3 -m pip install -U pip && python3 -m pip install 'jax[tpu]' \
 && python3 -m pip install -r requirements.txt -e . && python3 -c 'import jax; print(jax.devices())'"
