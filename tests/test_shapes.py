@@ -1,0 +1,120 @@
+"""The shapes scenes (grammar, sampler, rasteriser), the `shapes` tfds builder and the checker."""
+import itertools
+
+import numpy as np
+import pytest
+
+from ddpm_jax import scenes as S
+from ddpm_jax.scenes import SceneObject
+
+PALETTE = {(0, 0, 0)} | set(S.COLOURS.values())
+
+
+@pytest.fixture(scope="module")
+def many_scenes():
+    rng = np.random.default_rng(123)
+    return [S.random_scene(rng) for _ in range(2000)]
+
+
+def test_render_exact_shapes_and_colours():
+    """Hand-checked rows: a 10-pixel triangle widens by 2 every 2 rows from 2 at the apex; an
+    11-pixel one from 1; a circle fills its box's middle row and column; a square its box."""
+    tri10 = S.render([SceneObject("triangle", "green", (3, 5, 13, 15))])
+    assert set(map(tuple, tri10.reshape(-1, 3))) == {(0, 0, 0), (0, 255, 0)}
+    widths = (tri10[..., 1] == 255).sum(1)
+    np.testing.assert_array_equal(widths[3:13], [2, 2, 4, 4, 6, 6, 8, 8, 10, 10])
+    assert widths[:3].sum() == widths[13:].sum() == 0
+    np.testing.assert_array_equal(np.nonzero(tri10[3, :, 1])[0], [9, 10])  # apex at the top centre
+    tri11 = S.object_mask(SceneObject("triangle", "red", (0, 0, 11, 11)))
+    np.testing.assert_array_equal(tri11.sum(1)[:11], [1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11])
+    assert np.nonzero(tri11[0])[0].tolist() == [5]
+    circle = S.object_mask(SceneObject("circle", "red", (0, 0, 12, 12)))[:12, :12]
+    assert circle[6].sum() == circle[:, 6].sum() == 12 and not circle[0, 0] and not circle[11, 11]
+    np.testing.assert_array_equal(circle, circle[::-1])  # symmetric about both axes of its box
+    np.testing.assert_array_equal(circle, circle[:, ::-1])
+    np.testing.assert_array_equal(circle, circle.T)
+    square = S.render([SceneObject("square", "yellow", (20, 18, 32, 30))])
+    assert (square[20:32, 18:30] == (255, 255, 0)).all() and square.sum() == 12 * 12 * 510
+
+
+@pytest.mark.parametrize("shape", S.SHAPES)
+@pytest.mark.parametrize("side", range(S.MIN_SIDE, S.MAX_SIDE + 1))
+def test_every_shape_fills_exactly_its_box(shape, side):
+    mask = S.object_mask(SceneObject(shape, "blue", (7, 4, 7 + side, 4 + side)))
+    ys, xs = np.nonzero(mask)
+    assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (7, 4, 7 + side, 4 + side)
+    fill = mask.sum() / side**2
+    expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
+    assert abs(fill - expected) < 0.11  # the pixel staircase of a small triangle adds up to 0.1
+
+
+def test_random_scenes_keep_the_spec(many_scenes):
+    counts, relations, kinds = {1: 0, 2: 0}, dict.fromkeys(S.RELATIONS, 0), set()
+    for scene in many_scenes:
+        counts[len(scene)] += 1
+        for o in scene:
+            y0, x0, y1, x1 = o.box
+            assert y1 - y0 == x1 - x0 and S.MIN_SIDE <= y1 - y0 <= S.MAX_SIDE
+            assert 0 <= y0 and 0 <= x0 and y1 <= S.IMAGE_SIZE and x1 <= S.IMAGE_SIZE
+            kinds.add((o.colour, o.shape))
+        if len(scene) == 2:
+            a, b = scene
+            assert (a.colour, a.shape) != (b.colour, b.shape)
+            rel = S.relation(a, b)  # raises if the margin does not hold
+            relations[rel] += 1
+            axis = 1 if rel in ("left of", "right of") else 0
+            first, second = (a, b) if rel in ("left of", "above") else (b, a)
+            assert second.box[axis] - first.box[axis + 2] >= S.GAP  # boxes apart along the axis
+            dy, dx = np.subtract(b.centre, a.centre)
+            assert abs((dy, dx)[axis]) - abs((dx, dy)[axis]) >= S.MARGIN
+        image = S.render(scene)
+        assert set(map(tuple, image.reshape(-1, 3))) <= PALETTE
+        # Objects never overlap: every object's pixels are all its colour in the full render.
+        for o in scene:
+            assert (image[S.object_mask(o)] == S.COLOURS[o.colour]).all()
+    assert 0.45 < counts[1] / len(many_scenes) < 0.55
+    assert min(relations.values()) > 0.2 * counts[2]
+    assert len(kinds) == len(S.COLOURS) * len(S.SHAPES)
+
+
+def test_random_scene_is_a_function_of_the_generator_state():
+    a = [S.random_scene(np.random.default_rng(5)) for _ in range(2)]
+    assert a[0] == a[1]
+    assert S.random_scene(np.random.default_rng(6)) != a[0]
+    assert len(S.random_scene(np.random.default_rng(0), num_objects=2)) == 2
+    with pytest.raises(ValueError, match="1 or 2 objects"):
+        S.random_scene(np.random.default_rng(0), num_objects=3)
+
+
+def test_captions_and_parsing_round_trip(many_scenes):
+    red_circle = SceneObject("circle", "red", (0, 0, 10, 10))
+    blue_square = SceneObject("square", "blue", (2, 20, 12, 30))
+    assert S.caption([red_circle]) == "a red circle"
+    assert S.caption([red_circle, blue_square]) == "a red circle left of a blue square"
+    assert S.caption([blue_square, red_circle]) == "a blue square right of a red circle"
+    below = SceneObject("triangle", "yellow", (20, 3, 31, 14))
+    assert S.caption([below, red_circle]) == "a yellow triangle below a red circle"
+    assert S.caption([red_circle, below]) == "a red circle above a yellow triangle"
+    with pytest.raises(ValueError, match="no relation is clear"):
+        S.caption([red_circle, SceneObject("square", "blue", (12, 12, 22, 22))])  # diagonal
+    for scene in many_scenes:
+        kinds, rel = S.parse_caption(S.caption(scene))
+        assert kinds == [(o.colour, o.shape) for o in scene]
+        assert rel == (S.relation(*scene) if len(scene) == 2 else None)
+    all_phrases = [f"a {c} {s}" for c, s in itertools.product(S.COLOURS, S.SHAPES)]
+    assert all(S.parse_caption(p)[1] is None for p in all_phrases)
+
+
+@pytest.mark.parametrize("text", [
+    "a purple circle", "a red hexagon", "red circle", "a red circle ", "A red circle",
+    "a red circle left of", "a red circle near a blue square", "a red circle left of a blue",
+    "a red circle and a blue square left of a green triangle", ""])
+def test_parse_caption_rejects_text_outside_the_grammar(text):
+    with pytest.raises(ValueError, match=f"caption {text!r} is not in the shapes grammar"):
+        S.parse_caption(text)
+
+
+def test_parse_caption_rejects_the_same_object_twice():
+    with pytest.raises(ValueError, match="'a red circle above a red circle' names the same"):
+        S.parse_caption("a red circle above a red circle")
+    assert S.parse_caption("a red circle above a red square")[1] == "above"
