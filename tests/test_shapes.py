@@ -118,3 +118,61 @@ def test_parse_caption_rejects_the_same_object_twice():
     with pytest.raises(ValueError, match="'a red circle above a red circle' names the same"):
         S.parse_caption("a red circle above a red circle")
     assert S.parse_caption("a red circle above a red square")[1] == "above"
+
+
+@pytest.fixture(scope="module")
+def small_builds(tmp_path_factory):
+    """The `shapes` builder with 200 train / 50 test examples, built twice into separate folders."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ddpm_jax.datasets import shapes as shapes_ds
+
+    builds = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shapes_ds, "SPLITS", {"train": (200, 0), "test": (50, 1)})
+        for _ in range(2):
+            builder = tfds.builder("shapes", data_dir=str(tmp_path_factory.mktemp("tfds")))
+            builder.download_and_prepare()
+            builds.append({split: list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+                           for split in ("train", "test")})
+    return builder, builds
+
+
+def _scene(example, info) -> list[SceneObject]:
+    objs = example["objects"]
+    shape_names, colour_names = info.features["objects"]["shape"].names, info.features["objects"]["colour"].names
+    return [SceneObject(shape_names[s], colour_names[c], tuple(int(v) for v in box))
+            for s, c, box in zip(objs["shape"], objs["colour"], objs["box"])]
+
+
+def test_shapes_builder_features_and_consistency(small_builds):
+    builder, (build, _) = small_builds
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 200, "test": 50}
+    assert builder.info.features["objects"]["shape"].names == list(S.SHAPES)
+    assert builder.info.features["objects"]["colour"].names == list(S.COLOURS)
+    for split, examples in build.items():
+        num_two = 0
+        for ex in examples:
+            image, scene = ex["image"], _scene(ex, builder.info)
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+            assert ex["objects"]["box"].dtype == np.int32 and ex["num_objects"] == len(scene) in (1, 2)
+            assert set(map(tuple, image.reshape(-1, 3))) <= PALETTE
+            np.testing.assert_array_equal(image, S.render(scene))  # image, objects and caption agree
+            assert ex["caption"].decode() == S.caption(scene)
+            num_two += len(scene) == 2
+        assert 0.3 < num_two / len(examples) < 0.7
+
+
+def test_shapes_builder_is_deterministic_and_splits_differ(small_builds):
+    from ddpm_jax.datasets.shapes import SPLITS
+
+    (train_size, train_seed), (test_size, test_seed) = SPLITS["train"], SPLITS["test"]
+    assert train_size >= 20_000 and test_size >= 2_000 and train_seed != test_seed  # the real sizes
+    _, (a, b) = small_builds
+    for split in ("train", "test"):
+        assert [ex["caption"] for ex in a[split]] == [ex["caption"] for ex in b[split]]
+        np.testing.assert_array_equal(np.stack([ex["image"] for ex in a[split]]),
+                                      np.stack([ex["image"] for ex in b[split]]))
+    # The test split comes from another seed: not the train split's first 50 examples in any order.
+    train = {ex["image"].tobytes() for ex in a["train"]}
+    test = [ex["image"].tobytes() for ex in a["test"]]
+    assert sum(t in train for t in test) < 5
