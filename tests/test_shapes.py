@@ -142,7 +142,8 @@ def small_builds(tmp_path_factory):
 
 def _scene(example, info) -> list[SceneObject]:
     objs = example["objects"]
-    shape_names, colour_names = info.features["objects"]["shape"].names, info.features["objects"]["colour"].names
+    features = info.features["objects"]
+    shape_names, colour_names = features["shape"].names, features["colour"].names
     return [SceneObject(shape_names[s], colour_names[c], tuple(int(v) for v in box))
             for s, c, box in zip(objs["shape"], objs["colour"], objs["box"])]
 
@@ -219,7 +220,8 @@ def test_checker_on_16x16_renders(rendered):
 @pytest.mark.parametrize("shape", S.SHAPES)
 def test_checker_reads_every_size_and_subpixel_offset_at_16x16(shape):
     """Every side, colour and odd/even placement (which decides which edges half-cover a pixel)."""
-    for side, dy, dx, colour in itertools.product(range(S.MIN_SIDE, S.MAX_SIDE + 1), range(2), range(2), S.COLOURS):
+    sides = range(S.MIN_SIDE, S.MAX_SIDE + 1)
+    for side, dy, dx, colour in itertools.product(sides, range(2), range(2), S.COLOURS):
         image = S.render([SceneObject(shape, colour, (8 + dy, 5 + dx, 8 + dy + side, 5 + dx + side))])
         found = C.detect(_downsample(image[None], 2)[0])
         assert [(d.colour, d.shape) for d in found] == [(colour, shape)], (side, dy, dx)
@@ -285,7 +287,8 @@ def test_checker_ignores_specks_and_rejects_white():
 
 def test_checker_needs_both_objects_told_apart_for_the_relation():
     """Two red circles for 'a red circle left of a red square': which is the square? No relation."""
-    left, right = (SceneObject("circle", "red", (10, 2, 22, 14)), SceneObject("circle", "red", (10, 18, 22, 30)))
+    left = SceneObject("circle", "red", (10, 2, 22, 14))
+    right = SceneObject("circle", "red", (10, 18, 22, 30))
     verdict = _one(S.render([left, right]), "a red circle left of a red square")
     assert verdict["colour"] and verdict["count"] and not verdict["shape"] and not verdict["relation"]
 
