@@ -91,8 +91,7 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None]:
 
 def _pick_pair(rng: np.random.Generator, valid: np.ndarray) -> tuple[int, int]:
     """A uniformly drawn (i, j) with `valid[i, j]`."""
-    i, j = divmod(int(rng.choice(np.flatnonzero(valid))), valid.shape[1])
-    return i, j
+    return divmod(int(rng.choice(np.flatnonzero(valid))), valid.shape[1])
 
 
 def random_scene(rng: np.random.Generator, num_objects: int | None = None) -> list[SceneObject]:
