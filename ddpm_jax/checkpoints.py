@@ -18,6 +18,7 @@ from etils import epath
 
 from ddpm_jax import defaults
 from ddpm_jax.train_state import create_train_state, init_params
+from ddpm_jax.validation import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -62,7 +63,7 @@ def _shapes(tree) -> dict:
 
 
 def _restore(manager, step: int, **items):
-    """Restores the named items of checkpoint `step`; a checkpoint that does not fit is a ValueError."""
+    """Restores the named items of checkpoint `step`; a checkpoint that does not fit is a UserError."""
     where = manager.directory / str(step)
     advice = "Resume with the config the run was started with (its config.json) or use another --workdir."
     # The params tell a model that differs from the config's before any array is read.
@@ -70,13 +71,13 @@ def _restore(manager, step: int, **items):
         saved, wanted = _shapes(manager.item_metadata(step)[name]), _shapes(items[name].item)
         for path in sorted(saved.keys() | wanted.keys()):
             if saved.get(path) != wanted.get(path):
-                raise ValueError(f"{where}: the checkpoint does not fit this config: {name}{path} is "
+                raise UserError(f"{where}: the checkpoint does not fit this config: {name}{path} is "
                                  f"{saved.get(path, 'missing')} in the checkpoint and "
                                  f"{wanted.get(path, 'missing')} for the config. {advice}")
     try:
         return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{where}: the checkpoint does not fit this config ({e}). {advice}") from e
+        raise UserError(f"{where}: the checkpoint does not fit this config ({e}). {advice}") from e
 
 
 def restore_train_state(manager: ocp.CheckpointManager, config, device=None):
@@ -111,13 +112,18 @@ def _tuples(x):
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote to `workdir`, over `configs/default.py` so that runs
-    saved before a field existed get its default."""
+    """The resolved config a training run wrote to `workdir`, over `defaults.get_config()` so that
+    runs saved before a field existed get its default."""
+    if not workdir:
+        raise UserError("--workdir is required: a training run's folder.")
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE} there; is it the --workdir of a training run?")
+        raise UserError(f"--workdir={workdir}: no {CONFIG_FILE} there; is it the --workdir of a training run?")
     config = defaults.get_config()
-    config.update(_tuples(json.loads(path.read_text())))
+    try:
+        config.update(_tuples(json.loads(path.read_text())))
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, or fields of the wrong type
+        raise UserError(f"{path}: not a config this version reads ({type(e).__name__}: {e}).") from None
     return config
 
 
@@ -128,12 +134,12 @@ def load_params(workdir, config=None, use_ema: bool = True):
     """
     config = config or load_config(workdir)
     if not (epath.Path(workdir) / CHECKPOINT_DIR).exists():
-        raise FileNotFoundError(f"{workdir}: no checkpoint (no {CHECKPOINT_DIR}/ folder); train with "
-                                f"`python -m ddpm_jax.main --workdir={workdir}` first.")
+        raise UserError(f"--workdir={workdir}: no checkpoint (no {CHECKPOINT_DIR}/ folder); train with "
+                        f"`python -m ddpm_jax.main --workdir={workdir}` first.")
     manager = checkpoint_manager(workdir, read_only=True)
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{workdir}: {CHECKPOINT_DIR}/ holds no finished checkpoint.")
+        raise UserError(f"--workdir={workdir}: {CHECKPOINT_DIR}/ holds no finished checkpoint.")
     cpu = jax.local_devices(backend="cpu")[0]
     abstract = _placed(jax.eval_shape(lambda: init_params(config, jax.random.key(0))), cpu)
     item = "ema_params" if use_ema else "params"
