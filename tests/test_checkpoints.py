@@ -1,15 +1,20 @@
-"""Checkpoint reliability: unreadable checkpoints."""
+"""Checkpoint reliability: unreadable checkpoints, one trainer per workdir."""
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import types
 
 import jax
 import pytest
+from etils import epath
 
 from configs import tiny
-from ddpm_jax import checkpoints
+from ddpm_jax import checkpoints, locking
 from ddpm_jax.train_state import create_train_state
 from ddpm_jax.validation import UserError
 
@@ -163,3 +168,80 @@ def test_a_storage_error_is_raised_as_it_is_and_nothing_moves(workdir):
         checkpoints.restore_train_state(manager, _config())
     assert not isinstance(e.value, UserError)
     assert _tree_hash(workdir) == before
+
+
+def _write_lock(workdir, **record):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, locking.LOCK_FILE), "w") as f:
+        json.dump({"started": "2024-01-01T00:00:00+00:00", "token": "x", **record}, f)
+
+
+def _lock(workdir):
+    with open(os.path.join(workdir, locking.LOCK_FILE)) as f:
+        return json.load(f)
+
+
+def test_lock_is_held_for_the_body_and_released_also_on_errors(tmp_path):
+    workdir = str(tmp_path / "run")
+    with locking.workdir_lock(workdir):
+        held = _lock(workdir)
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        with pytest.raises(UserError, match=rf"--workdir={workdir} is in use by another training run "
+                                            rf"\(pid {os.getpid()} on host "):
+            with locking.workdir_lock(workdir):
+                pass
+        assert _lock(workdir) == held  # the failed second acquisition left ours alone
+    assert not os.path.exists(os.path.join(workdir, locking.LOCK_FILE))
+    with pytest.raises(RuntimeError, match="boom"):
+        with locking.workdir_lock(workdir):
+            raise RuntimeError("boom")
+    assert not os.path.exists(os.path.join(workdir, locking.LOCK_FILE))
+
+
+def test_a_live_trainer_s_lock_stops_another(tmp_path):
+    workdir = str(tmp_path / "run")
+    _write_lock(workdir, pid=os.getppid(), host=socket.gethostname())  # a live process that is not us
+    held = _lock(workdir)
+    with pytest.raises(UserError, match=rf"--workdir={workdir} is in use by another training run \(pid "
+                                        rf"{os.getppid()} on host {re.escape(socket.gethostname())}, since "):
+        with locking.workdir_lock(workdir):
+            pass
+    assert _lock(workdir) == held
+    _write_lock(workdir, pid=os.getppid(), host="other-host")  # cannot be checked from here: respected
+    with pytest.raises(UserError, match=rf"pid {os.getppid()} on host other-host, .*delete {workdir}/.lock and "
+                                        r"start again"):
+        with locking.workdir_lock(workdir):
+            pass
+    assert _lock(workdir)["host"] == "other-host"
+
+
+def test_a_dead_trainer_s_lock_is_taken_over(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    # A process that has ended, and one with our pid from before a container restart.
+    for pid in (dead.pid, os.getpid()):
+        _write_lock(workdir, pid=pid, host=socket.gethostname())
+        with locking.workdir_lock(workdir):
+            assert _lock(workdir)["pid"] == os.getpid() and _lock(workdir)["token"] != "x"
+        assert not os.path.exists(os.path.join(workdir, locking.LOCK_FILE))
+        assert any(f"from pid {pid} on" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert os.listdir(workdir) == []  # no renamed leftovers
+
+
+def test_remote_lock_is_read_back_and_a_later_writer_wins(tmp_path, monkeypatch):
+    path = epath.Path(tmp_path) / locking.LOCK_FILE
+    ours = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "token": "ours"}
+    theirs = {"pid": os.getppid(), "host": "other-host", "started": "now", "token": "theirs"}
+    monkeypatch.setattr(locking, "time", types.SimpleNamespace(sleep=lambda s: None))
+    locking._acquire_best_effort("gs://b/run", path, theirs)  # no lock yet: written and read back
+    assert json.loads(path.read_text()) == theirs
+    with pytest.raises(UserError, match=rf"gs://b/run is in use by a training run on another host \(pid "
+                                        rf"{os.getppid()} on host other-host"):
+        locking._acquire_best_effort("gs://b/run", path, ours)
+    assert json.loads(path.read_text()) == theirs
+    path.unlink()
+    # Another trainer writes its lock while we wait to read ours back: it won.
+    monkeypatch.setattr(locking, "time", types.SimpleNamespace(sleep=lambda s: path.write_text(json.dumps(theirs))))
+    with pytest.raises(UserError, match=rf"pid {os.getppid()} on host other-host"):
+        locking._acquire_best_effort("gs://b/run", path, ours)
