@@ -10,7 +10,8 @@ A checkpoint that cannot be read (a truncated or zeroed file, a missing item) is
 next older one, with a warning. Training moves it, untouched, to
 `checkpoints_bad/<step>-<reason>-<time>/` (with `<that name>.txt` saying why) so that it neither
 meets it again nor rotates it away; reads for sampling and evaluation change nothing. Nothing here
-deletes a checkpoint.
+deletes a checkpoint. A resume whose config changes fields is recorded: `config.json` is the current
+config, and the one it replaced is kept as `config.<step>.json` (the step resumed from).
 """
 from __future__ import annotations
 
@@ -195,11 +196,23 @@ def restore_train_state(manager: ocp.CheckpointManager, config, device=None):
     return state, r.data
 
 
-def write_config(workdir, config) -> None:
-    """Writes the resolved config as `workdir/config.json`."""
+def write_config(workdir, config, resumed_from: int | None = None) -> None:
+    """Writes the resolved config as `workdir/config.json`.
+
+    `resumed_from`: the step a run resumed from. If its config.json differs, it is kept first as
+    `config.<step>.json` (`config.<step>.<n>.json` when that name is taken by an earlier resume
+    from the same step): the config the checkpoints up to that step were trained with.
+    """
     path = epath.Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if resumed_from is not None and path.exists() and (old := path.read_text()) != text:
+        keep, n = path.parent / f"config.{resumed_from}.json", 0
+        while keep.exists():
+            n += 1
+            keep = path.parent / f"config.{resumed_from}.{n}.json"
+        keep.write_text(old)  # before config.json is replaced: a crash in between loses nothing
+    path.write_text(text)
 
 
 def _tuples(x):
@@ -223,6 +236,54 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     except (ValueError, TypeError, KeyError) as e:  # not JSON, or fields of the wrong type
         raise UserError(f"{path}: not a config this version reads ({type(e).__name__}: {e}).") from None
     return config
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a.b': value} of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def _changes_meaning(field: str) -> bool:
+    """Whether a change of `field` changes what the checkpoints are: the model, the diffusion
+    process, the data (wherever it is read from) and the seed (the data order and the RNG)."""
+    return field == "seed" or (field.startswith(("model.", "diffusion.", "data.")) and field != "data.data_dir")
+
+
+def check_resume_config(workdir, config, saved_step: int) -> list[tuple[str, object, object]]:
+    """The fields in which `config` differs from the run's config.json, as (field, old, new).
+
+    Call it on resuming from checkpoint `saved_step`, before `write_config(workdir, config,
+    resumed_from=saved_step)` records them. UserError if a field that changes what the checkpoints
+    are differs (`model.*`, `diffusion.*`, `data.*` but `data.data_dir`, `seed`) and
+    `training.allow_config_change` is False, or if `training.num_train_steps` <= `saved_step`.
+    Other changes (`optim.*`, `training.*`, `sampling.*`, `eval.*`) are logged and returned.
+    """
+    changes = []
+    if (epath.Path(workdir) / CONFIG_FILE).exists():
+        old, new = (_flat(json.loads(c.to_json_best_effort())) for c in (load_config(workdir), config))
+        changes = [(f, old.get(f, "missing"), new.get(f, "missing")) for f in sorted(old.keys() | new.keys())
+                   if old.get(f, "missing") != new.get(f, "missing")]
+    else:  # checkpoints without one (written by hand?): nothing to compare with
+        logging.warning("%s has checkpoints but no %s; cannot compare configs.", workdir, CONFIG_FILE)
+
+    def show(chosen):
+        return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in chosen)
+
+    refused = [c for c in changes if _changes_meaning(c[0])]
+    if refused and not config.training.allow_config_change:
+        raise UserError(f"--workdir={workdir}: the config differs from the run's {CONFIG_FILE} in fields that "
+                        f"change what its checkpoints are ({show(refused)}). Resume with the run's config, "
+                        f"train in another --workdir, or set training.allow_config_change=True to resume anyway.")
+    steps = config.training.num_train_steps
+    if steps <= saved_step:
+        raise UserError(f"training.num_train_steps={steps}: the run in --workdir={workdir} is already at step "
+                        f"{saved_step}; to train on, set training.num_train_steps above {saved_step}.")
+    if changes:
+        logging.warning("Resuming from step %d with these config changes: %s.", saved_step, show(changes))
+    return changes
 
 
 def load_params(workdir, config=None, use_ema: bool = True):

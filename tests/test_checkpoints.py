@@ -1,4 +1,4 @@
-"""Checkpoint reliability: unreadable checkpoints, one trainer per workdir."""
+"""Checkpoint reliability: unreadable checkpoints, one trainer per workdir, config changes on resume."""
 import glob
 import hashlib
 import json
@@ -245,3 +245,52 @@ def test_remote_lock_is_read_back_and_a_later_writer_wins(tmp_path, monkeypatch)
     monkeypatch.setattr(locking, "time", types.SimpleNamespace(sleep=lambda s: path.write_text(json.dumps(theirs))))
     with pytest.raises(UserError, match=rf"pid {os.getppid()} on host other-host"):
         locking._acquire_best_effort("gs://b/run", path, ours)
+
+
+def test_resume_config_refuses_changes_to_what_the_checkpoints_are(tmp_path):
+    workdir = str(tmp_path)
+    checkpoints.write_config(workdir, _config())
+    saved = (tmp_path / "config.json").read_text()
+    config = _config()
+    config.model.ch, config.diffusion.num_timesteps, config.seed = 32, 50, 1
+    config.optim.learning_rate = 1e-4
+    with pytest.raises(UserError, match=r"differs from the run's config.json in fields that change what its "
+                                        r"checkpoints are \(diffusion.num_timesteps: 20 -> 50, model.ch: 16 -> 32, "
+                                        r"seed: 0 -> 1\)\. .*training.allow_config_change=True") as e:
+        checkpoints.check_resume_config(workdir, config, 2)
+    assert "learning_rate" not in str(e.value)
+    config.training.allow_config_change = True
+    assert ("model.ch", 16, 32) in checkpoints.check_resume_config(workdir, config, 2)
+    moved = _config()
+    moved.data.data_dir = "/elsewhere"  # where the data is read from does not change what it is
+    assert checkpoints.check_resume_config(workdir, moved, 2) == [("data.data_dir", None, "/elsewhere")]
+    assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_resume_config_applies_and_records_other_changes(tmp_path):
+    workdir = str(tmp_path)
+    checkpoints.write_config(workdir, _config())
+    first = (tmp_path / "config.json").read_text()
+    config = _config()
+    config.optim.learning_rate = 1e-4
+    assert checkpoints.check_resume_config(workdir, config, 2) == [("optim.learning_rate", 1e-3, 1e-4)]
+    checkpoints.write_config(workdir, config, resumed_from=2)
+    assert checkpoints.load_config(workdir).optim.learning_rate == 1e-4
+    assert (tmp_path / "config.2.json").read_text() == first
+    # Resumed from the same step again with another change: the earlier record is kept.
+    second = (tmp_path / "config.json").read_text()
+    config.training.sample_every = 10
+    checkpoints.write_config(workdir, config, resumed_from=2)
+    assert (tmp_path / "config.2.json").read_text() == first and (tmp_path / "config.2.1.json").read_text() == second
+    checkpoints.write_config(workdir, config, resumed_from=4)  # unchanged: nothing to record
+    assert sorted(os.listdir(tmp_path)) == ["config.2.1.json", "config.2.json", "config.json"]
+
+
+def test_resume_at_or_past_num_train_steps_is_an_error(tmp_path):
+    checkpoints.write_config(str(tmp_path), _config())
+    config = _config()
+    config.training.num_train_steps = 8
+    for saved_step in (8, 9):
+        with pytest.raises(UserError, match=rf"training.num_train_steps=8: the run in --workdir={tmp_path} is "
+                                            rf"already at step {saved_step}; to train on"):
+            checkpoints.check_resume_config(str(tmp_path), config, saved_step)
