@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
     c.training.keep_checkpoints = 3
+    # Resume even where model.*, diffusion.*, data.* (but data.data_dir) or seed differ from the run's
+    # config.json (checkpoints.check_resume_config); the change is recorded either way.
+    c.training.allow_config_change = False
     c.training.sample_every = 20_000  # EMA sample grid to DIR/samples and TensorBoard; 0: none
     c.training.num_sample_images = 64
     c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
