@@ -42,7 +42,8 @@ def table(ours, cached, variants, peer) -> str:
     tr, sa = ours.get("train", {}), ours.get("sample", {})
     ptr, psa = peer.get("train", {}), peer.get("sample", {})
     same_train = ptr.get("batch", tr.get("batch")) == tr.get("batch")
-    same_sample = (psa.get("n", sa.get("images")), psa.get("steps", sa.get("steps"))) == (sa.get("images"), sa.get("steps"))
+    same_sample = ((psa.get("n", sa.get("images")), psa.get("steps", sa.get("steps")))
+                   == (sa.get("images"), sa.get("steps")))
     lines = [f"device: {ours['device']} x{ours['num_devices']}; versions: {ours['versions']}; "
              f"peer: torch {ptr.get('torch') or psa.get('torch')}", "",
              "| | ddpm_jax | PyTorch peer | ratio |", "|---|---|---|---|",
@@ -71,14 +72,14 @@ def table(ours, cached, variants, peer) -> str:
         p = ours["parts"]
         lines.append(f"at {p['batch_per_device']} images per device: forward {p['forward_s'] * 1e3:.2f} ms, "
                      f"forward+backward {p['forward_backward_s'] * 1e3:.2f} ms"
-                     + (f"; step - forward+backward = {(tr['step_s'] - p['forward_backward_s']) * 1e3:.2f} ms (Adam, EMA, "
-                        "noise, cross-device mean; timing noise when near 0)"
-                        if tr else ""))
+                     + (f"; step - forward+backward = {(tr['step_s'] - p['forward_backward_s']) * 1e3:.2f} ms "
+                        "(Adam, EMA, noise, cross-device mean; timing noise when near 0)" if tr else ""))
     if "sample_large_batch" in ours:
         lg = ours["sample_large_batch"]
         lines.append(f"sampling at batch {lg['images']}: {lg['image_steps_per_s']:,.0f} image-steps/s = "
                      f"{lg['images_per_s_at_sample_steps']:.1f} images/s at {sa.get('steps')} steps"
-                     + (f"; MFU {lg['mfu']:.1%} (batch {sa['images']}: {sa['mfu']:.1%})" if "mfu" in lg and "mfu" in sa else ""))
+                     + (f"; MFU {lg['mfu']:.1%} (batch {sa['images']}: {sa['mfu']:.1%})"
+                        if "mfu" in lg and "mfu" in sa else ""))
     if ours.get("peak_memory_bytes"):
         lines.append(f"peak device memory {ours['peak_memory_bytes'] / 2**30:.1f} GiB")
     if variants:

@@ -3,8 +3,7 @@
 A small U-Net (8x8 and 4x4, attention at 4x4) for the 1,797 greyscale digits, no flips (a mirrored
 digit is not a digit), and a 200-step chain whose linear betas are the paper's scaled by 1000/200,
 so that abar_T is as small as with T=1000 and sampling a grid takes seconds. One step per call:
-XLA on CPU runs a `lax.scan` of steps much slower than single steps. 3,000 steps of 64 take under
-15 minutes on a 2-core CPU (13 minutes measured while other jobs shared the machine):
+XLA on CPU runs a `lax.scan` of steps much slower than single steps. 3,000 steps of 64, minutes on a CPU:
     python -m ddpm_jax.main --config=configs/digits.py --workdir=runs/digits
 """
 from ddpm_jax import defaults

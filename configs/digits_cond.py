@@ -4,10 +4,10 @@ The digits model (configs/digits.py) plus a 10-class label embedding; training r
 by the null class with probability 0.1, so the one network is conditional and unconditional. The
 paper's T = 1000 chain (linear betas 1e-4..0.02), so that 1000-step ancestral sampling and fast
 respaced samplers can be compared on it; no in-loop sample grids (`python -m ddpm_jax.sample` and
-`python -m ddpm_jax.conditional_accuracy` draw them). Samples with 50 DDIM steps, guidance w = 1:
+`python -m ddpm_jax.evaluate accuracy` draw them). Samples with 50 DDIM steps, guidance w = 1:
     python -m ddpm_jax.main --config=configs/digits_cond.py --workdir=runs/digits_cond
     python -m ddpm_jax.sample --workdir=runs/digits_cond --num_samples=100 --label=all
-    python -m ddpm_jax.conditional_accuracy --workdir=runs/digits_cond
+    python -m ddpm_jax.evaluate accuracy --workdir=runs/digits_cond
 """
 from ddpm_jax.defaults import load_config_file
 

@@ -25,6 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from ml_collections import ConfigDict
 
 from ddpm_jax import defaults
 from ddpm_jax.train_state import create_train_state, init_params
@@ -117,7 +118,7 @@ def _check_fits(manager, step: int, items: dict) -> None:
     except Exception as e:  # noqa: BLE001  (sorted by _unreadable)
         raise _unreadable(e) from e
     for name, arg in items.items():
-        if name not in metadata.keys():
+        if name not in metadata.keys():  # noqa: SIM118  (Orbax's Composite metadata has no __contains__)
             raise _Unreadable(f"missing-{name}", f"the item folder '{name}' is missing")
         if not isinstance(arg, ocp.args.StandardRestore):
             continue
@@ -167,7 +168,7 @@ def _move_aside(manager, step: int, bad: _Unreadable) -> None:
     logging.warning("Moved the unreadable checkpoint %s to %s.", source, target)
 
 
-def restore_train_state(manager: ocp.CheckpointManager, config, device=None):
+def restore_train_state(manager: ocp.CheckpointManager, config: ConfigDict, device=None):
     """(state, data_state) from the newest checkpoint that can be read, on `device` (default: the
     first local one), or None when there is no checkpoint.
 
@@ -196,7 +197,7 @@ def restore_train_state(manager: ocp.CheckpointManager, config, device=None):
     return state, r.data
 
 
-def write_config(workdir, config, resumed_from: int | None = None) -> None:
+def write_config(workdir, config: ConfigDict, resumed_from: int | None = None) -> None:
     """Writes the resolved config as `workdir/config.json`.
 
     `resumed_from`: the step a run resumed from. If its config.json differs, it is kept first as
@@ -252,7 +253,7 @@ def _changes_meaning(field: str) -> bool:
     return field == "seed" or (field.startswith(("model.", "diffusion.", "data.")) and field != "data.data_dir")
 
 
-def check_resume_config(workdir, config, saved_step: int) -> list[tuple[str, object, object]]:
+def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tuple[str, object, object]]:
     """The fields in which `config` differs from the run's config.json, as (field, old, new).
 
     Call it on resuming from checkpoint `saved_step`, before `write_config(workdir, config,

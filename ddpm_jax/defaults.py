@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.num_train_steps = 800_000
     c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
     c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
+    c.training.nonfinite = "stop"  # a non-finite loss/gradient: stop (exit 1, nothing saved) | skip the step
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
     c.training.keep_checkpoints = 3
@@ -67,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.num_sample_images = 64
     c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
 
-    c.sampling = ml_collections.ConfigDict()  # defaults of `python -m ddpm_jax.sample`
+    c.sampling = ml_collections.ConfigDict()  # `python -m ddpm_jax.sample` (its flags set these)
     c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim
     c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021)
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
@@ -76,12 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
     c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures
+    c.sampling.num_samples = 64  # images per `python -m ddpm_jax.sample`
+    c.sampling.batch_size = 256  # images per device call, over all local devices
+    c.sampling.seed = 0  # the noise: the same seed gives the same images
 
-    c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate`
+    c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate` (its flags set these)
     c.eval.eval_every = 0  # 0: no in-loop evaluation
     c.eval.num_samples = 1000  # samples for FID/IS/KID and the digits metrics; 0: none
     c.eval.steps = 0  # sampler steps for those samples; 0: sampling.steps
     c.eval.batch_size = 256  # images per device call, over all local devices (sampling and bpd)
+    c.eval.seed = 0  # sampling and bound noise: the same at every evaluation, so curves carry no sampling noise
     c.eval.bpd_examples = 0  # bits/dim on this many examples of eval.split; 0: none (in-loop)
     c.eval.split = ml_collections.FieldReference(None, field_type=str)  # None: 'test' if any, else data.split
     # FID/IS: the .npz from `evaluate convert_inception` and one from `evaluate reference_stats` (or

@@ -1,4 +1,4 @@
-"""The DDPM diffusion process (Ho et al. 2020): schedules, q, posterior, loss and ancestral sampling.
+"""The DDPM diffusion process (Ho et al. 2020): schedules, q, posterior, loss and the reverse step.
 
 Pure functions of arrays; no Flax. Every schedule quantity is computed once in float64 with numpy
 and stored as float32. Shapes: images `x` are `[B, ...]`, timesteps `t` are int `[B]`.
@@ -8,12 +8,13 @@ Paper equation -> function:
   Eq. 6-7 q(x_{t-1} | x_t, x_0)              `q_posterior`
   Eq. 11  mu_theta from eps_theta            `p_mean_variance` (via `predict_x0`)
   Eq. 14  L_simple                           `l_simple`
-  Alg. 2  ancestral sampling                 `sample`
+  Alg. 2  one ancestral step                 `p_sample` (the loop: `sampling.generate`)
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -287,21 +288,3 @@ def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0
     frames = jnp.zeros((len(keep) + 1,) + x_T.shape, x_T.dtype)
     (x, frames), _ = jax.lax.scan(body, (x_T, frames), (indices, jnp.asarray(slot)))
     return x, frames[:-1]
-
-
-def sample(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, shape, *,
-           variance: str = "fixedlarge", clip_x0: bool = True, num_frames: int = 0,
-           x_T: jax.Array | None = None):
-    """Ancestral sampling (Alg. 2) from x_T ~ N(0, I) down to x_0, as one `lax.scan` over the steps.
-
-    Step i's noise is `normal(fold_in(key, i))`, so no key is carried. Returns x_0 `[B, ...]`, or
-    (x_0, frames `[F, B, ...]`) when `num_frames > 0`.
-    """
-    if x_T is None:
-        x_T = jax.random.normal(jax.random.fold_in(key, s.num_timesteps), shape, jnp.float32)
-
-    def step(x, i):
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return p_sample(s, kind, model_fn, x, i, noise, variance=variance, clip_x0=clip_x0)[0]
-
-    return reverse_scan(step, x_T, jnp.arange(s.num_timesteps - 1, -1, -1), num_frames)

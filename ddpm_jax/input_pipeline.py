@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import collections
 import difflib
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from ml_collections import ConfigDict
 
 from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
 from ddpm_jax import parallel
@@ -61,7 +62,7 @@ def prepared_builder(d) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def check_dataset(config) -> None:
+def check_dataset(config: ConfigDict) -> None:
     """Checks that `data.dataset` exists and has the image channels and labels the config expects,
     then prepares it (`prepared_builder`)."""
     d, m = config.data, config.model
@@ -72,14 +73,20 @@ def check_dataset(config) -> None:
     if channels is not None and channels != d.channels:
         raise UserError(f"data.channels={d.channels}: the {d.dataset!r} images have {channels} channels.")
     if m.num_classes:
-        label = features["label"] if "label" in features else None
+        label = features["label"] if "label" in features else None  # noqa: SIM401  (FeaturesDict has no .get)
         if not isinstance(label, tfds.features.ClassLabel):
             raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has no class "
                              f"labels; use model.num_classes=0.")
         if label.num_classes != m.num_classes:
             raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
-    prepared_builder(d)
+    splits = prepared_builder(d).info.splits
+    try:
+        if splits:  # (tfds.testing.mock_data leaves them empty)
+            splits[d.split]  # also parses slices such as 'train[:90%]'
+    except (KeyError, ValueError, AssertionError):
+        raise UserError(f"data.split={d.split!r}: {d.dataset!r} has splits {sorted(splits)} (slices such as "
+                        "'train[:90%]' work too).") from None
 
 
 def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -91,7 +98,7 @@ def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def create_dataset(config, *, start_example: int = 0, num_local_devices: int | None = None,
+def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devices: int | None = None,
                    process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
     """The batch stream of this process, starting `start_example` examples into it (see module doc)."""
     d, t = config.data, config.training
@@ -156,6 +163,6 @@ def prefetch_to_device(iterator, size: int = 2, devices=None) -> Iterator:
         yield queue.popleft()
 
 
-def create_train_iterator(config, start_example: int = 0) -> Iterator[dict]:
+def create_train_iterator(config: ConfigDict, start_example: int = 0) -> Iterator[dict]:
     """Device-resident batches from `create_dataset`, for pmap over all local devices."""
     return prefetch_to_device(tfds.as_numpy(create_dataset(config, start_example=start_example)))

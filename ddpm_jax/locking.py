@@ -49,7 +49,7 @@ def workdir_lock(workdir):
     remote = "://" in str(workdir)
     path = epath.Path(workdir if remote else os.path.abspath(workdir)) / LOCK_FILE
     record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex}
     path.parent.mkdir(parents=True, exist_ok=True)
     (_acquire_best_effort if remote else _acquire_local)(workdir, path, record)

@@ -1,4 +1,4 @@
-"""Data-parallel plumbing shared by training and its input pipeline: the pmap axis, placement, fetching.
+"""Data-parallel plumbing: the pmap axis, placement, fetching, and mapping a pmapped function over data.
 
 `jax.pmap` (jit over shard_map since JAX 0.8) takes and returns arrays with a leading axis of one entry
 per local device. Its outputs are global arrays, so `x[0]` would gather across devices; `to_host`
@@ -6,12 +6,23 @@ reads the first local device's copy instead.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS_NAME = "batch"  # the pmap axis; collectives (pmean) and axis_index use it
+_BUILT: dict = {}
+
+
+def built_once(key, build: Callable):
+    """`build()` the first time `key` is seen, the same object after: a pmapped function kept this way
+    compiles once per input shape however often it is asked for (sample grids, evaluations)."""
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
 
 
 def device_sharding(devices=None) -> NamedSharding:
@@ -37,3 +48,29 @@ def to_host(tree):
     """Device 0's slice of every `[D, ...]` leaf of a replicated pmap output, as numpy, no gather."""
     return jax.tree.map(lambda x: x[0], jax.device_get(
         jax.tree.map(lambda x: x.addressable_shards[0].data, tree)))
+
+
+def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: int,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Runs a pmapped `fn(c, shard)` over `inputs` ({name: `[N, ...]`}) in chunks c of `batch_size` rows.
+
+    `batch_size` is rounded up to a multiple of the local device count; every chunk is padded to that
+    size (repeating the last row), so it has one shape and compiles once, and is reshaped to
+    `[devices, rows per device, ...]`. Returns {name: numpy `[N, ...]`} of `fn`'s outputs in input
+    order, padding dropped. flax's `jax_utils.pad_shard_unpad` pads one call; this also chunks.
+    """
+    n = len(next(iter(inputs.values())))
+    if not n:
+        raise ValueError("pad_shard_unpad: no rows.")
+    n_dev = jax.local_device_count()
+    per_dev = -(-min(batch_size, n) // n_dev)
+    chunk = per_dev * n_dev
+    outs = []
+    for c, start in enumerate(range(0, n, chunk)):
+        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
+                 .reshape((n_dev, per_dev) + v.shape[1:]) for k, v in inputs.items()}
+        out = fn(c, shard)
+        outs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()})
+        if progress:
+            progress(min(start + chunk, n), n)
+    return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

@@ -6,7 +6,7 @@ Levels. A schedule `s` of S steps (the full T, or respaced to S < T by `diffusio
 Nichol & Dhariwal 2021) has S + 1 levels: level 0 is data, level L > 0 is x at schedule index L - 1
 (noise level `s.alphas_cumprod[L - 1]`, model timestep `s.timesteps[L - 1]`), level S is x_T. Step
 `i` of a sampler goes from level i + 1 to level i. Step i's noise is `normal(fold_in(key, i))` and
-x_T is `normal(fold_in(key, S))`, as in `diffusion.sample`.
+x_T is `normal(fold_in(key, S))`.
 
 A step function has the signature
     step(s, kind, model_fn, x, i, noise, opts) -> (x at level i, x0_hat)
@@ -14,7 +14,8 @@ and `SAMPLERS` maps a name to one; adding a sampler is one function and one entr
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,6 @@ import numpy as np
 
 from ddpm_jax import diffusion as D
 from ddpm_jax.diffusion import ModelFn, Schedule
-from ddpm_jax.parallel import AXIS_NAME
 
 
 class StepOptions(NamedTuple):
@@ -191,7 +191,7 @@ def repaint_schedule(num_steps: int, jump_length: int = 0, jump_n_sample: int = 
         raise ValueError(f"jump_length={jump_length} must be >= 0 and jump_n_sample={jump_n_sample} >= 1.")
     if jump_length > num_steps:
         raise ValueError(f"jump_length={jump_length}: must be at most the number of steps ({num_steps}).")
-    jumps = {L: jump_n_sample - 1 for L in range(0, num_steps - jump_length + 1, jump_length)} if jump_length else {}
+    jumps = dict.fromkeys(range(0, num_steps - jump_length + 1, jump_length), jump_n_sample - 1) if jump_length else {}
     rows, level = [], num_steps
     while level > 0:
         rows.append((level - 1, 0))
@@ -249,7 +249,7 @@ def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched, data-parallel runs.
+# One device's batch (`generation` maps it over devices and batches).
 
 
 class SampleSpec(NamedTuple):
@@ -287,32 +287,3 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     if not spec.num_frames:
         return {"images": out}
     return {"images": out[0], "frames": jnp.swapaxes(out[1], 0, 1)}
-
-
-def pmap_batches(fn: Callable, params, key: jax.Array, inputs: dict, batch_size: int,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs `fn(params, key, shard) -> {name: [b, ...]}` over `inputs` ({name: `[N, ...]`}) in chunks of
-    `batch_size`, each split over the local devices with `jax.pmap` (axis `parallel.AXIS_NAME`).
-
-    Chunk c uses key fold_in(key, c), device d within it fold_in(that, d). Chunks are padded to a
-    multiple of the device count (repeating the last input), so every chunk has one shape and compiles
-    once; padding is dropped from the result. Returns {name: numpy `[N, ...]`}.
-    """
-    n = len(next(iter(inputs.values())))
-    n_dev = jax.local_device_count()
-    per_dev = -(-min(batch_size, n) // n_dev)
-    chunk = per_dev * n_dev
-
-    def device_fn(params, key, shard):
-        return fn(params, jax.random.fold_in(key, jax.lax.axis_index(AXIS_NAME)), shard)
-
-    run = jax.pmap(device_fn, AXIS_NAME, in_axes=(None, None, 0))
-    outs = []
-    for c, start in enumerate(range(0, n, chunk)):
-        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
-                 .reshape((n_dev, per_dev) + v.shape[1:]) for k, v in inputs.items()}
-        out = run(params, jax.random.fold_in(key, c), shard)
-        outs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()})
-        if progress:
-            progress(min(start + chunk, n), n)
-    return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

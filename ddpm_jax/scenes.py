@@ -135,7 +135,7 @@ def object_mask(obj: SceneObject) -> np.ndarray:
     """bool `[32, 32]`: the pixels `obj` fills. Its bounding box is exactly `obj.box`."""
     y0, x0, y1, x1 = obj.box
     cy, cx = obj.centre
-    inside = (_PY > y0) & (_PY < y1) & (_PX > x0) & (_PX < x1)
+    inside = (y0 < _PY) & (y1 > _PY) & (x0 < _PX) & (x1 > _PX)
     if obj.shape == "square":
         return inside
     if obj.shape == "circle":

@@ -7,6 +7,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from ml_collections import ConfigDict
 
 from ddpm_jax.models import unet_from_config
 
@@ -41,7 +42,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
 
 
-def init_params(config, key: jax.Array):
+def init_params(config: ConfigDict, key: jax.Array):
     """Float32 U-Net params for `config` (traced with a batch of one image)."""
     d = config.data
     x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
@@ -51,7 +52,7 @@ def init_params(config, key: jax.Array):
     return jax.jit(unet_from_config(config).init)({"params": key}, x, t, y)["params"]
 
 
-def create_train_state(config, key_or_seed: int | jax.Array) -> TrainState:
+def create_train_state(config: ConfigDict, key_or_seed: int | jax.Array) -> TrainState:
     """Fresh state: initial params (also the EMA), Adam state, step 0 and the base training key."""
     key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
     init_key, train_key = jax.random.split(key)

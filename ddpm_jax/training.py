@@ -17,29 +17,30 @@ pipeline and clu's writers when it runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from ml_collections import ConfigDict
 
-from ddpm_jax import checkpoints, diffusion, image_utils, parallel, sampling
-from ddpm_jax.validation import validate_config
+from ddpm_jax import checkpoints, diffusion, generation, image_utils, locking, parallel
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.parallel import AXIS_NAME
-from ddpm_jax.train_state import (TrainState, create_train_state, learning_rate_schedule,
-                                  make_optimizer)
+from ddpm_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
+from ddpm_jax.validation import check_output_dir, validate_config
 
-__all__ = ["TrainState", "create_train_state", "train_step", "train_steps", "pmap_train_step", "sample_images",
+__all__ = ["TrainState", "create_train_state", "train_step", "train_steps", "pmap_train_step", "Diverged",
            "train_and_evaluate"]
 
-# fold_in tags under the base key: training steps and sample grids draw from disjoint streams.
-_TRAIN, _SAMPLE = 0, 1
+# fold_in tag of the training steps under the base key (other streams may take other tags).
+_TRAIN = 0
 
 
 def _example_keys(key: jax.Array, first: jax.Array, num: int) -> jax.Array:
@@ -47,13 +48,15 @@ def _example_keys(key: jax.Array, first: jax.Array, num: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(num))
 
 
-def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
     """One Adam step on this device's share of the batch, under pmap with axis `AXIS_NAME`.
 
     batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], 'label': int32 `[B_dev]`} ('label' read
     only when `model.num_classes > 0`: each is replaced by the null class `num_classes` with
     probability `training.label_dropout`). Gradients, loss and metrics are averaged over devices; the
-    EMA of the params is updated here. Returns (state, {'loss', 'grad_norm', 'learning_rate'}).
+    EMA of the params is updated here. A step whose loss or gradient norm is not finite changes
+    nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
+    'learning_rate'}).
     """
     model = unet_from_config(config)
     schedule = diffusion.schedule_from_config(config.diffusion)
@@ -82,45 +85,35 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     loss, grads = jax.lax.pmean((loss, grads), AXIS_NAME)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    # A non-finite loss or gradient leaves params, EMA and Adam state as they were (the selects fuse
+    # into the update); the host reads `nonfinite` at logging steps and stops or carries on.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32),
                "learning_rate": learning_rate_schedule(config.optim)(state.step)}
-    state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+    state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                          ema_params=keep(ema_params, state.ema_params), opt_state=keep(opt_state, state.opt_state))
     return state, metrics
 
 
-def train_steps(state: TrainState, batches: dict, *, config) -> tuple[TrainState, dict]:
+def train_steps(state: TrainState, batches: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
     """k train steps in one call: `lax.scan` of `train_step` over batches `[k, B_dev, ...]`.
 
-    Metrics are the means over the k steps.
+    Metrics are the means over the k steps ('nonfinite': the count).
     """
     state, metrics = jax.lax.scan(functools.partial(train_step, config=config), state, batches)
-    return state, jax.tree.map(jnp.mean, metrics)
+    return state, {k: v.sum() if k == "nonfinite" else v.mean() for k, v in metrics.items()}
 
 
-def pmap_train_step(config):
+def pmap_train_step(config: ConfigDict):
     """`train_steps` (or `train_step` when `training.steps_per_call` is 1) pmapped over the local
     devices, with the replicated state donated: `(state, batch) -> (state, metrics)`."""
     fn = train_steps if config.training.steps_per_call > 1 else train_step
     return jax.pmap(functools.partial(fn, config=config), axis_name=AXIS_NAME, donate_argnums=0)
-
-
-def sample_images(params, labels: jax.Array, key: jax.Array, *, config) -> jax.Array:
-    """Ancestral samples `[N, H, W, C]` in [-1, 1]; `labels` int32 `[N]` are used by conditional models."""
-    model = unet_from_config(config)
-    d, c = config.data, config.diffusion
-    model_fn = sampling.unet_model_fn(model, params, labels if config.model.num_classes else None)
-    shape = (labels.shape[0], d.image_size, d.image_size, d.channels)
-    return diffusion.sample(diffusion.schedule_from_config(c), c.model_output, model_fn, key, shape,
-                            variance=c.variance, clip_x0=c.clip_x0)
-
-
-def _sample_on_device(params, labels, base_key, *, config):
-    """Under pmap: this device's share of a sample grid, with the same noise at every call."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(base_key), _SAMPLE)
-    return sample_images(params, labels, jax.random.fold_in(key, jax.lax.axis_index(AXIS_NAME)), config=config)
 
 
 class _StopOnSignal:
@@ -150,37 +143,78 @@ class _StopOnSignal:
             signal.signal(signum, handler)
 
 
-def _write_samples(writer, workdir, step: int, images: np.ndarray):
-    grid = image_utils.make_grid(image_utils.to_uint8(images))
-    path = epath.Path(workdir) / "samples" / f"step_{step:08d}.png"
-    image_utils.save_png(str(path), grid, scale=max(1, 64 // images.shape[1]))
-    writer.write_images(step, {"samples": grid[None]})
-    logging.info("Wrote %s", path)
+class Diverged(RuntimeError):
+    """The loss or gradient stopped being finite (`training.nonfinite='stop'`); nothing after the last
+    finite checkpoint was saved."""
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` on all local devices, resuming from the latest checkpoint there.
+@dataclasses.dataclass
+class Periodic:
+    """A periodic action of the train loop: `fn(step, state)` every `every` steps (0: never), at the
+    last step, and with `on_stop` also when a stop is requested."""
 
-    Writes `workdir/config.json`, checkpoints, TensorBoard events and `samples/step_*.png` (process
-    0 only for logs and images). Bad config values raise ValueError before anything is compiled or
-    written. Returns the final state as host arrays.
+    every: int
+    fn: Callable[[int, TrainState], None]
+    on_stop: bool = False
+
+    def __call__(self, step: int, state: TrainState, *, last: bool, stopping: bool) -> None:
+        if self.every and (step % self.every == 0 or last or (stopping and self.on_stop)):
+            self.fn(step, state)
+
+
+def sample_grid_config(config: ConfigDict):
+    """The `sampling` settings of the training grid: `training.num_sample_images` images with the
+    config's sampler, labels in equal blocks, the same noise (`seed`) at every grid."""
+    c = config.copy_and_resolve_references()
+    c.sampling.num_samples = c.sampling.batch_size = config.training.num_sample_images
+    c.sampling.seed = config.seed
+    return c
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
+    """Trains `config` in `workdir` on all local devices, resuming from the latest readable checkpoint.
+
+    Writes `workdir/config.json` (the previous one kept as `config.<step>.json` when a resume changes
+    it), checkpoints, TensorBoard events and `samples/step_*.png` (process 0 only for logs and
+    images). Bad config values, a resume that would change what the checkpoints mean, or a second
+    trainer on the workdir raise UserError before anything is compiled or written; a loss or gradient
+    that stops being finite raises `Diverged` (with `training.nonfinite='stop'`) after saving nothing
+    non-finite. Returns the final state on the host.
     """
     validate_config(config)
+    check_output_dir(workdir, "--workdir")
     from ddpm_jax import input_pipeline  # TensorFlow comes in here, only for the training loop
 
     input_pipeline.check_dataset(config)
-    from clu import metric_writers, periodic_actions
-
     from ddpm_jax.evaluation import in_loop  # checks and loads what eval.* names, before any compile
     evaluator = in_loop.Evaluator(config) if config.eval.eval_every else None
+    # Before the checkpoint manager: its start-up deletes the temporary folders of saves in flight.
+    with locking.workdir_lock(workdir):
+        manager = checkpoints.checkpoint_manager(workdir, keep=config.training.keep_checkpoints)
+        try:
+            restored = checkpoints.restore_train_state(manager, config)  # may move unreadable ones aside
+            resumed_from = None if restored is None else int(restored[0].step)
+            if resumed_from is not None:
+                checkpoints.check_resume_config(workdir, config, resumed_from)  # before writing: it may refuse
+            if jax.process_index() == 0:
+                checkpoints.write_config(workdir, config, resumed_from=resumed_from)
+            return _train(config, workdir, manager, restored, evaluator)
+        finally:
+            manager.wait_until_finished()
+            manager.close()
 
+
+def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainState:
+    """The loop of `train_and_evaluate`, from the restored (or a fresh) state."""
+    from clu import metric_writers, periodic_actions
+
+    from ddpm_jax import input_pipeline
+
+    grid_config = sample_grid_config(config)
+    grid_request = generation.make_request(grid_config) if config.training.sample_every else None
     t = config.training
     k = t.steps_per_call
     is_main = jax.process_index() == 0
-    manager = checkpoints.checkpoint_manager(workdir, keep=t.keep_checkpoints)
-    restored = checkpoints.restore_train_state(manager, config)  # before writing: it may not fit
-    if is_main:
-        checkpoints.write_config(workdir, config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if restored is None:
         state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(config.seed))
@@ -192,58 +226,86 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     step = int(state.step)  # the host's copy; the loop never reads the device's
     per_process_batch = t.batch_size // jax.process_count()
     train_iter = input_pipeline.create_train_iterator(config, start_example=position)
-
     state = parallel.replicate(state)
     p_train = pmap_train_step(config)
-    p_sample = jax.pmap(functools.partial(_sample_on_device, config=config), axis_name=AXIS_NAME)
-    # Every device samples the same number; the grid keeps the first num_sample_images.
-    per_device = -(-t.num_sample_images // jax.local_device_count())
-    sample_labels = np.arange(per_device * jax.local_device_count(), dtype=np.int32)
-    sample_labels = (sample_labels % max(config.model.num_classes, 1)).reshape(jax.local_device_count(), -1)
 
     report = periodic_actions.ReportProgress(num_train_steps=t.num_train_steps, writer=writer, every_secs=60)
-    hooks = [report]
+    profile = None
     if is_main and t.profile_steps:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=t.profile_steps,
-                                              first_profile=step + 10 * k))
+        profile = periodic_actions.Profile(logdir=workdir, num_profile_steps=t.profile_steps,
+                                           first_profile=step + 10 * k)
+
+    def write_samples(at_step, state):
+        with report.timed("sample"):
+            images = generation.run(grid_config, parallel.to_host(state.ema_params), grid_request)["images"]
+        if is_main:
+            grid = image_utils.make_grid(image_utils.to_uint8(images))
+            path = epath.Path(workdir) / "samples" / f"step_{at_step:08d}.png"
+            image_utils.save_png(str(path), grid, scale=max(1, 64 // images.shape[1]))
+            writer.write_images(at_step, {"samples": grid[None]})
+            logging.info("Wrote %s", path)
+
+    def evaluate(at_step, state):
+        with report.timed("eval"):
+            evaluator(at_step, parallel.to_host(state.ema_params), writer)
+
+    def save(at_step, state):
+        check_finite(at_step)  # the last finite checkpoint is never rotated away by a bad one
+        with report.timed("checkpoint", wait_jax_async_dispatch=False):
+            checkpoints.save_train_state(manager, parallel.to_host(state), {"position": position})
+
+    # Periodic actions on (step, state), in order; the checkpoint comes last.
+    hooks = [Periodic(t.sample_every, write_samples), Periodic(config.eval.eval_every, evaluate),
+             Periodic(t.checkpoint_every, save, on_stop=True)]
+
+    nonfinite = first_nonfinite = None  # device scalars, updated without waiting for the device
+
+    def check_finite(at_step):
+        """Reads the divergence counters (a host sync, so only at logging and checkpoint steps)."""
+        if not int(parallel.to_host(nonfinite)):
+            return
+        first = int(parallel.to_host(first_nonfinite))
+        if t.nonfinite == "skip":
+            logging.warning("%d steps up to step %d had a non-finite loss or gradient and were skipped.",
+                            int(parallel.to_host(nonfinite)), at_step)
+            return
+        raise Diverged(f"the loss or gradient norm is not finite since step {first} (checked at step {at_step}); "
+                       f"nothing after it was saved, the checkpoints in {manager.directory} are all finite. "
+                       "Lower optim.learning_rate, keep optim.grad_clip > 0, or set training.nonfinite='skip'.")
 
     def write_metrics(at_step, metrics):
-        writer.write_scalars(at_step, {name: float(v) for name, v in parallel.to_host(metrics).items()})
+        scalars = {name: float(v) for name, v in parallel.to_host(metrics).items() if name != "nonfinite"}
+        check_finite(at_step)
+        writer.write_scalars(at_step, scalars)
 
     pending = None  # (step, metrics) of a logging step, fetched once the next call is dispatched
-    with _StopOnSignal() as stop:
-        while step < t.num_train_steps:
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = p_train(state, next(train_iter))
-            step += k
-            position += k * per_process_batch
-            if pending:
-                write_metrics(*pending)
-                pending = None
-            for hook in hooks:
-                hook(step)
-            last = step == t.num_train_steps
-            if step % t.log_every == 0 or last:
-                pending = (step, metrics)
-            if t.sample_every and (step % t.sample_every == 0 or last):
-                with report.timed("sample"):
-                    images = jax.device_get(p_sample(state.ema_params, sample_labels, state.key))
-                if is_main:
-                    images = images.reshape((-1,) + images.shape[2:])[:t.num_sample_images]
-                    _write_samples(writer, workdir, step, images)
-            # Further periodic actions on (step, state) go here, before the checkpoint.
-            if evaluator and (step % config.eval.eval_every == 0 or last):
-                with report.timed("eval"):
-                    evaluator(step, parallel.to_host(state.ema_params), writer)
-            if step % t.checkpoint_every == 0 or last or stop.requested:
-                with report.timed("checkpoint", wait_jax_async_dispatch=False):
-                    checkpoints.save_train_state(manager, parallel.to_host(state), {"position": position})
-            if stop.requested:
-                logging.warning("Stopped at step %d; the same command resumes from here.", step)
-                break
-    if pending:
-        write_metrics(*pending)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    try:
+        with _StopOnSignal() as stop:
+            while step < t.num_train_steps:
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = p_train(state, next(train_iter))
+                bad = metrics["nonfinite"]
+                nonfinite = bad if nonfinite is None else nonfinite + bad
+                first_nonfinite = (jnp.where(bad > 0, step + 1, 0) if first_nonfinite is None else
+                                   jnp.where((first_nonfinite == 0) & (bad > 0), step + 1, first_nonfinite))
+                step += k
+                position += k * per_process_batch
+                if pending:
+                    write_metrics(*pending)
+                    pending = None
+                report(step)
+                if profile:
+                    profile(step)
+                last = step == t.num_train_steps
+                if step % t.log_every == 0 or last:
+                    pending = (step, metrics)
+                for hook in hooks:
+                    hook(step, state, last=last, stopping=stop.requested)
+                if stop.requested:
+                    logging.warning("Stopped at step %d; the same command resumes from here.", step)
+                    break
+        if pending:
+            write_metrics(*pending)
+    finally:
+        writer.flush()
     return parallel.to_host(state)

@@ -1,11 +1,18 @@
-"""Checks a config before anything is compiled or written; every error names the field and what is valid.
+"""Every check of user input, before anything is compiled or written: one error type, `UserError`,
+whose message names the field, flag or file and what would be valid (commands print it as one line).
 
-`validate_config` needs neither TensorFlow nor data; the dataset itself (name, features) is checked by
-`input_pipeline.check_dataset`.
+`validate_config` (training) checks every section; `validate_sampling` and `validate_eval` are what
+the sample and evaluate commands check after their flags are written into the config. None of them
+needs TensorFlow or data; the dataset itself is checked by `input_pipeline.check_dataset`.
 """
 from __future__ import annotations
 
+import os
+import zipfile
+
 import jax
+import numpy as np
+from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion
 from ddpm_jax.train_state import init_params
@@ -15,7 +22,7 @@ ATTENTION_KERNELS = ("xla", "cudnn")
 
 
 class UserError(ValueError):
-    """A config value (or flag) that cannot work; the message names the field and what is valid."""
+    """Input that cannot work (a config value, flag or file); the message names it and what is valid."""
 
 
 def _require(ok: bool, message: str):
@@ -23,7 +30,7 @@ def _require(ok: bool, message: str):
         raise UserError(message)
 
 
-def _positive_int(config, path: str):
+def _positive_int(config: ConfigDict, path: str):
     value = config
     for part in path.split("."):
         value = value[part]
@@ -41,7 +48,7 @@ def unet_resolutions(image_size: int, ch_mult) -> tuple[int, ...]:
     return tuple(image_size // 2 ** level for level in range(len(ch_mult)))
 
 
-def validate_data_and_model(config):
+def validate_data_and_model(config: ConfigDict):
     d, m = config.data, config.model
     size = _positive_int(config, "data.image_size")
     _one_of(d.channels, "data.channels", (1, 3))
@@ -80,7 +87,7 @@ def validate_data_and_model(config):
             f"below 32 or a multiple of 32: a model.ch that is a multiple of 32 always works.") from None
 
 
-def validate_diffusion(config):
+def validate_diffusion(config: ConfigDict):
     c = config.diffusion
     _positive_int(config, "diffusion.num_timesteps")
     _one_of(c.beta_schedule, "diffusion.beta_schedule", diffusion.BETA_SCHEDULES)
@@ -92,7 +99,7 @@ def validate_diffusion(config):
                  f"0 < beta_start <= beta_end <= 1.")
 
 
-def validate_training(config, num_devices: int):
+def validate_training(config: ConfigDict, num_devices: int):
     t, o = config.training, config.optim
     batch = _positive_int(config, "training.batch_size")
     _require(batch % num_devices == 0,
@@ -111,17 +118,107 @@ def validate_training(config, num_devices: int):
     _positive_int(config, "training.keep_checkpoints")
     _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
              f"training.profile_steps={t.profile_steps!r}: must be 0 (no profile) or a number of steps.")
+    _one_of(t.nonfinite, "training.nonfinite", ("stop", "skip"))
     _require(0.0 <= t.label_dropout <= 1.0, f"training.label_dropout={t.label_dropout!r}: must be in [0, 1].")
     _require(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate!r}: must be positive.")
     _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
              f"optim.warmup_steps={o.warmup_steps!r}: must be a non-negative integer.")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip!r}: must be >= 0 (0 turns clipping off).")
+    for name in ("b1", "b2"):
+        _require(0.0 <= o[name] < 1.0, f"optim.{name}={o[name]!r}: must be in [0, 1).")
+    _require(o.eps > 0, f"optim.eps={o.eps!r}: must be positive.")
     _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay!r}: must be in [0, 1).")
 
 
-def validate_config(config, num_devices: int | None = None):
-    """Raises UserError (a ValueError) naming the first bad field. `num_devices`: all JAX devices."""
+def _non_negative_int(value, path: str):
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+             f"{path}={value!r}: must be a non-negative integer.")
+
+
+def validate_sampling(config: ConfigDict):
+    """The `sampling` section against the model it samples (labels, T)."""
+    from ddpm_jax import sampling  # the registry of samplers
+
+    sp, T = config.sampling, config.diffusion.num_timesteps
+    _one_of(sp.sampler, "sampling.sampler", sorted(sampling.SAMPLERS))
+    _require(isinstance(sp.steps, int) and 1 <= sp.steps <= T,
+             f"sampling.steps={sp.steps!r}: must be between 1 and diffusion.num_timesteps={T}.")
+    _require(0.0 <= sp.eta <= 1.0, f"sampling.eta={sp.eta!r}: must be in [0, 1].")
+    _require(not sp.eta or sp.sampler == "ddim",
+             f"sampling.eta={sp.eta} applies to sampling.sampler='ddim' only (this is {sp.sampler!r}).")
+    _require(sp.guidance >= 0, f"sampling.guidance={sp.guidance!r}: must be >= 0.")
+    _require(not sp.guidance or config.model.num_classes,
+             f"sampling.guidance={sp.guidance} needs a class-conditional model; this one has "
+             "model.num_classes=0 (train one with e.g. configs/digits_cond.py).")
+    _require(0.0 <= sp.strength <= 1.0, f"sampling.strength={sp.strength!r}: must be in [0, 1].")
+    _non_negative_int(sp.jump_length, "sampling.jump_length")
+    _require(sp.jump_length <= sp.steps,
+             f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")
+    _positive_int(config, "sampling.jump_n_sample")
+    _positive_int(config, "sampling.num_frames")
+    _positive_int(config, "sampling.num_samples")
+    _positive_int(config, "sampling.batch_size")
+    _non_negative_int(sp.seed, "sampling.seed")
+
+
+def validate_eval(config: ConfigDict, in_loop: bool = False):
+    """The `eval` section (`python -m ddpm_jax.evaluate`; `in_loop`: evaluation during training)."""
+    e, T = config.eval, config.diffusion.num_timesteps
+    for name in ("eval_every", "num_samples", "bpd_examples", "steps", "seed"):
+        _non_negative_int(e[name], f"eval.{name}")
+    _positive_int(config, "eval.batch_size")
+    _require(e.steps <= T, f"eval.steps={e.steps}: at most diffusion.num_timesteps={T} (0: sampling.steps).")
+    _require(not in_loop or bool(e.inception_weights) == bool(e.reference_stats),
+             "eval.inception_weights and eval.reference_stats: FID in the training loop needs both (or "
+             f"neither); got {e.inception_weights!r} and {e.reference_stats!r}.")
+    _require(e.num_samples != 1, "eval.num_samples=1: need at least 2 for a covariance (or 0: none).")
+
+
+def validate_config(config: ConfigDict, num_devices: int | None = None):
+    """Raises UserError naming the first bad field of a training config. `num_devices`: all JAX devices."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     validate_data_and_model(config)
     validate_diffusion(config)
     validate_training(config, num_devices)
+    validate_sampling(config)
+    validate_eval(config, in_loop=True)
+
+
+def load_npz(path: str | None, field: str, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of a user's `.npz` (no pickles), or a UserError naming `field`, the path and what is
+    wrong: missing, not an .npz (random bytes, truncated, empty), pickled objects, or none of `keys`."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{field}={path!r}: no such file.")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{field}={path}: not an .npz file (empty, truncated or another format).")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        reason = "it holds pickled objects, which are not read" if "pickle" in str(e) else f"unreadable ({e})"
+        raise UserError(f"{field}={path}: {reason}.") from None
+    if keys and not set(keys) & set(arrays):
+        raise UserError(f"{field}={path}: expected arrays named {' or '.join(map(repr, keys))}, found "
+                        f"{sorted(arrays)}.")
+    return arrays
+
+
+def check_output_dir(out: str, flag: str = "--out") -> None:
+    """A UserError unless `out` is (or can be made) a writable folder: checked before any work.
+    Bucket paths (gs://...) are not checked here; their writes report their own errors."""
+    if "://" in out:
+        return
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag}={out}: {parent} is a file; give a folder.")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag}={out}: {parent} is not writable.")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A UserError unless `path` can be written as a file (its folder exists or can be made)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag}={path}: is a folder; give a file name.")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)

@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices, set before JAX starts, so data parallelism runs as on an 8-chip host."""
+"""Test setup: 8 fake CPU devices, set before JAX starts, so data parallelism runs as on an 8-chip host.
+
+XLA_FLAGS rather than `chex.set_n_cpu_devices`: the commands the tests start as subprocesses inherit it."""
 import os
 import sys
 

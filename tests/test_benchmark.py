@@ -16,10 +16,8 @@ _WITHOUT_TF = """
 import sys
 for name in ("tensorflow", "tensorflow_datasets", "clu"):
     sys.modules[name] = None
-from absl import app
-from ddpm_jax import benchmark
-sys.argv = ["benchmark"] + sys.argv[1:]
-app.run(benchmark.main)
+from ddpm_jax import benchmark, cli
+cli.run(benchmark.define_flags, benchmark.main, ["benchmark"] + sys.argv[1:])
 """
 
 

@@ -187,14 +187,12 @@ def test_lock_is_held_for_the_body_and_released_also_on_errors(tmp_path):
         held = _lock(workdir)
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         with pytest.raises(UserError, match=rf"--workdir={workdir} is in use by another training run "
-                                            rf"\(pid {os.getpid()} on host "):
-            with locking.workdir_lock(workdir):
-                pass
+                                            rf"\(pid {os.getpid()} on host "), locking.workdir_lock(workdir):
+            pass
         assert _lock(workdir) == held  # the failed second acquisition left ours alone
     assert not os.path.exists(os.path.join(workdir, locking.LOCK_FILE))
-    with pytest.raises(RuntimeError, match="boom"):
-        with locking.workdir_lock(workdir):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), locking.workdir_lock(workdir):
+        raise RuntimeError("boom")
     assert not os.path.exists(os.path.join(workdir, locking.LOCK_FILE))
 
 
@@ -202,16 +200,15 @@ def test_a_live_trainer_s_lock_stops_another(tmp_path):
     workdir = str(tmp_path / "run")
     _write_lock(workdir, pid=os.getppid(), host=socket.gethostname())  # a live process that is not us
     held = _lock(workdir)
-    with pytest.raises(UserError, match=rf"--workdir={workdir} is in use by another training run \(pid "
-                                        rf"{os.getppid()} on host {re.escape(socket.gethostname())}, since "):
-        with locking.workdir_lock(workdir):
-            pass
+    with (pytest.raises(UserError, match=rf"--workdir={workdir} is in use by another training run \(pid "
+                                         rf"{os.getppid()} on host {re.escape(socket.gethostname())}, since "),
+          locking.workdir_lock(workdir)):
+        pass
     assert _lock(workdir) == held
     _write_lock(workdir, pid=os.getppid(), host="other-host")  # cannot be checked from here: respected
     with pytest.raises(UserError, match=rf"pid {os.getppid()} on host other-host, .*delete {workdir}/.lock and "
-                                        r"start again"):
-        with locking.workdir_lock(workdir):
-            pass
+                                        r"start again"), locking.workdir_lock(workdir):
+        pass
     assert _lock(workdir)["host"] == "other-host"
 
 

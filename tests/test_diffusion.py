@@ -3,10 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples
 
 from ddpm_jax import diffusion as D
+from ddpm_jax import sampling as S
 from ddpm_jax.analytic import gaussian_eps_model
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples
 
 
 def _abar64(betas):
@@ -134,14 +135,15 @@ def test_ancestral_sampler_is_exact_for_gaussian_data(variance):
     s = D.make_schedule(D.linear_betas(1000))
     model_fn = gaussian_eps_model(s, GAUSS_MU, GAUSS_SIGMA)
     # clip_x0 off: clipping is a heuristic for images in [-1, 1]; it is not part of the exact reverse process.
-    run = jax.jit(lambda key: D.sample(s, "eps", model_fn, key, (20_000, 4), variance=variance, clip_x0=False))
+    opts = S.StepOptions(variance=variance, clip_x0=False)
+    run = jax.jit(lambda key: S.generate(s, "eps", model_fn, key, (20_000, 4), opts=opts))
     x = run(jax.random.key(1))
     # With T=1000 the discretisation error of the reverse chain is far below the statistical error:
     # allow 2e-4 on top of 5 standard errors (std error of a covariance entry here is ~2e-4).
     check_gaussian_samples(x, bias=2e-4)
     # A wrong model (eps = 0) must fail the same check: the test can tell.
-    bad = jax.jit(lambda key: D.sample(s, "eps", lambda x, t: jnp.zeros_like(x), key, (20_000, 4),
-                                       variance=variance, clip_x0=False))(jax.random.key(1))
+    bad = jax.jit(lambda key: S.generate(s, "eps", lambda x, t: jnp.zeros_like(x), key, (20_000, 4),
+                                         opts=opts))(jax.random.key(1))
     with pytest.raises(AssertionError):
         check_gaussian_samples(bad, bias=2e-4)
 
@@ -149,10 +151,10 @@ def test_ancestral_sampler_is_exact_for_gaussian_data(variance):
 def test_sampler_frames_end_at_sample():
     s = D.make_schedule(D.linear_betas(100, 1e-3, 0.1))
     model_fn = gaussian_eps_model(s, GAUSS_MU, GAUSS_SIGMA)
-    x, frames = D.sample(s, "eps", model_fn, jax.random.key(0), (8, 4), num_frames=5)
+    x, frames = S.generate(s, "eps", model_fn, jax.random.key(0), (8, 4), num_frames=5)
     assert frames.shape == (5, 8, 4)
     np.testing.assert_array_equal(frames[-1], x)
-    np.testing.assert_array_equal(x, D.sample(s, "eps", model_fn, jax.random.key(0), (8, 4)))
+    np.testing.assert_array_equal(x, S.generate(s, "eps", model_fn, jax.random.key(0), (8, 4)))
 
 
 def test_bad_names_are_rejected():
@@ -162,4 +164,5 @@ def test_bad_names_are_rejected():
     with pytest.raises(ValueError, match="model_output"):
         D.predict_x0(s, "score", jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="variance"):
-        D.p_mean_variance(s, "eps", jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32), variance="learned")
+        D.p_mean_variance(s, "eps", jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32),
+                          variance="learned")

@@ -1,14 +1,18 @@
 """`python -m ddpm_jax.evaluate` and the in-loop evaluator, end to end on small inputs."""
+import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from cli_helpers import run_command
+from flax import traverse_util
 
+from ddpm_jax import checkpoints, cli, evaluate, parallel
 from ddpm_jax.evaluation import in_loop, inception, metrics, tasks
+from ddpm_jax.validation import UserError, validate_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +26,13 @@ def test_load_samples_formats(tmp_path):
     np.savez(tmp_path / "b.npz", images=u8 / 127.5 - 1.0)  # float in [-1, 1]
     np.testing.assert_array_equal(tasks.load_samples(str(tmp_path / "b.npz"))[0], u8)
     np.savez(tmp_path / "c.npz", x=u8)
-    with pytest.raises(ValueError, match="'arr_0' or 'images'"):
+    with pytest.raises(UserError, match="'arr_0' or 'images'"):
         tasks.load_samples(str(tmp_path / "c.npz"))
-    with pytest.raises(FileNotFoundError, match="--samples"):
+    with pytest.raises(UserError, match="--samples"):
         tasks.load_samples(str(tmp_path / "none.npz"))
+    np.savez(tmp_path / "nan.npz", images=np.full((2, 8, 8, 1), np.nan, np.float32))
+    with pytest.raises(UserError, match="2 images have non-finite values"):
+        tasks.load_samples(str(tmp_path / "nan.npz"))
 
 
 def _digits_config(tmp_path):
@@ -40,18 +47,19 @@ def _digits_config(tmp_path):
     return config
 
 
-def test_check_config_names_the_field(tmp_path):
+def test_eval_config_errors_name_the_field(tmp_path):
     config = _digits_config(tmp_path)
     for field, value, match in [("eval_every", -1, "eval.eval_every=-1"), ("batch_size", 0, "eval.batch_size=0"),
                                 ("steps", 11, "eval.steps=11"), ("num_samples", 1, "eval.num_samples=1"),
+                                ("seed", -2, "eval.seed=-2"),
                                 ("inception_weights", "w.npz", "eval.inception_weights and eval.reference_stats")]:
         bad = config.copy_and_resolve_references()
         bad.eval[field] = value
-        with pytest.raises(ValueError, match=match):
-            in_loop.check_config(bad)
+        with pytest.raises(UserError, match=match):
+            validate_eval(bad, in_loop=True)
     missing = config.copy_and_resolve_references()
     missing.eval.inception_weights, missing.eval.reference_stats = str(tmp_path / "w.npz"), str(tmp_path / "s.npz")
-    with pytest.raises(FileNotFoundError, match="eval.inception_weights=.*pytorch-fid"):
+    with pytest.raises(UserError, match="eval.inception_weights=.*pytorch-fid"):
         in_loop.Evaluator(missing)
 
 
@@ -84,36 +92,36 @@ def test_fid_is_kid_with_random_inception(tmp_path):
     """The whole FID path on 12 images with random Inception weights: identical sets have FID ~0 and
     KID ~0; a different set does not."""
     variables = inception.random_variables()
-    flat = {"/".join(k.key for k in p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
-    np.savez(tmp_path / "w.npz", **flat)
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    np.savez(tmp_path / "w.npz", **{k: np.asarray(v) for k, v in flat.items()})
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    tasks.reference_statistics(metrics.batched(real, 5), str(tmp_path / "w.npz"), str(tmp_path / "s.npz"),
-                               keep_features=True, per_device_batch=1)
-    same = tasks.fid_is_kid(real, str(tmp_path / "w.npz"), str(tmp_path / "s.npz"), per_device_batch=1)
+    tasks.reference_statistics(real, str(tmp_path / "w.npz"), str(tmp_path / "s.npz"), keep_features=True,
+                               per_device_batch=1)
+    reference = metrics.load_statistics(str(tmp_path / "s.npz"))
+    replicated = parallel.replicate(inception.load_variables(str(tmp_path / "w.npz")))
+    same = tasks.fid_is_kid(real, replicated, reference, per_device_batch=1)
     assert abs(same["fid"]) < 1e-2 and abs(same["kid"]) < 1e-3 and same["is"] >= 1.0
-    other = tasks.fid_is_kid(np.full_like(real, 128), str(tmp_path / "w.npz"), str(tmp_path / "s.npz"),
-                             per_device_batch=1)
+    other = tasks.fid_is_kid(np.full_like(real, 128), replicated, reference, per_device_batch=1)
     assert other["fid"] > 100 * max(abs(same["fid"]), 1e-3)
 
 
 def test_cli_errors_before_work(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ddpm_jax.evaluate", *args], cwd=ROOT, env=env,
-                                       capture_output=True, text=True, timeout=300)
-    r = run("nonsense")
-    assert r.returncode != 0 and "COMMAND is one of" in r.stderr
-    r = run("fid", f"--samples={tmp_path / 'none.npz'}", f"--reference_stats={tmp_path / 's.npz'}")
-    assert r.returncode != 0 and "--inception_weights / eval.inception_weights=None" in r.stderr
-    r = run("bpd", f"--workdir={tmp_path}")
-    assert r.returncode != 0 and "config.json" in r.stderr
+    status, _, err = run_command(evaluate, "nonsense")
+    assert status == 2 and "COMMAND is one of" in err
+    status, _, err = run_command(evaluate, "fid", f"--samples={tmp_path / 'none.npz'}",
+                                 f"--reference_stats={tmp_path / 's.npz'}")
+    assert status == 2 and "--inception_weights / eval.inception_weights=None" in err
+    status, _, err = run_command(evaluate, "bpd", f"--workdir={tmp_path}")
+    assert status == 2 and "config.json" in err
 
 
 @pytest.mark.slow
 def test_training_loop_writes_eval_scalars(tmp_path):
     """The hook in `train_and_evaluate`: eval/ scalars at every eval.eval_every steps and at the end."""
-    from ddpm_jax.training import train_and_evaluate
     from train_helpers import read_events, small_digits_config
+
+    from ddpm_jax.training import train_and_evaluate
     config = small_digits_config(str(tmp_path / "tfds"))
     config.training.num_train_steps = 4
     config.eval.eval_every, config.eval.num_samples, config.eval.bpd_examples = 3, 16, 16
@@ -126,21 +134,27 @@ def test_training_loop_writes_eval_scalars(tmp_path):
         assert all(np.isfinite(v) for _, v in events[tag])
 
 
-def test_run_configs_get_current_eval_defaults():
-    """An older run's config.json lacks newer eval fields: they come from configs/default.py."""
-    import ml_collections
-    from ddpm_jax import evaluate
-    config = evaluate._with_eval_defaults(ml_collections.ConfigDict({"eval": {"num_samples": 5}}))
+def test_run_configs_get_current_defaults(tmp_path):
+    """An older run's config.json lacks newer fields: they come from `defaults.get_config()`."""
+    (tmp_path / "config.json").write_text(json.dumps({"eval": {"num_samples": 5}, "model": {"ch_mult": [1, 2]}}))
+    config = checkpoints.load_config(str(tmp_path))
     assert config.eval.num_samples == 5 and config.eval.bpd_examples == 0 and config.eval.digits_classifier is None
+    assert config.model.ch_mult == (1, 2) and config.sampling.seed == 0
+    # ... and the evaluate command's flags write into them (the FieldReference fields included).
+    fv = flags.FlagValues()
+    evaluate.define_flags(fv)
+    fv(["evaluate", "--num_samples=7", "--inception_weights=w.npz"])
+    cli.apply_flags(config, fv, cli.EVAL_FLAGS)
+    assert config.eval.num_samples == 7 and config.eval.inception_weights == "w.npz"
 
 
 def test_pth_weights_are_converted_once_beside_the_file(tmp_path):
     torch = pytest.importorskip("torch")
-    from ddpm_jax import evaluate
     from test_inception import _synthetic_state_dict
+
     torch.save({k: torch.from_numpy(v) for k, v in _synthetic_state_dict().items()}, tmp_path / "fid.pth")
-    npz = evaluate._weights(str(tmp_path / "fid.pth"))
+    npz = tasks.inception_weights_file(str(tmp_path / "fid.pth"))
     assert npz == str(tmp_path / "fid.npz") and os.path.isfile(npz)
     mtime = os.path.getmtime(npz)
-    assert evaluate._weights(str(tmp_path / "fid.pth")) == npz and os.path.getmtime(npz) == mtime
-    assert evaluate._weights(npz) == npz
+    assert tasks.inception_weights_file(str(tmp_path / "fid.pth")) == npz and os.path.getmtime(npz) == mtime
+    assert tasks.inception_weights_file(npz) == npz

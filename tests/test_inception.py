@@ -1,12 +1,13 @@
 """The FID Inception-v3: forward shapes, input preprocessing, and conversion of pytorch-fid's weights."""
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from ddpm_jax.evaluation import inception as I
+from ddpm_jax.validation import UserError
 
 
 def _pytorch_fid_state_dict_shapes():
@@ -95,27 +96,42 @@ def test_forward_shapes_and_dtypes():
         I.preprocess(jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
-def test_preprocess_matches_bilinear_resize_without_antialiasing():
-    """[0, 255] -> [-1, 1] at 299x299, resized like torch's bilinear (align_corners=False), which for
-    both up- and down-sampling is JAX's 'linear' resize with antialias=False."""
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """`[out, in]` float64 weights of torch's `interpolate(mode='bilinear', align_corners=False)`, which
+    pytorch-fid uses, also when shrinking: output pixel o reads source (o + 0.5) in/out - 0.5, clamped
+    below at 0, mixing its two neighbours (the upper one clamped to the last)."""
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    m = np.zeros((out_size, in_size), np.float64)
+    np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(out_size), hi), frac)
+    return m
+
+
+def test_preprocess_matches_torch_bilinear_resize_without_antialiasing():
+    """[0, 255] -> [-1, 1] at 299x299, resized like torch's bilinear (align_corners=False), checked
+    against that rule written out in float64, for up- and down-sampling."""
     rng = np.random.default_rng(0)
     for hw in [(32, 32), (8, 8), (400, 350)]:
         images = rng.integers(0, 256, (1,) + hw + (3,), dtype=np.uint8)
-        want = jax.image.resize(images.astype(np.float32) / 255.0, (1, 299, 299, 3), "linear", antialias=False)
-        # atol: JAX computes the source coordinates in float32, we in float64 (both round to ~1e-5).
-        np.testing.assert_allclose(I.preprocess(jnp.asarray(images)), 2 * np.asarray(want) - 1, atol=1e-4)
+        want = np.einsum("oh,bhwc,pw->bopc", bilinear_matrix(hw[0], 299), images / 255.0,
+                         bilinear_matrix(hw[1], 299))
+        # atol: JAX computes the source coordinates in float32 (they round to ~1e-5).
+        np.testing.assert_allclose(I.preprocess(jnp.asarray(images)), 2 * want - 1, atol=1e-4)
     grey = rng.integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)  # greyscale is tiled to RGB
     np.testing.assert_array_equal(I.preprocess(jnp.asarray(grey)),
                                   I.preprocess(jnp.asarray(np.repeat(grey, 3, axis=-1))))
     # A constant image stays constant; 0 and 255 map to -1 and 1.
     for v, want in [(0, -1.0), (255, 1.0)]:
         np.testing.assert_allclose(I.preprocess(jnp.full((1, 5, 7, 3), v, jnp.uint8)), want, atol=1e-6)
-    m = I.bilinear_matrix(5, 10)
+    m = bilinear_matrix(5, 10)
     np.testing.assert_allclose(m.sum(1), 1.0)
     # Upsampling 2x: output pixel 1 sits at source 0.25 -> 0.75 x0 + 0.25 x1; pixel 0 clamps to x0.
     np.testing.assert_allclose(m[0], [1, 0, 0, 0, 0])
     np.testing.assert_allclose(m[1], [0.75, 0.25, 0, 0, 0])
-    np.testing.assert_allclose(I.bilinear_matrix(6, 6), np.eye(6))
+    np.testing.assert_allclose(bilinear_matrix(6, 6), np.eye(6))
 
 
 def test_convert_state_dict_maps_pytorch_fid_names_exactly(tmp_path):
@@ -128,7 +144,7 @@ def test_convert_state_dict_maps_pytorch_fid_names_exactly(tmp_path):
 
 
 def test_weight_errors_name_the_field_and_the_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="eval.inception_weights.*pt_inception-2015-12-05"):
+    with pytest.raises(UserError, match="eval.inception_weights.*pt_inception-2015-12-05"):
         I.load_variables(str(tmp_path / "nope.npz"))
     state_dict = _synthetic_state_dict()
     state_dict["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)  # torchvision's ImageNet model
@@ -169,7 +185,7 @@ def test_matches_pytorch_fid_forward(monkeypatch):
     rng = np.random.default_rng(0)
     state_dict = {}
     for k, v in _synthetic_state_dict().items():
-        if k.endswith("running_var") or k.endswith("bn.weight"):
+        if k.endswith(("running_var", "bn.weight")):
             v = 0.5 + rng.uniform(size=v.shape).astype(np.float32)
         elif k.endswith("conv.weight") or k == "fc.weight":
             v = v * np.float32(np.sqrt(2.0 / np.prod(v.shape[1:])))
@@ -192,11 +208,4 @@ def test_matches_pytorch_fid_forward(monkeypatch):
 
 
 def _unflatten(arrays):
-    tree = {}
-    for key, value in arrays.items():
-        *path, leaf = key.split("/")
-        node = tree
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(arrays, sep="/")

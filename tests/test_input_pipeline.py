@@ -25,6 +25,7 @@ def _examples(config, num, **kwargs):
         labels.append(batch["label"].reshape(-1))
         if sum(map(len, labels)) >= num:
             return np.concatenate(images)[:num], np.concatenate(labels)[:num]
+    raise AssertionError(f"the stream ended before {num} examples")
 
 
 def _sklearn_digits():

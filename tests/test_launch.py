@@ -127,8 +127,10 @@ def _run_on_vm(vm, argvs):
              ">> train.log 2>&1' && echo started in tmux session ddpm"]]),
     ("train.sh", ["--workdir=runs/x", "--nohup", "--config=configs/digits.py"],
      [SSH + ["vm1", "--zone=z1", "--worker=0", "--command=cd ddpm_jax && { nohup python3 -m ddpm_jax.main "
-             "--config=configs/digits.py --workdir=runs/x >> train.log 2>&1 < /dev/null & } && echo started with nohup"]]),
-    ("tail_log.sh", ["--lines=20"], [SSH + ["vm1", "--zone=z1", "--worker=0", "--command=tail -n 20 -F ddpm_jax/train.log"]]),
+             "--config=configs/digits.py --workdir=runs/x >> train.log 2>&1 < /dev/null & } "
+             "&& echo started with nohup"]]),
+    ("tail_log.sh", ["--lines=20"],
+     [SSH + ["vm1", "--zone=z1", "--worker=0", "--command=tail -n 20 -F ddpm_jax/train.log"]]),
     ("delete_vm.sh", [], [SSH[:4] + ["delete", "vm1", "--zone=z1", "--quiet"]]),
 ])
 def test_dry_run_prints_the_commands_the_real_run_executes(vm, script, flags, expected):

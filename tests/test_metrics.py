@@ -1,12 +1,10 @@
-"""Frechet distance, Inception Score, KID and sharded feature extraction against closed forms."""
-import jax
-import jax.numpy as jnp
+"""Frechet distance, Inception Score, KID and feature statistics files against closed forms."""
 import numpy as np
 import pytest
 from scipy.stats import special_ortho_group
 
-from ddpm_jax import parallel
 from ddpm_jax.evaluation import metrics as M
+from ddpm_jax.validation import UserError
 
 
 def _psd(rng, d, rank=None):
@@ -101,23 +99,11 @@ def test_statistics_file_round_trip(tmp_path):
     np.testing.assert_allclose(stats["mu"], f.mean(0), rtol=1e-6)
     M.save_statistics(str(tmp_path / "k.npz"), f, keep_features=True)
     np.testing.assert_array_equal(M.load_statistics(str(tmp_path / "k.npz"))["features"], f)
-    with pytest.raises(FileNotFoundError, match="eval.reference_stats"):
+    with pytest.raises(UserError, match="eval.reference_stats"):
         M.load_statistics(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "bad.npz", m=1)
-    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+    with pytest.raises(UserError, match="'mu'"):
         M.load_statistics(str(tmp_path / "bad.npz"))
-
-
-def _square_sum(scale, x):
-    return {"y": scale * jnp.sum(x.astype(jnp.float32) ** 2, axis=(1, 2)), "first": x[:, 0, 0]}
-
-
-def test_sharded_map_regroups_pads_and_keeps_order():
-    n = jax.local_device_count()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3 * n + 5, 2, 2), dtype=np.uint8)
-    batches = [images[:7], images[7:8], images[8:]]  # uneven sizes, remainder to pad
-    out = M.sharded_map(_square_sum, (parallel.replicate(jnp.float32(2.0)),), batches, per_device_batch=2)
-    want = 2.0 * (images.astype(np.float32) ** 2).sum((1, 2))
-    np.testing.assert_allclose(out["y"], want)
-    np.testing.assert_array_equal(out["first"], images[:, 0, 0])
+    np.savez(tmp_path / "bad2.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
+    with pytest.raises(UserError, match=r"'mu' \[D\] and 'sigma' \[D, D\]"):
+        M.load_statistics(str(tmp_path / "bad2.npz"))

@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from configs import digits
-from ddpm_jax import parallel, train
+from ddpm_jax import parallel, training
 
 
 def _loss_curve(dtype: str, num_steps: int = 150):
@@ -30,7 +30,7 @@ def _loss_curve(dtype: str, num_steps: int = 150):
                                   "label": np.zeros((n_dev, c.training.batch_size // n_dev), np.int32)})
         losses.append(m["loss"])
     host = parallel.to_host(state)
-    return np.array([float(parallel.to_host(l)) for l in losses]), host
+    return np.array([float(parallel.to_host(loss)) for loss in losses]), host
 
 
 @pytest.mark.slow  # ~2 CPU-minutes: bf16 convolutions are slow on CPU

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ddpm_jax import checkpoints, image_utils
-from ddpm_jax import sample as cli
+from ddpm_jax import checkpoints, generation, image_utils
 from ddpm_jax.train_state import create_train_state
+from ddpm_jax.validation import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,68 +79,45 @@ def test_cli_writes_the_files_it_promises(cond_run, tmp_path):
     assert "[##############################] 9/9 images" in r.stderr
 
 
+def _request(config, *, label=None, init_images=None, mask=None, invert=False, **sampling):
+    """`generation.make_request` as the command calls it: flags written into `sampling` first."""
+    config = config.copy_and_resolve_references()
+    config.sampling.update(sampling)
+    return config, generation.make_request(config, label=label, init_images=init_images, mask=mask,
+                                           invert=invert, given=frozenset(sampling))
+
+
 def test_editing_keeps_what_it_must(cond_run, images_dir):
     config = checkpoints.load_config(cond_run)
     params, step = checkpoints.load_params(cond_run, config)
     assert step == 0
     inputs = image_utils.load_images(images_dir, channels=1)
     mask_path = os.path.join(os.path.dirname(images_dir), "mask.png")
-    for kw in (dict(mask=mask_path, jump_length=1, jump_n_sample=2), dict(mask=mask_path, sampler="ddim")):
-        req = cli.make_request(config, init_images=images_dir, num_samples=5, label="1", guidance=1.0, **kw)
-        out = image_utils.to_uint8(cli.run(config, params, req)["images"])
+    for kw in (dict(jump_length=1, jump_n_sample=2), dict(sampler="ddim")):
+        c, req = _request(config, init_images=images_dir, mask=mask_path, num_samples=5, label="1", guidance=1.0,
+                          **kw)
+        out = image_utils.to_uint8(generation.run(c, params, req)["images"])
         known = np.ones((8, 8, 1), bool)
         known[2:6, 2:6] = False
         # Every known pixel comes back exactly as the input PNG had it (images cycle: 0 1 2 0 1).
         np.testing.assert_array_equal(out[:, known], inputs[[0, 1, 2, 0, 1]][:, known])
-    req = cli.make_request(config, init_images=images_dir, strength=0.0)
-    np.testing.assert_array_equal(image_utils.to_uint8(cli.run(config, params, req)["images"]), inputs)
-    req = cli.make_request(config, init_images=images_dir, strength=0.6, invert=True, sampler="ddim")
+    c, req = _request(config, init_images=images_dir, strength=0.0)
+    np.testing.assert_array_equal(image_utils.to_uint8(generation.run(c, params, req)["images"]), inputs)
+    c, req = _request(config, init_images=images_dir, strength=0.6, invert=True, sampler="ddim")
     assert req.spec.level == 3 and req.spec.invert
-    assert cli.run(config, params, req)["images"].shape == (3, 8, 8, 1)
-
-
-@pytest.mark.parametrize("kw, message", [
-    (dict(sampler="plms"), r"sampler='plms': must be one of \['ancestral', 'ddim'\]"),
-    (dict(steps=21), r"--steps=21: must be between 1 and diffusion.num_timesteps=20"),
-    (dict(eta=0.5), r"--eta=0.5 applies to --sampler=ddim only"),
-    (dict(label="3"), r"--label=3: must be 'all', 'null' or a class in \[0, 2\]"),
-    (dict(label="dog"), r"--label=dog: must be"),
-    (dict(guidance=-1.0), r"--guidance=-1.0: must be >= 0"),
-    (dict(strength=0.5), r"--strength edits the --init_images"),
-    (dict(init_images="INPUTS", strength=1.5), r"strength=1.5: must be in \[0, 1\]"),
-    (dict(init_images="INPUTS", mask="MASK16"), r"--mask=.*mask16.png: the mask is 16x16; it must be 8x8"),
-    (dict(init_images="INPUTS", mask="MASK", strength=0.3), r"--strength applies to image-to-image"),
-    (dict(init_images="INPUTS", mask="MASK", jump_length=9), r"--jump_length/--jump_n_sample: jump_length=9"),
-    (dict(init_images="nowhere/"), r"--init_images=nowhere/: .*no such image file or folder"),
-    (dict(jump_length=2), r"apply to inpainting"),
-    (dict(num_samples=0), r"--num_samples=0 and --batch_size=256: must be >= 1"),
-])
-def test_bad_flags_are_named(cond_run, images_dir, kw, message):
-    config = checkpoints.load_config(cond_run)
-    subst = {"INPUTS": images_dir, "MASK": os.path.join(os.path.dirname(images_dir), "mask.png"),
-             "MASK16": os.path.join(os.path.dirname(images_dir), "mask16.png")}
-    kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
-    with pytest.raises(ValueError, match=message):
-        cli.make_request(config, **kw)
+    assert generation.run(c, params, req)["images"].shape == (3, 8, 8, 1)
 
 
 def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
     config = _config(num_classes=0)
-    with pytest.raises(ValueError, match=r"--guidance=2.0 needs a class-conditional model.*num_classes=0"):
-        cli.make_request(config, guidance=2.0)
-    with pytest.raises(ValueError, match=r"--label=1: this run's model is unconditional"):
-        cli.make_request(config, label="1")
-    # Through the CLI: a usage error, before the params are loaded or anything is compiled or written.
-    checkpoints.write_config(str(tmp_path), config)
-    out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, "-m", "ddpm_jax.sample", f"--workdir={tmp_path}", f"--out={out}",
-                        "--guidance=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "--guidance=2.0 needs a class-conditional model" in r.stderr
-    assert not os.path.exists(out)
+    with pytest.raises(UserError, match=r"sampling.guidance=2.0 needs a class-conditional model.*num_classes=0"):
+        _request(config, guidance=2.0)
+    with pytest.raises(UserError, match=r"--label=1: this run's model is unconditional"):
+        _request(config, label="1")
 
 
 def test_per_class_accuracy_table():
-    from ddpm_jax import conditional_accuracy as ca
+    from ddpm_jax.evaluation import conditional_accuracy as ca
 
     labels = np.array([0, 0, 1, 1, 2, 2])
     acc = ca.per_class_accuracy(np.array([0, 1, 1, 1, 0, 0]), labels, 3)

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, chain_law, check_gaussian_samples, ddim_invert64
 
 from ddpm_jax import diffusion as D
+from ddpm_jax import parallel, train_state
 from ddpm_jax import sampling as S
 from ddpm_jax.analytic import gaussian_eps_model
 from ddpm_jax.models import UNet
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, chain_law, check_gaussian_samples, ddim_invert64
 
 T = 1000
 BETAS = D.linear_betas(T)
@@ -33,16 +34,9 @@ def _gen(s, sampler, opts, key=0, x_T=None, model_fn=GAUSS):
 
 
 def test_registry_and_unknown_name():
-    assert S.SAMPLERS == {"ancestral": S.ancestral_step, "ddim": S.ddim_step}
+    assert {"ancestral": S.ancestral_step, "ddim": S.ddim_step} == S.SAMPLERS
     with pytest.raises(ValueError, match=r"sampler='plms': must be one of \['ancestral', 'ddim'\]"):
         S.get_step("plms")
-
-
-def test_generate_ancestral_is_diffusion_sample():
-    s = _respaced(20)
-    a = S.generate(s, "eps", GAUSS, jax.random.key(3), (16, 4), opts=EXACT)
-    b = D.sample(s, "eps", GAUSS, jax.random.key(3), (16, 4), clip_x0=False)
-    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("variance", D.VARIANCES)
@@ -197,7 +191,8 @@ def test_classifier_free_guidance():
     def outputs(w):
         return dict(cond=apply_fn(x, t, y), uncond=apply_fn(x, t, jnp.full_like(y, 3)),
                     guided=S.guided_model_fn(apply_fn, y, 3, w)(x, t),
-                    unet=S.unet_model_fn(model, params, y, 2.0)(x, t), unet_cond=S.unet_model_fn(model, params, y)(x, t))
+                    unet=S.unet_model_fn(model, params, y, 2.0)(x, t),
+                    unet_cond=S.unet_model_fn(model, params, y)(x, t))
 
     o, o2 = outputs(0.0), outputs(2.0)
     assert calls == [(4, 8, 8, 1), (4, 8, 8, 1), (8, 8, 8, 1)]  # guidance: one pass on the 2B stacked batch
@@ -223,30 +218,45 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     np.testing.assert_array_equal(S.img2img(s, "eps", model_fn, jax.random.key(0), x0, 0), x0)
 
 
-def test_pmap_batches_pads_orders_and_folds_device_keys():
+def test_pad_shard_unpad_pads_orders_and_chunks():
     n_dev = jax.local_device_count()
     assert n_dev == 8  # tests/conftest.py
-    fn = lambda params, key, b: {"y": b["labels"] * params, "u": jax.random.uniform(key, b["labels"].shape)}
+    calls = []
+
+    def fn(c, shard):
+        calls.append((c, shard["labels"].shape))
+        return {"y": 10 * shard["labels"]}
+
     labels = np.arange(13)
     seen = []
-    out = S.pmap_batches(fn, 10, jax.random.key(0), {"labels": labels}, batch_size=5,
-                         progress=lambda done, total: seen.append((done, total)))
+    out = parallel.pad_shard_unpad(fn, {"labels": labels}, batch_size=5, progress=lambda *a: seen.append(a))
     # batch 5 over 8 devices -> chunks of 8 (1 per device): 13 = 8 + 5 (padded to 8, padding dropped).
     np.testing.assert_array_equal(out["y"], 10 * labels)
-    assert seen == [(8, 13), (13, 13)]
-    assert len(np.unique(out["u"])) == 13  # every device and chunk has its own key
-    out2 = S.pmap_batches(fn, 10, jax.random.key(0), {"labels": labels}, batch_size=5)
-    np.testing.assert_array_equal(out["u"], out2["u"])
+    assert calls == [(0, (8, 1)), (1, (8, 1))] and seen == [(8, 13), (13, 13)]
 
 
-def test_sample_shard_pmapped_with_frames():
-    model, params = _cond_unet()
-    s = _respaced(6)
-    spec = S.SampleSpec(sampler="ddim", guidance=1.0, num_frames=3)
-    fn = lambda p, k, b: S.sample_shard(model, s, "eps", spec, (8, 8, 1), p, k, b)
-    out = S.pmap_batches(fn, params, jax.random.key(0), {"labels": np.arange(10) % 3}, batch_size=16)
-    assert out["images"].shape == (10, 8, 8, 1) and out["frames"].shape == (10, 3, 8, 8, 1)
-    np.testing.assert_array_equal(out["frames"][:, -1], out["images"])
+def test_generation_run_keys_frames_and_one_compiled_sampler():
+    """Every device and batch has its own noise, the same seed gives the same images, frames end at
+    the images, and repeated runs reuse one pmapped sampler."""
+    from configs import tiny
+    from ddpm_jax import generation
+    config = tiny.get_config()
+    config.data.image_size, config.data.channels = 8, 1
+    config.model.ch, config.model.ch_mult, config.model.attn_resolutions, config.model.num_classes = 16, (1,), (), 3
+    config.diffusion.num_timesteps = 6
+    config.sampling.update(sampler="ddim", steps=6, guidance=1.0, num_samples=10, batch_size=16)
+    params = jax.jit(functools.partial(train_state.init_params, config))(jax.random.key(0))
+    req = generation.make_request(config, label="all")
+    out = generation.run(config, params, req)
+    assert out["images"].shape == (10, 8, 8, 1)
+    assert len({img.tobytes() for img in out["images"]}) == 10  # no two rows share noise
+    np.testing.assert_array_equal(generation.run(config, params, req)["images"], out["images"])
+    req = generation.make_request(config, label="all")
+    framed = generation.run(config, params, generation.Request(10, req.spec._replace(num_frames=3), req.labels,
+                                                               req.label))
+    assert framed["frames"].shape == (10, 3, 8, 8, 1)
+    np.testing.assert_array_equal(framed["frames"][:, -1], framed["images"])
+    assert generation.pmapped_sampler(config, req.spec) is generation.pmapped_sampler(config, req.spec)
 
 
 def test_forward_trajectory_marginals():
@@ -267,7 +277,7 @@ def _train_three_steps(label_dropout: float):
     """Params after 3 train steps on fixed images with labels A and with labels B (8 devices x 2
     examples, same keys), and the initial params."""
     from configs import tiny
-    from ddpm_jax import parallel, train
+    from ddpm_jax import training
 
     c = tiny.get_config()
     c.data.image_size, c.data.channels = 8, 1

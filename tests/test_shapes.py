@@ -58,7 +58,7 @@ def test_random_scenes_keep_the_spec(many_scenes):
         for o in scene:
             y0, x0, y1, x1 = o.box
             assert y1 - y0 == x1 - x0 and S.MIN_SIDE <= y1 - y0 <= S.MAX_SIDE
-            assert 0 <= y0 and 0 <= x0 and y1 <= S.IMAGE_SIZE and x1 <= S.IMAGE_SIZE
+            assert y0 >= 0 and x0 >= 0 and y1 <= S.IMAGE_SIZE and x1 <= S.IMAGE_SIZE
             kinds.add((o.colour, o.shape))
         if len(scene) == 2:
             a, b = scene
@@ -153,7 +153,7 @@ def test_shapes_builder_features_and_consistency(small_builds):
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 200, "test": 50}
     assert builder.info.features["objects"]["shape"].names == list(S.SHAPES)
     assert builder.info.features["objects"]["colour"].names == list(S.COLOURS)
-    for split, examples in build.items():
+    for examples in build.values():
         num_two = 0
         for ex in examples:
             image, scene = ex["image"], _scene(ex, builder.info)

@@ -2,18 +2,25 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddpm_jax import checkpoints, input_pipeline, parallel, train
-from tests.train_helpers import (assert_trees_equal, compilation_cache, prepare_digits, read_events,
-                                 small_cifar10_config, small_digits_config)
+from ddpm_jax import checkpoints, input_pipeline, parallel, training
+from tests.train_helpers import (
+    compilation_cache,
+    prepare_digits,
+    read_events,
+    small_cifar10_config,
+    small_digits_config,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +62,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     assert loaded.model.ch_mult == config.model.ch_mult  # tuples come back as tuples
     params, step = checkpoints.load_params(workdir)
     assert step == 4
-    assert_trees_equal(params, state.ema_params)
+    chex.assert_trees_all_equal(params, state.ema_params)
     assert all(x.devices() == {jax.local_devices(backend="cpu")[0]} for x in jax.tree.leaves(params))
 
     # A 4x4 grid of 32x32 samples with 2-pixel padding, enlarged twice.
@@ -84,7 +91,7 @@ def test_stopping_and_restarting_gives_bitwise_identical_params(data_dir, tmp_pa
     resumed = _run(config, str(tmp_path / "resumed"), 8)
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "8"]
     assert int(resumed.step) == 8
-    assert_trees_equal(straight, resumed)
+    chex.assert_trees_all_equal(straight, resumed)
     # The data position went into the checkpoint: 8 steps of 16 examples.
     with open(tmp_path / "resumed" / "checkpoints" / "8" / "data" / "metadata") as f:
         assert json.load(f) == {"position": 128}
@@ -116,7 +123,7 @@ def test_sigterm_saves_and_the_restart_resumes_exactly_with_steps_per_call(data_
     monkeypatch.undo()
     resumed = _run(config, str(tmp_path / "resumed"), 8)
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "8"]
-    assert_trees_equal(straight, resumed)
+    chex.assert_trees_all_equal(straight, resumed)
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +213,53 @@ def test_main_command_trains_and_keeps_compiled_programs(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.listdir(workdir / "checkpoints") == ["2"]
     assert any(name.startswith("jit_create_train_state") for name in os.listdir(cache))
+
+
+def _diverging(config):
+    """`config` resumed with a learning rate that overflows the params (and so the loss) within steps:
+    Adam's step is about the learning rate whatever the (clipped) gradient."""
+    config = config.copy_and_resolve_references()
+    config.optim.learning_rate = 1e30
+    config.training.log_every = 1
+    return config
+
+
+def test_divergence_stops_and_keeps_the_last_finite_checkpoint(data_dir, tmp_path):
+    config = small_digits_config(data_dir)
+    workdir = str(tmp_path / "run")
+    _run(config, workdir, 4)
+    bad = _diverging(config)
+    bad.training.checkpoint_every, bad.training.keep_checkpoints = 1, 1  # a save per step: rotation would bite
+    with pytest.raises(training.Diverged, match=r"not finite since step (\d+)") as info:
+        _run(bad, workdir, 12)
+    first_bad = int(re.search(r"since step (\d+)", str(info.value)).group(1))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps and steps[-1] < first_bad <= 12  # nothing from the bad step on was saved
+    params, step = checkpoints.load_params(workdir, bad, use_ema=False)
+    assert step == steps[-1] and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nonfinite_skip_carries_on_with_finite_params(data_dir, tmp_path):
+    config = small_digits_config(data_dir)
+    workdir = str(tmp_path / "run")
+    _run(config, workdir, 4)
+    skip = _diverging(config)
+    skip.training.nonfinite = "skip"
+    state = _run(skip, workdir, 8)
+    assert int(state.step) == 8
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    assert checkpoints.load_params(workdir, skip)[1] == 8
+
+
+def test_train_step_leaves_the_state_alone_on_a_nonfinite_loss(data_dir):
+    config = small_digits_config(data_dir)
+    state = training.create_train_state(config, 0)
+    step = jax.pmap(functools.partial(training.train_step, config=config), axis_name=parallel.AXIS_NAME)
+    n = jax.local_device_count()
+    batch = {"image": np.full((n, 2, 8, 8, 1), np.nan, np.float32), "label": np.zeros((n, 2), np.int32)}
+    new, metrics = step(parallel.replicate(state), batch)
+    assert int(parallel.to_host(metrics)["nonfinite"]) == 1
+    host = parallel.to_host(new)
+    assert int(host.step) == 1
+    chex.assert_trees_all_equal((host.params, host.ema_params, host.opt_state), (state.params, state.ema_params,
+                                                                         state.opt_state))

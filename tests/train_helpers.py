@@ -4,7 +4,6 @@ import glob
 import os
 
 import jax
-import numpy as np
 import tensorflow as tf
 
 from configs import digits, tiny
@@ -19,6 +18,7 @@ def small_digits_config(data_dir: str):
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = ()
     c.diffusion.num_timesteps = 100
+    c.sampling.steps = 100
     c.optim.warmup_steps = 2
     c.training.batch_size = 16
     c.training.num_train_steps = 8
@@ -70,13 +70,6 @@ def compilation_cache(path: str):
     finally:
         for name, value in zip(names, before):
             jax.config.update(name, value)
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and la
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def prepare_digits(data_dir: str) -> str:

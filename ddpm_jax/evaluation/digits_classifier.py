@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
+from ddpm_jax import validation
 from ddpm_jax.evaluation import metrics
 
 NUM_CLASSES = 10
@@ -89,21 +91,15 @@ def fit(images: np.ndarray, labels: np.ndarray, steps: int = 600, batch_size: in
 
 def save(path: str, params) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    flat = {"/".join(k.key for k in path_): np.asarray(v)
-            for path_, v in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(path, **flat)
+    np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
 
 
 def load(path: str):
-    params: dict = {}
-    with np.load(path) as f:
-        for key in f.files:
-            *mods, leaf = key.split("/")
-            node = params
-            for m in mods:
-                node = node.setdefault(m, {})
-            node[leaf] = jnp.asarray(f[key])
-    return params
+    arrays = validation.load_npz(path, "eval.digits_classifier")
+    try:
+        return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in arrays.items()}, sep="/")
+    except ValueError as e:
+        raise validation.UserError(f"eval.digits_classifier={path}: not a digits classifier ({e}).") from None
 
 
 def load_or_fit(path: str | None = None):
@@ -130,7 +126,7 @@ def features_and_logits(params, images: np.ndarray, batch_size: int = 1000) -> t
     if images.dtype != np.uint8 or images.shape[1:] != (8, 8, 1):
         raise ValueError(f"digits metrics need uint8 images [N, 8, 8, 1], got {images.dtype} {images.shape}.")
     outs = [apply(params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return (np.concatenate([np.asarray(f) for f, _ in outs]), np.concatenate([np.asarray(l) for _, l in outs]))
+    return (np.concatenate([np.asarray(f) for f, _ in outs]), np.concatenate([np.asarray(lg) for _, lg in outs]))
 
 
 def accuracy(params, images: np.ndarray, labels: np.ndarray) -> float:

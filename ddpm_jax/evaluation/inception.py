@@ -19,6 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from ddpm_jax.validation import UserError, load_npz
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -170,23 +173,6 @@ class FIDInceptionV3(nn.Module):
 # Input preprocessing.
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """`[out, in]` weights of 1-d bilinear resizing with half-pixel centres and no antialiasing.
-
-    Source coordinate of output pixel o: (o + 0.5) in/out - 0.5, clamped below at 0; it mixes the two
-    neighbouring input pixels (the upper one clamped to the last). This is torch's
-    `interpolate(mode='bilinear', align_corners=False)`, which pytorch-fid uses, also when shrinking.
-    """
-    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    m = np.zeros((out_size, in_size), np.float64)
-    np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
-    np.add.at(m, (np.arange(out_size), hi), frac)
-    return m
-
-
 def preprocess(images: jax.Array) -> jax.Array:
     """uint8 `[B, H, W, C]` (C = 1 or 3) -> float32 `[B, 299, 299, 3]` in [-1, 1].
 
@@ -199,11 +185,10 @@ def preprocess(images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32) / 255.0
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
-    _, h, w, _ = x.shape
-    if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-        rh = jnp.asarray(bilinear_matrix(h, INPUT_SIZE), jnp.float32)
-        rw = jnp.asarray(bilinear_matrix(w, INPUT_SIZE), jnp.float32)
-        x = jnp.einsum("oh,bhwc,pw->bopc", rh, x, rw, precision=_HIGHEST)
+    if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
+        # Half-pixel centres, no antialiasing: torch's bilinear with align_corners=False, as pytorch-fid.
+        x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "linear", antialias=False,
+                             precision=_HIGHEST)
     return 2.0 * x - 1.0
 
 
@@ -263,42 +248,37 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
         elif path == ["fc"] and leaf == "bias":
             out["params/fc/bias"] = value
         else:
-            raise ValueError(f"Inception weights: unexpected parameter {key!r} {value.shape}; expected "
+            raise UserError(f"Inception weights: unexpected parameter {key!r} {value.shape}; expected "
                              "pytorch-fid's FID Inception state dict (conv/bn/fc parameters).")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
 def convert_pytorch_fid_weights(pth_path: str, out_path: str) -> None:
     """pytorch-fid's `.pth` -> `.npz` for `load_variables`. Needs torch (only here)."""
+    if not os.path.isfile(pth_path):
+        raise UserError(f"--pth={pth_path}: no such file; download pytorch-fid's weights from "
+                        f"{PYTORCH_FID_WEIGHTS_URL}")
     try:
         import torch
-    except ImportError as e:
-        raise ImportError("Converting the .pth needs torch: pip install torch (CPU build is enough).") from e
-    if not os.path.isfile(pth_path):
-        raise FileNotFoundError(f"{pth_path}: no such file; download pytorch-fid's weights from "
-                                f"{PYTORCH_FID_WEIGHTS_URL}")
-    state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise UserError("Converting the .pth needs torch: pip install torch (CPU build is enough).") from None
+    try:
+        state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a user's file: torch raises many kinds for a bad one
+        raise UserError(f"--pth={pth_path}: not a PyTorch weights file torch can read safely ({e}).") from None
     arrays = convert_state_dict({k: v.numpy() for k, v in state_dict.items()})
     _check_against_model(arrays, pth_path)  # fail here, not at evaluation time
     np.savez(out_path, **arrays)
 
 
-def _flat_shapes(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat_shapes(v, prefix + (k,))
-    else:
-        yield "/".join(prefix), tuple(tree.shape)
-
-
 def _check_against_model(arrays: dict[str, np.ndarray], source: str) -> None:
     """Raises unless `arrays` holds exactly the model's variables with the model's shapes."""
-    expected = dict(_flat_shapes(abstract_variables()))
+    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_variables(), sep="/").items()}
     got = {k: tuple(v.shape) for k, v in arrays.items()}
     missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
     if missing or extra or wrong:
-        raise ValueError(
+        raise UserError(
             f"{source}: not the FID Inception-v3 weights. Missing {missing[:5]} ({len(missing)}), "
             f"unexpected {extra[:5]} ({len(extra)}), wrong shape "
             f"{[(k, got[k], expected[k]) for k in wrong[:5]]} ({len(wrong)}).")
@@ -308,19 +288,11 @@ def load_variables(npz_path: str | None, field: str = "eval.inception_weights") 
     """The `.npz` written by `convert_pytorch_fid_weights` -> {'params', 'batch_stats'} as jnp arrays.
     `field`: the config field or flag that named the file, for the error message."""
     if not npz_path or not os.path.isfile(npz_path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{field}={npz_path!r}: no such file. Download pytorch-fid's weights "
             f"({PYTORCH_FID_WEIGHTS_URL}) and convert them once with `python -m ddpm_jax.evaluate "
             "convert_inception --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz`, "
             f"then set {field} to the .npz.")
-    with np.load(npz_path) as f:
-        arrays = {k: f[k] for k in f.files}
-    _check_against_model(arrays, npz_path)
-    variables: dict = {}
-    for key, value in arrays.items():
-        *path, leaf = key.split("/")
-        node = variables
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return variables
+    arrays = load_npz(npz_path, field)
+    _check_against_model(arrays, f"{field}={npz_path}")
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in arrays.items()}, sep="/")

@@ -1,5 +1,5 @@
 """Frechet distance, Inception Score and KID from features, feature statistics in pytorch-fid's
-`.npz` layout, and feature extraction sharded over devices with `jax.pmap`.
+`.npz` layout, and Inception features on all local devices (`jax.pmap`).
 
 All statistics are computed on the host in float64 from float32 features.
 """
@@ -8,17 +8,15 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.special
 
 from ddpm_jax import parallel
 from ddpm_jax.evaluation import inception
-
+from ddpm_jax.validation import UserError, load_npz
 
 # ----------------------------------------------------------------------------------------------
 # Frechet distance and feature statistics.
@@ -75,14 +73,15 @@ def save_statistics(path: str, features: np.ndarray, keep_features: bool = False
 def load_statistics(path: str | None, field: str = "eval.reference_stats") -> dict:
     """{'mu', 'sigma'[, 'features']} from a `.npz` written by `save_statistics` or pytorch-fid."""
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{field}={path!r}: no such file. Compute it once with `python -m ddpm_jax.evaluate "
             "reference_stats --config=... --out=stats.npz`, or use a pytorch-fid statistics .npz.")
-    with np.load(path) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path}: expected keys 'mu' and 'sigma', found {f.files}.")
-        return {k: f[k].astype(np.float32 if k == "features" else np.float64) for k in f.files
-                if k in ("mu", "sigma", "features")}
+    f = load_npz(path, field, ("mu",))
+    if "sigma" not in f or f["mu"].ndim != 1 or f["sigma"].shape != f["mu"].shape * 2:
+        raise UserError(f"{field}={path}: expected 'mu' [D] and 'sigma' [D, D], found "
+                        f"{ {k: v.shape for k, v in f.items()} }.")
+    return {k: v.astype(np.float32 if k == "features" else np.float64) for k, v in f.items()
+            if k in ("mu", "sigma", "features")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,62 +130,23 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, num_subsets: int =
 # Feature extraction sharded over the local devices.
 
 
-_pmap = functools.cache(jax.pmap)  # one compiled program per function, reused across calls
+@functools.cache
+def _pmapped_inception():
+    """Built once: every call with the same batch shape reuses one compiled program."""
+    def outputs(variables, images):
+        out = inception.inception_apply(variables, images)
+        return {"pool": out["pool"], "logits_unbiased": out["logits_unbiased"]}
+
+    return jax.pmap(outputs, parallel.AXIS_NAME)
 
 
-def sharded_map(fn: Callable, replicated_args, batches, per_device_batch: int):
-    """Applies `fn(*args, x)` (pmapped) to the stacked batches of uint8 images.
-
-    `batches`: an iterable of numpy arrays `[b, ...]` of any sizes. Rows are regrouped into calls of
-    `n_devices * per_device_batch` rows, the last one padded (and the padding dropped). Returns a
-    dict of numpy arrays `[N, ...]`: the outputs of `fn` concatenated in input order.
-    """
-    n = jax.local_device_count()
-    step = n * per_device_batch
-    pfn = _pmap(fn)
-    outputs: list = []
-    buffer, count = [], 0
-
-    def flush(rows):
-        x = np.concatenate(rows) if len(rows) > 1 else rows[0]
-        valid = len(x)
-        if valid < step:
-            x = np.concatenate([x, np.zeros((step - valid,) + x.shape[1:], x.dtype)])
-        out = pfn(*replicated_args, x.reshape((n, per_device_batch) + x.shape[1:]))
-        outputs.append(jax.tree.map(lambda o: np.asarray(o).reshape((step,) + o.shape[2:])[:valid], out))
-
-    for batch in batches:
-        batch = np.asarray(batch)
-        while len(batch):
-            take = step - count
-            buffer.append(batch[:take])
-            count += len(batch[:take])
-            batch = batch[take:]
-            if count == step:
-                flush(buffer)
-                buffer, count = [], 0
-    if count:
-        flush(buffer)
-    if not outputs:
-        raise ValueError("no images to evaluate.")
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
-
-def batched(images: np.ndarray, batch_size: int):
-    """Splits `[N, ...]` into consecutive `[batch_size, ...]` views."""
-    for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size]
-
-
-def _inception_outputs(variables, images):
-    out = inception.inception_apply(variables, images)
-    return {"pool": out["pool"], "logits_unbiased": out["logits_unbiased"]}
-
-
-def inception_features(variables, batches, per_device_batch: int = 50) -> dict:
-    """uint8 image batches -> {'pool' `[N, 2048]`, 'logits_unbiased' `[N, 1008]`} float32, on all
-    local devices."""
-    return sharded_map(_inception_outputs, (parallel.replicate(variables),), batches, per_device_batch)
+def inception_features(replicated_variables, images: np.ndarray, per_device_batch: int = 50) -> dict:
+    """uint8 images `[N, H, W, C]` -> {'pool' `[N, 2048]`, 'logits_unbiased' `[N, 1008]`} float32, on all
+    local devices. `replicated_variables`: `parallel.replicate(inception.load_variables(...))`, made
+    once by the caller (the in-loop evaluator keeps them across evaluations)."""
+    fn = _pmapped_inception()
+    return parallel.pad_shard_unpad(lambda c, shard: fn(replicated_variables, shard["images"]),
+                                    {"images": np.asarray(images)}, per_device_batch * jax.local_device_count())
 
 
 def sample_quality(features: dict, reference: dict, splits: int = 10) -> dict:

@@ -1,23 +1,34 @@
 """The evaluations that `python -m ddpm_jax.evaluate` and the in-loop hook run, as functions.
 
 Images travel as uint8 `[N, H, W, C]` numpy arrays. TensorFlow is imported only to read a tfds split.
+Workdir evaluations sample with the run's `sampling` section, overridden by `eval` (`sampling_config`);
+their noise comes from `eval.seed`, the same at every call, so repeated evaluations differ only by
+the params.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 
-from ddpm_jax import diffusion, image_utils
-from ddpm_jax.evaluation import digits_classifier, inception, likelihood, metrics
+from ddpm_jax import diffusion, generation, image_utils, parallel, sampling
+from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics
+from ddpm_jax.models import unet_from_config
+from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval
+
+COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy")
+WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
+STATS_FIELD = "--reference_stats / eval.reference_stats"
 
 
 # ----------------------------------------------------------------------------------------------
 # Images in.
 
 
-def eval_split(config) -> str:
+def eval_split(config: ConfigDict) -> str:
     """`eval.split`, or when unset the dataset's 'test' split if it has one, else `data.split`."""
     if config.eval.split:
         return config.eval.split
@@ -26,18 +37,20 @@ def eval_split(config) -> str:
     return "test" if "test" in splits else config.data.split
 
 
-def real_images(config, split: str, max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def real_images(config: ConfigDict, split: str,
+                max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 images `[N, S, S, C]` (S = data.image_size, centre-cropped and resized as for training
     when the dataset's images differ) and labels `[N]` (None if the dataset has none), in split order."""
-    from ddpm_jax import input_pipeline  # TensorFlow is only needed here
     import tensorflow as tf
     import tensorflow_datasets as tfds
+
+    from ddpm_jax import input_pipeline  # TensorFlow is only needed here
 
     d = config.data
     builder = input_pipeline.prepared_builder(d)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
-                         "(set eval.split or --split).")
+        raise UserError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
+                        "(set eval.split or --split).")
     ds = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
     if max_examples:
         ds = ds.take(max_examples)
@@ -56,90 +69,212 @@ def real_images(config, split: str, max_examples: int | None = None) -> tuple[np
         if has_label:
             labels.append(batch[1])
     if not images:
-        raise ValueError(f"split {split!r} of {d.dataset!r} is empty.")
+        raise UserError(f"split {split!r} of {d.dataset!r} is empty.")
     return np.concatenate(images), (np.concatenate(labels).astype(np.int32) if has_label else None)
 
 
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples from a `.npz`: uint8 images under 'arr_0' (as `python -m ddpm_jax.sample` writes) or
     'images', or float images in [-1, 1]; optional 'labels'. Returns (uint8 `[N, H, W, C]`, labels)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--samples={path}: no such file.")
-    with np.load(path) as f:
-        key = next((k for k in ("arr_0", "images") if k in f.files), None)
-        if key is None:
-            raise ValueError(f"--samples={path}: expected images under 'arr_0' or 'images', found {f.files}.")
-        images, labels = f[key], (f["labels"] if "labels" in f.files else None)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"--samples={path}: images must be [N, H, W, 1 or 3], got {images.shape}.")
+    f = load_npz(path, "--samples", ("arr_0", "images"))
+    images, labels = f.get("arr_0", f.get("images")), f.get("labels")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+        raise UserError(f"--samples={path}: images must be [N >= 1, H, W, 1 or 3], got {images.shape}.")
     if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise UserError(f"--samples={path}: images must be uint8, or float in [-1, 1]; got {images.dtype}.")
+        if not np.isfinite(images).all():
+            raise UserError(f"--samples={path}: {int((~np.isfinite(images)).any(axis=(1, 2, 3)).sum())} images "
+                            "have non-finite values.")
         images = image_utils.to_uint8(images)
+    if labels is not None and labels.shape != (len(images),):
+        raise UserError(f"--samples={path}: 'labels' must be [{len(images)}], got {labels.shape}.")
     return images, labels
 
 
-def generate(config, params, num_samples: int, *, batch_size: int, seed: int = 0,
-             steps: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`num_samples` uint8 samples with the config's sampler on all local devices, and their labels
-    (classes in equal blocks for class-conditional models, else None)."""
-    from ddpm_jax import sample
+def sampling_config(config: ConfigDict):
+    """A copy of `config` whose `sampling` section draws `eval.num_samples` with `eval.steps` (0: the
+    run's sampling.steps) in batches of `eval.batch_size` from the noise of `eval.seed`."""
+    config = config.copy_and_resolve_references()
+    e, sp = config.eval, config.sampling
+    sp.num_samples, sp.batch_size, sp.seed = e.num_samples, e.batch_size, e.seed
+    sp.steps = e.steps or sp.steps
+    return config
 
-    req = sample.make_request(config, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                              steps=steps or None)
-    images = image_utils.to_uint8(sample.run(config, params, req)["images"])
-    return images, (req.labels if config.model.num_classes else None)
+
+def generate(config: ConfigDict, params) -> tuple[np.ndarray, np.ndarray | None]:
+    """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, and their labels
+    (classes in equal blocks for class-conditional models, else None)."""
+    config = sampling_config(config)
+    req = generation.make_request(config)
+    images = generation.run(config, params, req)["images"]
+    if not np.isfinite(images).all():
+        raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
+    return image_utils.to_uint8(images), (req.labels if config.model.num_classes else None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics.
 
 
-def reference_statistics(images_batches, inception_weights: str, out: str, *, keep_features: bool = False,
+def inception_weights_file(path: str | None) -> str:
+    """The `.npz` of the FID Inception weights; pytorch-fid's `.pth` is converted once to the `.npz`
+    of the same name beside it (needs torch). A missing file is a UserError."""
+    if path and path.endswith(".pth"):
+        npz = os.path.splitext(path)[0] + ".npz"
+        if not os.path.isfile(npz):
+            if not os.path.isfile(path):
+                raise UserError(f"{WEIGHTS_FIELD}={path}: no such file; download pytorch-fid's weights from "
+                                f"{inception.PYTORCH_FID_WEIGHTS_URL}")
+            inception.convert_pytorch_fid_weights(path, npz)
+            print(f"converted {path} to {npz}")
+        return npz
+    inception.load_variables(path, WEIGHTS_FIELD)  # fails now, not after sampling
+    return path
+
+
+def reference_statistics(images: np.ndarray, inception_weights: str, out: str, *, keep_features: bool = False,
                          per_device_batch: int = 50) -> dict:
-    """Inception pool statistics of real images, written to `out` in pytorch-fid's layout."""
-    variables = inception.load_variables(inception_weights)
-    features = metrics.inception_features(variables, images_batches, per_device_batch)
+    """Inception pool statistics of real uint8 images, written to `out` in pytorch-fid's layout."""
+    variables = parallel.replicate(inception.load_variables(inception_weights, WEIGHTS_FIELD))
+    features = metrics.inception_features(variables, images, per_device_batch)
     return metrics.save_statistics(out, features["pool"], keep_features=keep_features)
 
 
-def fid_is_kid(images: np.ndarray, inception_weights: str, reference_stats: str, *,
-               per_device_batch: int = 50, variables=None, reference=None) -> dict:
-    """FID and IS (and KID when the reference file keeps features) of uint8 `images`. `variables`
-    and `reference` skip loading the files again (the in-loop evaluator keeps them)."""
-    reference = reference or metrics.load_statistics(reference_stats)
-    variables = variables or inception.load_variables(inception_weights)
-    features = metrics.inception_features(variables, metrics.batched(images, 1000), per_device_batch)
+def fid_is_kid(images: np.ndarray, replicated_variables, reference: dict, *, per_device_batch: int = 50) -> dict:
+    """FID and IS (and KID when `reference` keeps features) of uint8 `images`. `replicated_variables`:
+    `parallel.replicate(inception.load_variables(...))`; `reference`: `metrics.load_statistics(...)`."""
+    features = metrics.inception_features(replicated_variables, images, per_device_batch)
     return metrics.sample_quality(features, reference)
 
 
-def bits_per_dim(config, params, images: np.ndarray, *, batch_size: int, seed: int = 0) -> dict:
-    """The variational bound on uint8 `images` on all local devices (`likelihood.bpd`), averaged.
+def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
+    """The variational bound on uint8 `images` on all local devices (`likelihood.bpd`), averaged,
+    in batches of `eval.batch_size` with the noise of `eval.seed`.
 
     Returns bits/dim: 'bpd' (total), 'bpd_prior' (L_T), 'bpd_decoder' (L_0), 'bpd_kl' (sum of the KL
     terms L_1..L_{T-1}) and 'bpd_terms' `[T]` (mean of each term; [0] is L_0). Class-conditional
     models are evaluated with the null label: the unconditional likelihood.
     """
-    from ddpm_jax import sampling
-    from ddpm_jax.models import unet_from_config
-
-    c = config.diffusion
-    s = diffusion.schedule_from_config(c)
-    model = unet_from_config(config)
-    null = np.full(len(images), config.model.num_classes, np.int32)
-
-    def fn(p, key, batch):
-        model_fn = sampling.unet_model_fn(model, p, batch["labels"] if model.num_classes else None)
-        return likelihood.bpd(s, c.model_output, model_fn, batch["x0"], key, variance=c.variance,
-                              clip_x0=c.clip_x0)
-
-    out = sampling.pmap_batches(fn, params, jax.random.key(seed),
-                                {"x0": image_utils.from_uint8(images), "labels": null}, batch_size)
+    fn = parallel.built_once(("bpd", config.to_json_best_effort(sort_keys=True)), lambda: _pmapped_bpd(config))
+    key = jax.random.key(config.eval.seed)
+    inputs = {"x0": image_utils.from_uint8(images), "labels": np.full(len(images), config.model.num_classes, np.int32)}
+    out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
+                                   config.eval.batch_size)
     terms = out["terms"].mean(0)
     return {"bpd": float(out["total"].mean()), "bpd_prior": float(out["prior"].mean()),
             "bpd_decoder": float(terms[0]), "bpd_kl": float(terms[1:].sum()), "bpd_terms": terms}
 
 
+def _pmapped_bpd(config: ConfigDict):
+    c = config.diffusion
+    s = diffusion.schedule_from_config(c)
+    model = unet_from_config(config)
+
+    def device_fn(params, key, batch):
+        key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
+        model_fn = sampling.unet_model_fn(model, params, batch["labels"] if model.num_classes else None)
+        return likelihood.bpd(s, c.model_output, model_fn, batch["x0"], key, variance=c.variance, clip_x0=c.clip_x0)
+
+    return jax.pmap(device_fn, parallel.AXIS_NAME, in_axes=(None, None, 0))
+
+
 def digits(images: np.ndarray, labels: np.ndarray | None, classifier_path: str | None = None,
            reference: np.ndarray | None = None) -> dict:
     """The offline digits metrics (`digits_classifier.digits_metrics`) of uint8 8x8 samples."""
+    if images.shape[1:] != (8, 8, 1):
+        raise UserError(f"digits metrics need 8x8 greyscale digits; these images are {images.shape[1:]}.")
     params = digits_classifier.load_or_fit(classifier_path)
     return digits_classifier.digits_metrics(params, images, labels, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m ddpm_jax.evaluate COMMAND`.
+
+
+def write_result(workdir: str | None, name: str, result: dict) -> None:
+    """Prints `result` as JSON (without per-term arrays) and writes it to WORKDIR/eval/NAME.json."""
+    printable = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}
+    print(json.dumps({k: v for k, v in printable.items() if k != "bpd_terms"}, indent=1))
+    if workdir:
+        path = os.path.join(workdir, "eval", f"{name}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(printable, f, indent=1)
+        print(f"wrote {path}")
+
+
+def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int | None = None, keep_features=False,
+                            per_device_batch: int = 50) -> None:
+    """Statistics of `eval.split` (default `data.split`) of the config's dataset, written to `out`."""
+    validate_eval(config)
+    check_output_file(out, "--out")
+    weights = inception_weights_file(config.eval.inception_weights)
+    split = config.eval.split or config.data.split
+    images, _ = real_images(config, split, num_examples)
+    stats = reference_statistics(images, weights, out, keep_features=keep_features, per_device_batch=per_device_batch)
+    print(f"wrote {out}: statistics of {len(images)} images of {config.data.dataset}/{split} "
+          f"({stats['mu'].shape[0]}-d)")
+
+
+def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
+                    reference_split: str | None = None, num_examples: int | None = None,
+                    per_device_batch: int = 50, settings=(), num_per_class: int = 100) -> dict:
+    """`fid`, `bpd`, `digits` or `accuracy` on the run in `workdir` (with `config`, its config.json and
+    the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
+    read; writes WORKDIR/eval/COMMAND_step_N.json. Returns the result."""
+    from ddpm_jax import checkpoints
+
+    validate_eval(config)
+    if command not in COMMANDS[2:]:
+        raise UserError(f"{command!r}: COMMAND is one of {COMMANDS}.")
+    if samples is not None and command in ("bpd", "accuracy"):
+        raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
+    if samples is None and not workdir:
+        raise UserError(f"{command} needs --workdir (a training run) or, for fid and digits, --samples.")
+    e = config.eval
+    if command == "fid":
+        weights = inception_weights_file(e.inception_weights)
+        stats = e.reference_stats
+        if not stats:
+            raise UserError(f"{STATS_FIELD}=None: give the reference statistics .npz (see `reference_stats`).")
+        if reference_split and not os.path.isfile(stats):
+            if samples is not None:
+                raise UserError("--reference_split reads the dataset of a --workdir's run; with --samples make "
+                                "the statistics first with `reference_stats --config=...`.")
+            config = config.copy_and_resolve_references()
+            config.eval.split = reference_split
+            reference_stats_command(config, stats, per_device_batch=per_device_batch)
+        reference = metrics.load_statistics(stats, STATS_FIELD)
+    if command == "accuracy":
+        plans = conditional_accuracy.parse_settings(config, settings)
+    images = labels = step = None
+    if samples is not None:
+        images, labels = load_samples(samples)
+    else:
+        params, step = checkpoints.load_params(workdir, config)
+    name = command if step is None else f"{command}_step_{step}"
+
+    if command == "accuracy":
+        out = os.path.join(workdir, "accuracy")
+        table = conditional_accuracy.run(config, params, plans, num_per_class=num_per_class, out=out)
+        print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
+        print(table)
+        return {"table": table}
+    if command == "bpd":
+        split = eval_split(config)
+        images, _ = real_images(config, split, num_examples)
+        result = bits_per_dim(config, params, images)
+        result.update(split=split, num_examples=len(images))
+    else:
+        if images is None:
+            images, labels = generate(config, params)
+        if command == "fid":
+            variables = parallel.replicate(inception.load_variables(weights, WEIGHTS_FIELD))
+            result = fid_is_kid(images, variables, reference, per_device_batch=per_device_batch)
+        else:
+            result = digits(images, labels, e.digits_classifier)
+        result.update(num_samples=len(images))
+    result.update(step=step)
+    write_result(workdir, name, result)
+    return result

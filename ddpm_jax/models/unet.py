@@ -7,11 +7,13 @@ accelerators). With the CIFAR-10 settings (ch=128, ch_mult=(1, 2, 2, 2), 2 block
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 
 Dtype = Any
 
@@ -148,7 +150,7 @@ class UNet(nn.Module):
         return _conv(self.out_ch, dt, zero=True, name="conv_out")(h).astype(jnp.float32)
 
 
-def unet_from_config(config) -> UNet:
+def unet_from_config(config: ConfigDict) -> UNet:
     """The U-Net described by `config.model` and `config.data` (channels)."""
     m = config.model
     return UNet(ch=m.ch, out_ch=config.data.channels, ch_mult=tuple(m.ch_mult),

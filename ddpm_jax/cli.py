@@ -1,0 +1,147 @@
+"""What the four commands share: running one, turning user errors into one line, and the friendly flags.
+
+A command module (`main`, `sample`, `evaluate`, `benchmark`) defines `define_flags(fv)` and
+`main(fv, argv)` and ends with `cli.run(define_flags, main)`. Every run gets a fresh
+`flags.FlagValues`, so tests can run any command in-process with `run(..., argv=[...])`.
+
+User errors (`validation.UserError`, bad flags, a config file that does not load) print one line,
+`error: ...`, and exit with status 2, before anything is compiled or written; anything else keeps
+its traceback.
+
+The friendly flags of `sample` and `evaluate` (`--steps`, `--guidance`, ...) are names for config
+fields; `SAMPLE_FLAGS` and `EVAL_FLAGS` map one onto the other and `apply_flags` writes them in.
+"""
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import flags, logging
+from ml_collections import ConfigDict
+
+from ddpm_jax import defaults
+from ddpm_jax.validation import UserError
+
+EXIT_USAGE = 2
+
+# flag -> (config field, help). Types and defaults come from the field in `defaults.get_config()`.
+SAMPLE_FLAGS = {
+    "num_samples": ("sampling.num_samples", "Images to make (with --init_images: default one per input)."),
+    "batch_size": ("sampling.batch_size", "Images per device call, over all local devices."),
+    "sampler": ("sampling.sampler", "A name in sampling.SAMPLERS."),
+    "steps": ("sampling.steps", "Sampler steps; fewer than diffusion.num_timesteps respaces."),
+    "eta": ("sampling.eta", "DDIM noise: 0 deterministic, 1 as ancestral (ddim only)."),
+    "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
+    "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1]."),
+    "jump_length": ("sampling.jump_length", "Inpainting: RePaint resampling jump length (0: no jumps)."),
+    "jump_n_sample": ("sampling.jump_n_sample", "Inpainting: times each jump stretch is sampled."),
+    "seed": ("sampling.seed", "Base random seed."),
+}
+EVAL_FLAGS = {
+    "num_samples": ("eval.num_samples", "Samples to generate and score."),
+    "batch_size": ("eval.batch_size", "Images per device call over all devices (sampling and bpd)."),
+    "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
+    "seed": ("eval.seed", "Seed of the sampling and bound noise."),
+    "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),
+    "inception_weights": ("eval.inception_weights", "The converted Inception .npz; a .pth is converted "
+                                                    "once to the .npz beside it."),
+    "reference_stats": ("eval.reference_stats", "Reference statistics .npz (pytorch-fid layout)."),
+    "digits_classifier": ("eval.digits_classifier", "The digits classifier .npz (default: fitted and cached)."),
+}
+
+
+def _field(config: ConfigDict, path: str):
+    section, name = path.split(".")
+    return config[section], name
+
+
+def define_config_flags(fv: flags.FlagValues, mapping: dict) -> None:
+    """Defines one flag per entry of `mapping`, typed like its config field, default None (unset)."""
+    base = defaults.get_config()
+    for flag, (path, help_text) in mapping.items():
+        section, name = _field(base, path)
+        value = section[name]
+        kind = section.get_type(name) if value is None else type(value)
+        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+            kind, flags.DEFINE_string)
+        define(flag, None, f"{help_text} Sets {path}.", flag_values=fv)
+
+
+def apply_flags(config: ConfigDict, fv: flags.FlagValues, mapping: dict):
+    """Writes every friendly flag that was given into its config field; returns `config`."""
+    for flag, (path, _) in mapping.items():
+        value = fv[flag].value
+        if value is not None:
+            section, name = _field(config, path)
+            section[name] = float(value) if isinstance(section[name], float) else value
+    return config
+
+
+def no_arguments(args: list[str]) -> None:
+    if args:
+        raise UserError(f"unexpected arguments {' '.join(args)!r}: every input is a --flag (--help lists them).")
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A --config file that is missing or does not load is one line, not config_flags' traceback."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            if not os.path.isfile(path):
+                raise UserError(f"--config={path}: no such file (configs live in configs/, e.g. "
+                                "configs/digits.py).")
+            try:
+                config = defaults.load_config_file(path)
+            except Exception as e:  # a user's file: any failure to load it is theirs to fix
+                raise UserError(f"--config={path}: cannot load it ({type(e).__name__}: {e}).") from None
+            if not hasattr(config, "to_dict"):
+                raise UserError(f"--config={path}: get_config() must return an ml_collections.ConfigDict.")
+            for override in argv[1:]:
+                if override.startswith("--config."):
+                    field = override[len("--config."):].split("=", 1)[0]
+                    node = config
+                    for part in field.split("."):
+                        if not hasattr(node, "keys") or part not in node:
+                            raise UserError(f"--config.{field}: the config has no field {field} "
+                                            "(ddpm_jax/defaults.py lists every field).")
+                        node = node[part]
+
+
+def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
+    """Orbax logs every file of every save at INFO; keep its warnings and errors only."""
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def fail(message, status: int = EXIT_USAGE) -> None:
+    """Prints `error: message` on one line and exits with `status` (2: a usage error)."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
+
+
+def run(define_flags: Callable[[flags.FlagValues], None], main: Callable, argv: list[str] | None = None):
+    """Parses `argv` (default sys.argv) into fresh flags and calls `main(fv, positional_args)`."""
+    argv = list(sys.argv if argv is None else argv)
+    if not flags.FLAGS.is_parsed():  # absl's logging reads its own flags; keep their defaults
+        flags.FLAGS([argv[0]])
+    logging.use_absl_handler()  # as absl's app.run: progress and metrics at INFO on stderr
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_drop_orbax_info)
+    fv = flags.FlagValues()
+    saved_argv, sys.argv = sys.argv, argv  # config_flags reads --config from sys.argv to define overrides
+    try:
+        _check_config_file(argv)
+        define_flags(fv)
+        if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+            print(f"{sys.modules[main.__module__].__doc__}\n{fv.get_help()}")
+            return None
+        rest = fv(argv)
+        sys.argv = saved_argv
+        return main(fv, rest[1:])
+    except flags.Error as e:
+        fail(f"{e}. (--help lists the flags.)")
+    except UserError as e:
+        fail(e)
+    finally:
+        sys.argv = saved_argv

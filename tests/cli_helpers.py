@@ -1,0 +1,17 @@
+"""Running a command module in-process, as `python -m ddpm_jax.X ARGS` would, for fast tests."""
+import contextlib
+import io
+
+from ddpm_jax import cli
+
+
+def run_command(module, *args: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `module` (e.g. `ddpm_jax.sample`) run with `args`."""
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.run(module.define_flags, module.main, [module.__name__, *args])
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+    return status, out.getvalue(), err.getvalue()

@@ -1,0 +1,85 @@
+"""Every `sample` and `evaluate` command line in the README and docs/ runs as written on small saved
+runs named as the docs name them (runs/digits, runs/digits_cond), trained by the documented train
+command with a smaller model. Only sample counts are made smaller, by flags appended at the end
+(the last value of a flag wins). Commands on data or weights that cannot exist offline (CIFAR-10,
+pytorch-fid's weights) are listed and left out."""
+import glob
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+from cli_helpers import run_command
+
+from ddpm_jax import evaluate, image_utils, main, sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+               "--config.training.num_train_steps=2", "--config.training.checkpoint_every=2",
+               "--config.training.log_every=1", "--config.training.sample_every=0",
+               "--config.training.profile_steps=0", "--compilation_cache="]
+SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
+           evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"]}
+OFFLINE = ("runs/digits ", "runs/digits_cond ")  # the runs the tests make
+
+
+def documented_commands() -> list[str]:
+    """`python -m ddpm_jax.sample/evaluate ...` lines of the README and docs/, continuations joined."""
+    commands = []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        with open(path) as f:
+            text = re.sub(r"\\\n\s*", " ", f.read())
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                line = line.split("  #")[0].strip()
+                if re.match(r"python -m ddpm_jax\.(sample|evaluate)\b", line):
+                    commands.append(line)
+    return list(dict.fromkeys(commands))  # README and docs repeat some
+
+
+def runnable(command: str) -> bool:
+    return any(run in command + " " for run in (f"--workdir={r}" for r in OFFLINE))
+
+
+def test_docs_have_commands_and_most_run_offline():
+    commands = documented_commands()
+    offline = [c for c in commands if runnable(c)]
+    assert len(commands) >= 15 and len(offline) >= 10, offline
+
+
+@pytest.fixture(scope="module")
+def cwd_with_runs(tmp_path_factory):
+    """runs/digits and runs/digits_cond trained by the documented command (a smaller model, 2 steps),
+    inputs/ with two digits and mask.png, as the docs' commands expect them."""
+    d = tmp_path_factory.mktemp("docs")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        for name in ("digits", "digits_cond"):
+            status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
+                                         f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
+            assert status == 0, err[-2000:]
+        os.makedirs("inputs")
+        rng = np.random.default_rng(0)
+        for i in range(2):
+            image_utils.save_png(f"inputs/{i}.png", rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
+        mask = np.zeros((8, 8, 1), np.uint8)
+        mask[2:6, 2:6] = 255
+        image_utils.save_png("mask.png", mask)
+    finally:
+        os.chdir(old)
+    return d
+
+
+@pytest.mark.parametrize("command", [c for c in documented_commands() if runnable(c)])
+def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
+    monkeypatch.chdir(cwd_with_runs)
+    words = shlex.split(command)
+    module = {"ddpm_jax.sample": sample, "ddpm_jax.evaluate": evaluate}[words[2]]
+    status, out, err = run_command(module, *words[3:], *SMALLER[module])
+    assert status == 0, (command, err[-3000:])
+    if module is sample:
+        assert "samples.png" in out and "samples.npz" in out
+    else:
+        assert "{" in out or "| setting |" in out  # the metrics as JSON, or the accuracy table
