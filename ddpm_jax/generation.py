@@ -75,9 +75,9 @@ def make_request(config: ConfigDict, *, label: str | None = None, init_images: s
     (--strength, --jump_length, ... make sense only with some inputs)."""
     validate_sampling(config)
     d, sp, K = config.data, config.sampling, config.model.num_classes
-    for flag in ("strength", "mask"):
-        if (flag in given or (flag == "mask" and mask)) and init_images is None:
-            raise UserError(f"--{flag} edits the --init_images; give --init_images too.")
+    if init_images is None and ("strength" in given or mask is not None):
+        raise UserError(f"--{'mask' if mask is not None else 'strength'} edits the --init_images; give "
+                        "--init_images too.")
     if invert and (init_images is None or mask is not None):
         raise UserError("--invert applies to image-to-image: give --init_images without --mask.")
     if mask is not None and "strength" in given:
@@ -207,7 +207,7 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     params, step = checkpoints.load_params(workdir, config, use_ema=ema)
     sp = config.sampling
     print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
-          f"{sp.guidance}, {jax.local_device_count()} devices -> {out}", file=sys.stderr)
+          f"{sp.guidance}, {jax.local_device_count()} device(s) -> {out}", file=sys.stderr)
     images = run(config, params, req, progress=ProgressBar())["images"]
     grids = process_figures(config, params, req) if figures else None
     paths = write_outputs(out, images, req, config.model.num_classes, individual=individual, figures=grids)
