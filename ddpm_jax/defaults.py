@@ -16,9 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline
+    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline;
+    # 'folder': the images in data.data_dir (sub-folders are classes), see docs/data.md
     c.data.split = "train"
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    # 'folder' only: where its prepared copy goes; None: data_dir/.ddpm_jax_cache
+    c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.image_size = 32
     c.data.channels = 3
     c.data.random_flip = True

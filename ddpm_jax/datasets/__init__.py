@@ -1,4 +1,5 @@
 """Local tensorflow-datasets builders; importing this package registers them with tfds."""
 from ddpm_jax.datasets.digits import Digits
+from ddpm_jax.datasets.folder import Folder
 
-__all__ = ["Digits"]
+__all__ = ["Digits", "Folder"]
