@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline;
+    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits', 'faces' ship offline;
     # 'folder': the images in data.data_dir (sub-folders are classes), see docs/data.md
     c.data.split = "train"
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)

@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
+from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits', 'faces')
 from ddpm_jax import parallel
 from ddpm_jax.datasets import folder as folder_dataset
 from ddpm_jax.validation import UserError
@@ -52,14 +52,14 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise UserError(
-            f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' "
-            f"ships with this package (offline), 'folder' reads your own images in data.data_dir; "
+            f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' and "
+            f"'faces' ship with this package (offline), 'folder' reads your own images in data.data_dir; "
             f"others such as 'cifar10', 'celeb_a' or 'lsun/church_outdoor' are downloaded once into "
             f"data.data_dir.") from None
 
 
 def prepared_builder(d) -> tfds.core.DatasetBuilder:
-    """`get_builder`, with the dataset prepared in `data.data_dir` ('digits' and 'folder' are
+    """`get_builder`, with the dataset prepared in `data.data_dir` ('digits', 'faces' and 'folder' are
     built locally, others downloaded once), or a UserError naming the fields when it cannot be.
     `d`: `config.data`."""
     return _prepare(get_builder(d), d)
