@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
+    c.model.remat = False  # recompute each block's activations in the backward pass: less memory, more time
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000
