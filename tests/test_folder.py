@@ -207,11 +207,13 @@ def test_folder_mistakes_are_user_errors_naming_the_field(tmp_path):
     from ddpm_jax import validation
 
     config = folder_config(tmp_path / "missing")
-    assert _error(config) == f"data.data_dir={str(tmp_path / 'missing')!r}: no such folder (data.dataset='folder' " \
-                             f"reads the images in it)."
+    missing = str(tmp_path / "missing")
+    assert _error(config) == (f"data.data_dir={missing!r}: no such folder (data.dataset='folder' reads the images "
+                              f"in it).")
     (tmp_path / "empty" / ".ddpm_jax_cache").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("")
-    assert "has no images (1 other files are not .jpg/.jpeg/.png/.webp)" in _error(folder_config(tmp_path / "empty"))
+    empty = folder_config(tmp_path / "empty")
+    assert "has no images (1 other files are not .jpg/.jpeg/.png/.webp)" in _error(empty)
     config.data.data_dir = None
     with pytest.raises(ValueError, match=r"data\.dataset='folder' needs data\.data_dir=PATH"):
         validation.validate_config(config)
@@ -224,7 +226,9 @@ def test_folder_mistakes_are_user_errors_naming_the_field(tmp_path):
     assert _error(config) == (f"data.image_size=8: 1 of the 2 images in data.data_dir={str(flat)!r} are smaller "
                               f"than 8x8: small.png (20x6). Remove them or lower data.image_size.")
     config.model.num_classes = 2
-    assert "model.num_classes=2: data.data_dir=" in _error(config) and "has no class sub-folders" in _error(config)
+    assert _error(config) == (f"model.num_classes=2: data.data_dir={str(flat)!r} has no class sub-folders; put "
+                              f"each class's images in a sub-folder named after it (sorted names are labels "
+                              f"0..1), or use model.num_classes=0.")
     (flat / "cats").mkdir()
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(flat / "cats" / "b.png")
     assert "1 images lie directly in data.data_dir=" not in _error(config)  # two lie there
