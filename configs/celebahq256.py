@@ -3,7 +3,8 @@
 The 114M-parameter U-Net `unet2d16b2c112244` of the official code: ch 128, ch_mult (1, 1, 2, 2, 4, 4),
 2 res blocks per level, attention at 16x16, dropout 0.0. Adam 2e-5 (the paper lowered it from 2e-4
 for 256x256, which trained unstably) with 5,000 warmup steps, gradient clipping at 1, batch 64, EMA
-0.9999, random flips, T = 1000 linear betas 1e-4..0.02, 0.5M steps. bfloat16 compute.
+0.9999, random flips, T = 1000 linear betas 1e-4..0.02, sampling variance beta_tilde_t, 0.5M steps.
+bfloat16 compute (the official code computes in float32).
 
 The data is a folder of the 30,000 CelebA-HQ images (any size >= 256, e.g. the 1024x1024 PNGs or a
 256x256 export); tfds's `celeb_a_hq` needs a manual download and conversion, so the folder route is the
@@ -33,6 +34,9 @@ def get_config():
     c.diffusion.beta_schedule = "linear"
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
+    # The official 256x256 scripts sample with diffusion_utils.GaussianDiffusion, whose reverse variance
+    # is the posterior's beta_tilde_t; the CIFAR-10 script (diffusion_utils_2) uses beta_t.
+    c.diffusion.variance = "fixedsmall"
     c.optim.learning_rate = 2e-5
     c.optim.warmup_steps = 5000
     c.optim.grad_clip = 1.0

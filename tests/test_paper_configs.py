@@ -75,7 +75,7 @@ def test_256_configs_have_the_official_settings_and_parameter_count(name):
     assert c.training.batch_size == 64
     d = c.diffusion
     assert (d.num_timesteps, d.beta_schedule, d.beta_start, d.beta_end) == (1000, "linear", 1e-4, 0.02)
-    assert (d.model_output, d.variance) == ("eps", "fixedlarge")
+    assert (d.model_output, d.variance, d.clip_x0) == ("eps", "fixedsmall", True)  # diffusion_utils.py
 
     if dataset == "folder":
         c.data.data_dir = "/data/celebahq"
