@@ -218,4 +218,4 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         if skipped:
             logging.warning("data.data_dir=%s: skipped %d of %d files that could not be read: %s", listing.root,
                             len(skipped), len(listing.files), ", ".join(skipped))
-        logging.info("data.data_dir=%s: prepared %d images in %s", listing.root, kept, self.data_dir)
+        logging.info("data.data_dir=%s: prepared %d images", listing.root, kept)
