@@ -131,6 +131,7 @@ def test_folder_builds_with_labels_and_the_images_each_mode_should_give(mixed, c
         input_pipeline.check_dataset(config)
     assert "skipping dogs/broken.png (OSError" in caplog.text
     assert "skipped 1 of 9 files that could not be read: dogs/broken.png" in caplog.text
+    assert "ignored 1 files that are not .jpg/.jpeg/.png/.webp" in caplog.text  # notes.txt
 
     builder = input_pipeline.get_builder(config.data)
     assert builder.is_prepared() and builder.data_dir.startswith(os.path.join(str(root), ".ddpm_jax_cache"))

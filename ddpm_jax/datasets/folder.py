@@ -219,3 +219,6 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             logging.warning("data.data_dir=%s: skipped %d of %d files that could not be read: %s", listing.root,
                             len(skipped), len(listing.files), ", ".join(skipped))
         logging.info("data.data_dir=%s: prepared %d images", listing.root, kept)
+        if listing.num_ignored:
+            logging.warning("data.data_dir=%s: ignored %d files that are not %s", listing.root, listing.num_ignored,
+                            "/".join(IMAGE_EXTENSIONS))
