@@ -16,9 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits' ships offline
+    c.data.dataset = "cifar10"  # any tfds name with an 'image' feature; 'digits', 'faces' ship offline;
+    # 'folder': the images in data.data_dir (sub-folders are classes), see docs/data.md
     c.data.split = "train"
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    # 'folder' only: where its prepared copy goes; None: data_dir/.ddpm_jax_cache
+    c.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.image_size = 32
     c.data.channels = 3
     c.data.random_flip = True
@@ -33,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
+    c.model.remat = False  # recompute each block's activations in the backward pass: less memory, more time
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000

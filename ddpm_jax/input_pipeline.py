@@ -21,8 +21,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import ConfigDict
 
-from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
+from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline datasets)
 from ddpm_jax import parallel
+from ddpm_jax.datasets import folder as folder_dataset
 from ddpm_jax.validation import UserError
 
 # TensorFlow only feeds data here; it must not take GPU memory from JAX.
@@ -35,26 +36,46 @@ _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride 
 
 
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The tfds builder of `data.dataset`, or a UserError naming the field and similar names."""
+    """The tfds builder of `data.dataset`, or a UserError naming the field and similar names.
+
+    'folder' reads the images in `data.data_dir` (`datasets.folder`), prepared at `data.image_size`
+    and `data.channels` into `data.cache_dir` (None: a hidden folder inside `data.data_dir`).
+    """
     name = data_config.dataset
+    if name == "folder":
+        if not data_config.data_dir:
+            raise UserError("data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
+        return folder_dataset.Folder(folder=data_config.data_dir, image_size=data_config.image_size,
+                                     channels=data_config.channels, cache_dir=data_config.cache_dir)
     try:
         return tfds.builder(name, data_dir=data_config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise UserError(
-            f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' "
-            f"ships with this package (offline); others such as 'cifar10', 'celeb_a' or "
-            f"'lsun/church_outdoor' are downloaded once into data.data_dir.") from None
+            f"data.dataset={name!r}: no tensorflow-datasets dataset has that name.{hint} 'digits' and "
+            f"'faces' ship with this package (offline), 'folder' reads your own images in data.data_dir; "
+            f"others such as 'cifar10', 'celeb_a' or 'lsun/church_outdoor' are downloaded once into "
+            f"data.data_dir.") from None
 
 
 def prepared_builder(d) -> tfds.core.DatasetBuilder:
-    """`get_builder`, with the dataset prepared in `data.data_dir` ('digits' is built locally, others
-    downloaded once), or a UserError naming the fields when it cannot be. `d`: `config.data`."""
-    builder = get_builder(d)
+    """`get_builder`, with the dataset prepared in `data.data_dir` ('digits', 'faces' and 'folder' are
+    built locally, others downloaded once), or a UserError naming the fields when it cannot be.
+    `d`: `config.data`."""
+    return _prepare(get_builder(d), d)
+
+
+def _prepare(builder, d) -> tfds.core.DatasetBuilder:
     try:
         builder.download_and_prepare()
+    except UserError:
+        raise
     except Exception as e:  # no network, no space, an unwritable folder: say which field to change
+        if d.dataset == "folder":
+            raise UserError(
+                f"data.data_dir={d.data_dir!r}: could not write its prepared copy to {builder.data_dir} "
+                f"({type(e).__name__}: {str(e)[:300]}); set data.cache_dir to a writable folder.") from e
         raise UserError(
             f"data.dataset={d.dataset!r} is not prepared in data.data_dir={d.data_dir!r} and could not be "
             f"prepared there ({type(e).__name__}: {str(e)[:300]}). On a machine with network run `tfds build "
@@ -64,9 +85,13 @@ def prepared_builder(d) -> tfds.core.DatasetBuilder:
 
 def check_dataset(config: ConfigDict) -> None:
     """Checks that `data.dataset` exists and has the image channels and labels the config expects,
-    then prepares it (`prepared_builder`)."""
+    then prepares it (`prepared_builder`). For 'folder': the class sub-folders and the image sizes too."""
     d, m = config.data, config.model
-    features = get_builder(d).info.features
+    builder = get_builder(d)
+    if d.dataset == "folder":
+        _check_folder(builder, config)
+        return
+    features = builder.info.features
     if "image" not in features:
         raise UserError(f"data.dataset={d.dataset!r} has no 'image' feature (it has {list(features)}).")
     channels = features["image"].shape[-1]
@@ -80,13 +105,41 @@ def check_dataset(config: ConfigDict) -> None:
         if label.num_classes != m.num_classes:
             raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
-    splits = prepared_builder(d).info.splits
+    _check_split(_prepare(builder, d), d)
+
+
+def _check_split(builder, d) -> None:
+    """A UserError unless `data.split` names a split (or a slice of one) of the prepared dataset."""
+    splits = builder.info.splits
     try:
         if splits:  # (tfds.testing.mock_data leaves them empty)
             splits[d.split]  # also parses slices such as 'train[:90%]'
     except (KeyError, ValueError, AssertionError):
         raise UserError(f"data.split={d.split!r}: {d.dataset!r} has splits {sorted(splits)} (slices such as "
                         "'train[:90%]' work too).") from None
+
+
+def _check_folder(builder, config) -> None:
+    """The folder's classes and image sizes, then its prepared copy (process 0's first on a pod slice)."""
+    d = config.data
+    folder_dataset.check_classes(builder.listing, config.model.num_classes)
+    if not builder.is_prepared():
+        builder.check_images()  # on every process: a UserError must stop all of them, not only process 0
+        if jax.process_count() > 1:
+            # Hosts may share the folder (NFS, gcsfuse): only process 0 writes the copy there; the
+            # others then find it, or write their own when their disk is their own.
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                _prepare(builder, d)
+            multihost_utils.sync_global_devices("ddpm_jax: folder dataset prepared")
+            builder = get_builder(d)  # a builder made before the copy existed does not read its info
+    builder = _prepare(builder, d)
+    _check_split(builder, d)
+    skipped = builder.info.metadata.get("skipped") or {}
+    logging.info("data.data_dir=%s: %d images, prepared in %s%s", d.data_dir,
+                 builder.info.splits["train"].num_examples, builder.data_dir,
+                 f"; {len(skipped)} unreadable files skipped: {', '.join(skipped)}" if skipped else "")
 
 
 def to_square(image: tf.Tensor, size: int) -> tf.Tensor:

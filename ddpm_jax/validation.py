@@ -52,6 +52,8 @@ def validate_data_and_model(config: ConfigDict):
     d, m = config.data, config.model
     size = _positive_int(config, "data.image_size")
     _one_of(d.channels, "data.channels", (1, 3))
+    _require(d.dataset != "folder" or bool(d.data_dir),
+             "data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
     _positive_int(config, "data.shuffle_buffer")
     _positive_int(config, "model.ch")
     _require(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),

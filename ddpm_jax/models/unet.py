@@ -105,12 +105,17 @@ class UNet(nn.Module):
     num_classes: int = 0
     dtype: Dtype = jnp.float32
     attention: str = "xla"  # AttnBlock's kernel: xla | cudnn
+    remat: bool = False  # recompute blocks in the backward pass instead of keeping their activations
 
     @nn.compact
     def __call__(self, x, t, y=None, *, train: bool = False):
         dt = self.dtype
-        block = lambda out_ch, name: ResnetBlock(out_ch, self.dropout, dt, name=name)
-        attn = lambda name: AttnBlock(dt, self.attention, name=name)
+        # nn.remat keeps only each block's inputs for the backward pass; params and outputs are the
+        # same. static_argnums counts self: 3 is ResnetBlock's `train`, a Python bool.
+        resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+        attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+        block = lambda out_ch, name: resnet_cls(out_ch, self.dropout, dt, name=name)
+        attn = lambda name: attn_cls(dt, self.attention, name=name)
         temb = timestep_embedding(t, self.ch)
         temb = _dense(self.ch * 4, dt, name="temb_dense0")(temb)
         temb = _dense(self.ch * 4, dt, name="temb_dense1")(nn.swish(temb))
@@ -156,4 +161,4 @@ def unet_from_config(config: ConfigDict) -> UNet:
     return UNet(ch=m.ch, out_ch=config.data.channels, ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
-                attention=m.attention)
+                attention=m.attention, remat=m.remat)

@@ -1,0 +1,224 @@
+"""`folder`: a folder of images (JPEG, PNG, WebP; any size and mode) as a prepared tfds dataset.
+
+`Folder(folder=PATH, image_size=S, channels=C)` scans PATH (recursively; names starting with '.' are
+skipped) and prepares, once, one 'train' split of S x S x C uint8 images: each file is decoded with
+Pillow, turned upright by its EXIF orientation, composited onto white if it has transparency,
+converted to RGB or greyscale (16-bit greyscale scaled to 8 bits), centre-cropped to a square and
+resized to S with the input pipeline's `to_square`, and stored as PNG. When every image lies in a
+sub-folder, the sorted sub-folder names are the class labels 0..K-1.
+
+The prepared copy goes to `CACHE_ROOT/<S>px_<C>ch_<fingerprint>/folder/<version>/`, where CACHE_ROOT is
+`cache_dir` or `PATH/.ddpm_jax_cache` and the fingerprint hashes every image's path, size and mtime:
+adding, removing or touching a file prepares a new copy, and an unchanged folder is never decoded
+again. Files that cannot be decoded are skipped and named in the log and in the copy's metadata.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image, ImageOps
+
+from ddpm_jax.validation import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CACHE_DIRNAME = ".ddpm_jax_cache"  # starts with '.', so the scan never reads the cache as images
+_CHUNK = 256  # files decoded concurrently; bounds the decoded images held in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """The images under `root`: relative paths (sorted), their labels, and a fingerprint of them all."""
+
+    root: str
+    files: tuple[str, ...]
+    class_names: tuple[str, ...] | None  # sorted sub-folder names when every image is in one
+    labels: tuple[int, ...] | None
+    fingerprint: str
+    num_ignored: int  # files that are not images by their extension
+
+    @property
+    def root_images(self) -> list[str]:
+        return [f for f in self.files if "/" not in f]
+
+
+def scan(root: str) -> Listing:
+    """Lists the images under `root`; a UserError naming data.data_dir if there are none."""
+    if not os.path.isdir(root):
+        raise UserError(f"data.data_dir={root!r}: no such folder (data.dataset='folder' reads the images in it).")
+    files, stats, ignored, seen = [], [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop: followed folders are read once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):  # .DS_Store, macOS '._x.jpg' resource forks, ...
+                continue
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                ignored += 1
+                continue
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            files.append(os.path.relpath(path, root).replace(os.sep, "/"))
+            stats.append((st.st_size, st.st_mtime_ns))
+    if not files:
+        others = f" ({ignored} other files are not {'/'.join(IMAGE_EXTENSIONS)})" if ignored else ""
+        raise UserError(f"data.data_dir={root!r} has no images{others}: data.dataset='folder' reads "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files in it and its sub-folders.")
+    order = sorted(range(len(files)), key=files.__getitem__)
+    files, stats = [files[i] for i in order], [stats[i] for i in order]
+    class_names = labels = None
+    if all("/" in f for f in files):
+        tops = [f.split("/", 1)[0] for f in files]
+        class_names = tuple(sorted(set(tops)))
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = tuple(index[t] for t in tops)
+    digest = hashlib.sha256(json.dumps([files, stats]).encode()).hexdigest()
+    return Listing(root, tuple(files), class_names, labels, digest, ignored)
+
+
+def check_classes(listing: Listing, num_classes: int) -> None:
+    """UserError unless the sub-folders give `num_classes` classes (nothing to check when it is 0)."""
+    if not num_classes:
+        return
+    root = listing.root
+    if listing.class_names is None:
+        loose = listing.root_images
+        if len(loose) < len(listing.files):
+            raise UserError(f"model.num_classes={num_classes}: {len(loose)} images lie directly in data.data_dir="
+                            f"{root!r} (e.g. {loose[0]!r}), outside the class sub-folders; move them into one, "
+                            f"or use model.num_classes=0.")
+        raise UserError(f"model.num_classes={num_classes}: data.data_dir={root!r} has no class sub-folders; put "
+                        f"each class's images in a sub-folder named after it (sorted names are labels 0.."
+                        f"{num_classes - 1}), or use model.num_classes=0.")
+    names = listing.class_names
+    if len(names) != num_classes:
+        shown = ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+        raise UserError(f"model.num_classes={num_classes}: data.data_dir={root!r} has {len(names)} class "
+                        f"sub-folders with images ({shown}).")
+
+
+def load_image(path: str, channels: int) -> np.ndarray:
+    """The image file at `path` as uint8 `[H, W, channels]`, upright, transparency on white."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # phone photos are often stored sideways with an EXIF tag
+        im.load()
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: Pillow's convert would clip at 255
+        im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        # The colour under transparent pixels is arbitrary (often black); white is what a viewer shows.
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    return array.reshape(array.shape[:2] + (channels,))
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, None if unreadable (then skipped when decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001  (any failure to read is reported by `_generate_examples`)
+        return None
+
+
+class Folder(tfds.core.GeneratorBasedBuilder):
+    """The images of one folder, prepared at one size and channel count (see the module doc)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def __init__(self, *, folder: str, image_size: int, channels: int, cache_dir: str | None = None, **kwargs):
+        self.listing = scan(folder)
+        self.image_size, self.channels = image_size, channels
+        cache_root = cache_dir or os.path.join(folder, CACHE_DIRNAME)
+        self.variant = f"{image_size}px_{channels}ch"
+        self._images_checked = False
+        data_dir = os.path.join(cache_root, f"{self.variant}_{self.listing.fingerprint[:16]}")
+        super().__init__(data_dir=data_dir, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s, c = self.image_size, self.channels
+        features = {"image": tfds.features.Image(shape=(s, s, c))}
+        if self.listing.class_names:
+            features["label"] = tfds.features.ClassLabel(names=list(self.listing.class_names))
+        return self.dataset_info_from_configs(
+            description=f"The images in {self.listing.root}, centre-cropped and resized to {s}x{s}x{c}.",
+            features=tfds.features.FeaturesDict(features),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def check_images(self) -> None:
+        """UserError if no image header can be read or an image is smaller than `image_size`."""
+        s, listing = self.image_size, self.listing
+        paths = [os.path.join(listing.root, f) for f in listing.files]
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            sizes = list(pool.map(_header_size, paths))
+        if all(size is None for size in sizes):
+            raise UserError(f"data.data_dir={listing.root!r}: none of its {len(paths)} image files can be read.")
+        small = [(f, size) for f, size in zip(listing.files, sizes) if size and min(size) < s]
+        if small:
+            shown = ", ".join(f"{f} ({w}x{h})" for f, (w, h) in small[:5]) + (", ..." if len(small) > 5 else "")
+            raise UserError(f"data.image_size={s}: {len(small)} of the {len(paths)} images in data.data_dir="
+                            f"{listing.root!r} are smaller than {s}x{s}: {shown}. Remove them or lower "
+                            f"data.image_size.")
+        self._images_checked = True
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        if not self._images_checked:
+            self.check_images()
+        return {"train": self._generate_examples()}
+
+    def _encode(self, relpath: str) -> bytes | str:
+        """The PNG of one prepared image, or why the file could not be read."""
+        from ddpm_jax.input_pipeline import to_square  # imported here: input_pipeline imports this package
+
+        try:
+            image = load_image(os.path.join(self.listing.root, relpath), self.channels)
+        except Exception as e:  # noqa: BLE001  (truncated, corrupt, not really an image: skip, name it)
+            return f"{type(e).__name__}: {e}"
+        s = self.image_size
+        if image.shape[:2] != (s, s):
+            image = np.round(to_square(image.astype(np.float32), s).numpy()).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if self.channels == 1 else image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def _generate_examples(self):
+        listing = self.listing
+        skipped, kept = {}, 0
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            for start in range(0, len(listing.files), _CHUNK):
+                chunk = listing.files[start:start + _CHUNK]
+                for i, result in enumerate(pool.map(self._encode, chunk), start):
+                    relpath = listing.files[i]
+                    if isinstance(result, str):
+                        logging.warning("data.data_dir=%s: skipping %s (%s)", listing.root, relpath, result)
+                        skipped[relpath] = result
+                        continue
+                    kept += 1
+                    example = {"image": result}
+                    if listing.labels is not None:
+                        example["label"] = listing.labels[i]
+                    yield relpath, example
+        if not kept:
+            raise UserError(f"data.data_dir={listing.root!r}: none of its {len(listing.files)} image files "
+                            f"can be decoded.")
+        self.info.metadata["skipped"] = skipped
+        if skipped:
+            logging.warning("data.data_dir=%s: skipped %d of %d files that could not be read: %s", listing.root,
+                            len(skipped), len(listing.files), ", ".join(skipped))
+        logging.info("data.data_dir=%s: prepared %d images", listing.root, kept)
+        if listing.num_ignored:
+            logging.warning("data.data_dir=%s: ignored %d files that are not %s", listing.root, listing.num_ignored,
+                            "/".join(IMAGE_EXTENSIONS))
