@@ -3,9 +3,7 @@
 A demonstration, not a benchmark: 100 images are far too few to learn faces in general; the model
 can at best reproduce these hundred. The 25x25 greyscale crops are resized to 16x16 and flipped at
 random (a mirrored face is still a face). A small U-Net (16, 8 and 4 pixels; attention at 8x8) and the
-digits config's 200-step chain (the paper's linear betas scaled by 1000/200). 2,000 steps of 32 at
-2.3-3.0 steps/s (measured over 300 steps on a shared 2-core CPU) are 11-15 minutes, plus about 1.5
-minutes of compilation and 45 s per sample grid (two):
+digits config's 200-step chain (the paper's linear betas scaled by 1000/200), 2,000 steps of 32:
     python -m ddpm_jax.main --config=configs/faces.py --workdir=runs/faces
 """
 from ddpm_jax import defaults
