@@ -59,7 +59,10 @@ def load_images(path: str, image_size: int | None = None, channels: int = 3) -> 
         raise FileNotFoundError(f"{path}: no such image file or folder.")
     out = []
     for f in files:
-        img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        try:
+            img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, or too large to read
+            raise ValueError(f"{f}: cannot read it as an image ({e}).") from None
         if image_size and img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BILINEAR)
         a = np.asarray(img, np.uint8)

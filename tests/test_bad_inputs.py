@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from cli_helpers import run_command
+from PIL import Image
 
 from configs import tiny
 from ddpm_jax import benchmark, checkpoints, evaluate, image_utils, main, sample
@@ -57,6 +58,9 @@ def files(tmp_path_factory):
     f["noimages"] = str(d / "noimages")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     f["broken_png"] = str(d / "broken.png")
+    # 20000 x 20000 pixels in a few kB: PIL refuses to decode it (a decompression bomb).
+    Image.new("1", (20000, 20000)).save(d / "huge.png")
+    f["huge_png"] = str(d / "huge.png")
     mask = np.zeros((8, 8, 1), np.uint8)
     mask[2:6, 2:6] = 255
     image_utils.save_png(str(d / "mask.png"), mask)
@@ -144,7 +148,8 @@ CASES = [
     (sample, ["--workdir={cond}", "--init_images={inputs}", "--mask={masks3}"], "3 masks for 2 --init_images"),
     (sample, ["--workdir={cond}", "--init_images=nowhere/"], "--init_images=nowhere/"),
     (sample, ["--workdir={cond}", "--init_images={noimages}"], "--init_images="),
-    (sample, ["--workdir={cond}", "--init_images={broken_png}"], "--init_images="),
+    (sample, ["--workdir={cond}", "--init_images={broken_png}"], "cannot read it as an image"),
+    (sample, ["--workdir={cond}", "--init_images={huge_png}"], "cannot read it as an image"),
     (sample, ["--workdir={cond}", "--jump_length=2"], "apply to inpainting"),
     (sample, ["--workdir={cond}", "--init_images={inputs}", "--mask={mask}", "--jump_length=9"],
      "sampling.jump_length=9"),

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -263,3 +264,37 @@ def test_train_step_leaves_the_state_alone_on_a_nonfinite_loss(data_dir):
     assert int(host.step) == 1
     chex.assert_trees_all_equal((host.params, host.ema_params, host.opt_state), (state.params, state.ema_params,
                                                                          state.opt_state))
+
+
+_KILLABLE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from train_helpers import small_digits_config
+from ddpm_jax import training
+config = small_digits_config(sys.argv[1])
+config.training.num_train_steps, config.training.checkpoint_every = 8, 1
+training.train_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_kill_9_during_saves_resumes_bitwise(data_dir, tmp_path):
+    """SIGKILL while a checkpoint is saved every step: the rerun cleans the unfinished save, takes
+    over the dead process's lock, resumes from the last finished checkpoint and ends bitwise where an
+    uninterrupted run ends."""
+    config = small_digits_config(data_dir)
+    straight = _run(config, str(tmp_path / "straight"), 8)
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, data_dir, str(workdir), os.path.dirname(__file__)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "3").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its third checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (workdir / ".lock").exists()  # left behind by the killed process
+    config.training.checkpoint_every = 1
+    resumed = _run(config, str(workdir), 8)
+    chex.assert_trees_all_equal(straight, resumed)
