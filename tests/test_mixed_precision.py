@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from configs import digits
-from ddpm_jax import parallel, train
+from ddpm_jax import parallel, training
 
 
 def _loss_curve(dtype: str, num_steps: int = 150):

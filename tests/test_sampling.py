@@ -267,7 +267,7 @@ def _train_three_steps(label_dropout: float):
     """Params after 3 train steps on fixed images with labels A and with labels B (8 devices x 2
     examples, same keys), and the initial params."""
     from configs import tiny
-    from ddpm_jax import parallel, train
+    from ddpm_jax import parallel, training
 
     c = tiny.get_config()
     c.data.image_size, c.data.channels = 8, 1

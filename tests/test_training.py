@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddpm_jax import checkpoints, input_pipeline, parallel, train
+from ddpm_jax import checkpoints, input_pipeline, parallel, training
 from tests.train_helpers import (assert_trees_equal, compilation_cache, prepare_digits, read_events,
                                  small_cifar10_config, small_digits_config)
 
