@@ -45,7 +45,7 @@ def test_generate_ancestral_is_diffusion_sample():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("variance", D.VARIANCES)
+@pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
 def test_respaced_ancestral_50_steps_exact_law(variance):
     s = _respaced(50)
     x = _gen(s, "ancestral", EXACT._replace(variance=variance))
