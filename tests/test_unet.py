@@ -100,3 +100,14 @@ def test_tiny_unet_overfits_one_batch():
     # At init the output is 0, so the loss is E[eps^2] ~ 1; fitting one fixed batch drives it down 10x.
     assert 0.7 < first < 1.3
     assert float(loss_fn(params)) < first / 10
+
+
+def test_float_timesteps():
+    # Heun evaluates the network between its timesteps: the sinusoidal embedding takes float t, equal to
+    # the integer embedding at whole values and continuous in between.
+    from ddpm_jax.models.unet import timestep_embedding
+    t = jnp.array([0, 1, 17, 999])
+    np.testing.assert_array_equal(timestep_embedding(t.astype(jnp.float32), 64), timestep_embedding(t, 64))
+    mid = timestep_embedding(jnp.array([17.5]), 64)[0]
+    lo, hi = timestep_embedding(jnp.array([17, 18]), 64)
+    assert 0 < np.abs(mid - lo).max() < np.abs(hi - lo).max()
