@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
     c.diffusion.model_output = "eps"  # eps | x0 | v
-    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall
+    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall | learned_range (2C outputs, L_hybrid)
+    c.diffusion.vlb_weight = 0.001  # learned_range: lambda of L_hybrid = L_simple + lambda L_vlb
     c.diffusion.clip_x0 = True  # clip x0 predictions to [-1, 1] (bits/dim; sampling unless sampling.threshold)
 
     c.optim = ml_collections.ConfigDict()

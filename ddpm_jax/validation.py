@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, sampling
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -90,6 +90,38 @@ def validate_diffusion(config):
         _require(0.0 < c.beta_start <= c.beta_end <= 1.0,
                  f"diffusion.beta_start={c.beta_start}, diffusion.beta_end={c.beta_end}: need "
                  f"0 < beta_start <= beta_end <= 1.")
+    _require(_is_number(c.vlb_weight) and c.vlb_weight >= 0,
+             f"diffusion.vlb_weight={c.vlb_weight!r}: must be a number >= 0 (lambda of L_hybrid = L_simple + "
+             f"lambda L_vlb, used with diffusion.variance='learned_range'; 0.001 in Nichol & Dhariwal 2021).")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_sampling(config):
+    """The `sampling` section's sampler, steps and the options of the samplers (eta, thresholding,
+    heun's churn). Raises UserError naming the field and what is valid."""
+    sp = config.sampling
+    _one_of(sp.sampler, "sampling.sampler", sorted(sampling.SAMPLERS))
+    T = config.diffusion.num_timesteps
+    _require(isinstance(sp.steps, int) and not isinstance(sp.steps, bool) and 1 <= sp.steps <= T,
+             f"sampling.steps={sp.steps!r}: must be an integer from 1 to diffusion.num_timesteps={T} (network "
+             f"evaluations; fewer than {T} respaces the chain).")
+    _require(_is_number(sp.eta) and 0.0 <= sp.eta <= 1.0,
+             f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
+    _require(sp.threshold is None or sp.threshold in diffusion.THRESHOLDS,
+             f"sampling.threshold={sp.threshold!r}: must be one of {diffusion.THRESHOLDS}, or None to follow "
+             f"diffusion.clip_x0.")
+    _require(_is_number(sp.threshold_percentile) and 0.0 < sp.threshold_percentile <= 1.0,
+             f"sampling.threshold_percentile={sp.threshold_percentile!r}: must be in (0, 1] (a quantile of |x0|, "
+             f"0.995 in Saharia et al. 2022).")
+    for name in ("s_churn", "s_tmin", "s_noise"):
+        value = sp[name]
+        _require(_is_number(value) and value >= 0, f"sampling.{name}={value!r}: must be a number >= 0.")
+    _require(sp.s_tmax is None or (_is_number(sp.s_tmax) and sp.s_tmax >= sp.s_tmin),
+             f"sampling.s_tmax={sp.s_tmax!r}: must be None (no upper bound) or a number >= sampling.s_tmin="
+             f"{sp.s_tmin!r}.")
 
 
 def validate_training(config, num_devices: int):

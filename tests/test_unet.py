@@ -111,3 +111,11 @@ def test_float_timesteps():
     mid = timestep_embedding(jnp.array([17.5]), 64)[0]
     lo, hi = timestep_embedding(jnp.array([17, 18]), 64)
     assert 0 < np.abs(mid - lo).max() < np.abs(hi - lo).max()
+
+
+def test_learned_range_doubles_the_output_channels():
+    # diffusion.variance='learned_range': the model output and the variance output, C channels each.
+    cfg = tiny.get_config()
+    assert unet_from_config(cfg).out_ch == 3
+    cfg.diffusion.variance = "learned_range"
+    assert unet_from_config(cfg).out_ch == 6
