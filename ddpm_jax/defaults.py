@@ -69,12 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim | dpm_solver++ | heun
     c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021); heun: evaluations
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
-    # x0 predictions: none | clip | dynamic (Imagen); None: diffusion.clip_x0 decides (clip or none)
-    c.sampling.threshold = ml_collections.FieldReference(None, field_type=str)
+    c.sampling.threshold = "auto"  # x0 predictions: none | clip | dynamic (Imagen); auto: as diffusion.clip_x0
     c.sampling.threshold_percentile = 0.995  # dynamic: s = max(1, this quantile of |x0| per sample)
     c.sampling.s_churn = 0.0  # heun: EDM's stochastic churn; 0 deterministic
     c.sampling.s_tmin = 0.0  # heun: churn only where s_tmin <= sigma <= s_tmax
-    c.sampling.s_tmax = ml_collections.FieldReference(None, field_type=float)  # None: no upper bound
+    c.sampling.s_tmax = float("inf")
     c.sampling.s_noise = 1.0  # heun: scale of the churn noise
     c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T

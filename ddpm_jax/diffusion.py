@@ -28,7 +28,7 @@ from jax.scipy.special import log_ndtr
 MODEL_OUTPUTS = ("eps", "x0", "v")
 VARIANCES = ("fixedlarge", "fixedsmall", "learned_range")
 BETA_SCHEDULES = ("linear", "cosine")
-THRESHOLDS = ("none", "clip", "dynamic")
+THRESHOLDS = ("none", "clip", "dynamic")  # and "auto": as clip_x0 says (`x0_method`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,12 +263,12 @@ def split_output(out: jax.Array, variance: str) -> tuple[jax.Array, jax.Array | 
     return mean_out, v
 
 
-def x0_method(clip_x0: bool = True, threshold: str | None = None) -> str:
-    """How x_0 predictions are kept in range: `threshold` when given, else 'clip' if `clip_x0` else 'none'
+def x0_method(clip_x0: bool = True, threshold: str = "auto") -> str:
+    """How x_0 predictions are kept in range: `threshold`, or for 'auto' 'clip' if `clip_x0` else 'none'
     (`diffusion.clip_x0` means 'clip')."""
-    method = threshold if threshold is not None else ("clip" if clip_x0 else "none")
+    method = ("clip" if clip_x0 else "none") if threshold == "auto" else threshold
     if method not in THRESHOLDS:
-        raise ValueError(f"sampling.threshold={method!r}: must be one of {THRESHOLDS}.")
+        raise ValueError(f"sampling.threshold={method!r}: must be one of {('auto',) + THRESHOLDS}.")
     return method
 
 
@@ -383,7 +383,7 @@ def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax
 
 
 def p_mean_variance(s: Schedule, kind: str, out: jax.Array, x_t: jax.Array, t: jax.Array, *,
-                    variance: str = "fixedlarge", clip_x0: bool = True, threshold: str | None = None,
+                    variance: str = "fixedlarge", clip_x0: bool = True, threshold: str = "auto",
                     percentile: float = 0.995):
     """Mean and log variance of p(x_{t-1} | x_t) given the network output; also the x_0 estimate.
 
@@ -415,7 +415,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], model ti
 
 def p_sample(s: Schedule, kind: str, model_fn: ModelFn, x_t: jax.Array, i: jax.Array,
              noise: jax.Array, *, variance: str = "fixedlarge", clip_x0: bool = True,
-             threshold: str | None = None, percentile: float = 0.995):
+             threshold: str = "auto", percentile: float = 0.995):
     """One ancestral step (Alg. 2) from schedule index `i` (a scalar): returns (x_{i-1}, x0_hat)."""
     t = jnp.full((x_t.shape[0],), i, jnp.int32)
     out = model_fn(x_t, s.timesteps[t])

@@ -39,7 +39,7 @@ class StepOptions(NamedTuple):
     eta: DDIM's noise scale. variance: `diffusion.variance`; the ancestral sampler uses it, every
     sampler reads only the mean half of a 'learned_range' output. clip_x0, threshold, percentile:
     how every x_0 prediction is kept in range, `diffusion.threshold_x0` with method
-    `diffusion.x0_method(clip_x0, threshold)` (threshold None: `clip_x0` decides, 'clip' or 'none').
+    `diffusion.x0_method(clip_x0, threshold)` (threshold 'auto': `clip_x0` decides, 'clip' or 'none').
     s_churn, s_tmin, s_tmax, s_noise: heun's stochastic churn (Karras et al. 2022, Alg. 2);
     s_churn = 0 (the default) is the deterministic Alg. 1.
     """
@@ -47,7 +47,7 @@ class StepOptions(NamedTuple):
     eta: float = 0.0
     variance: str = "fixedlarge"
     clip_x0: bool = True
-    threshold: str | None = None
+    threshold: str = "auto"
     percentile: float = 0.995
     s_churn: float = 0.0
     s_tmin: float = 0.0
@@ -57,12 +57,12 @@ class StepOptions(NamedTuple):
 
 def step_options(config, **overrides) -> StepOptions:
     """StepOptions from a config: `diffusion.variance`, `diffusion.clip_x0` and `sampling.eta`,
-    `threshold`, `threshold_percentile`, `s_churn`, `s_tmin`, `s_tmax` (None: no bound), `s_noise`;
+    `threshold`, `threshold_percentile`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`;
     keyword arguments override any field (e.g. `eta=` from a flag)."""
     d, sp = config.diffusion, config.sampling
     opts = StepOptions(eta=sp.eta, variance=d.variance, clip_x0=d.clip_x0, threshold=sp.threshold,
                        percentile=sp.threshold_percentile, s_churn=sp.s_churn, s_tmin=sp.s_tmin,
-                       s_tmax=math.inf if sp.s_tmax is None else sp.s_tmax, s_noise=sp.s_noise)
+                       s_tmax=sp.s_tmax, s_noise=sp.s_noise)
     return opts._replace(**overrides)
 
 

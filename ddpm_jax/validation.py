@@ -110,18 +110,18 @@ def validate_sampling(config):
              f"evaluations; fewer than {T} respaces the chain).")
     _require(_is_number(sp.eta) and 0.0 <= sp.eta <= 1.0,
              f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
-    _require(sp.threshold is None or sp.threshold in diffusion.THRESHOLDS,
-             f"sampling.threshold={sp.threshold!r}: must be one of {diffusion.THRESHOLDS}, or None to follow "
-             f"diffusion.clip_x0.")
+    _require(sp.threshold in ("auto",) + diffusion.THRESHOLDS,
+             f"sampling.threshold={sp.threshold!r}: must be one of {('auto',) + diffusion.THRESHOLDS} ('auto': "
+             f"as diffusion.clip_x0 says, 'clip' or 'none').")
     _require(_is_number(sp.threshold_percentile) and 0.0 < sp.threshold_percentile <= 1.0,
              f"sampling.threshold_percentile={sp.threshold_percentile!r}: must be in (0, 1] (a quantile of |x0|, "
              f"0.995 in Saharia et al. 2022).")
     for name in ("s_churn", "s_tmin", "s_noise"):
         value = sp[name]
         _require(_is_number(value) and value >= 0, f"sampling.{name}={value!r}: must be a number >= 0.")
-    _require(sp.s_tmax is None or (_is_number(sp.s_tmax) and sp.s_tmax >= sp.s_tmin),
-             f"sampling.s_tmax={sp.s_tmax!r}: must be None (no upper bound) or a number >= sampling.s_tmin="
-             f"{sp.s_tmin!r}.")
+    _require(_is_number(sp.s_tmax) and sp.s_tmax >= sp.s_tmin,
+             f"sampling.s_tmax={sp.s_tmax!r}: must be a number >= sampling.s_tmin={sp.s_tmin!r} (inf: no upper "
+             f"bound).")
 
 
 def validate_training(config, num_devices: int):

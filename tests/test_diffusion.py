@@ -189,7 +189,7 @@ def test_thresholding_exact_on_a_hand_made_x0():
     # 'none' leaves x0 as it is, to the bit; 'clip' clips.
     np.testing.assert_array_equal(D.threshold_x0(x0, "none"), x0)
     np.testing.assert_array_equal(D.threshold_x0(x0, "clip"), np.clip(np.asarray(x0), -1, 1))
-    assert D.x0_method(True, None) == "clip" and D.x0_method(False, None) == "none"
+    assert D.x0_method(True, "auto") == "clip" and D.x0_method(False, "auto") == "none"
     assert D.x0_method(True, "dynamic") == "dynamic"
     with pytest.raises(ValueError, match=r"sampling.threshold='soft': must be one of \('none', 'clip', 'dynamic'\)"):
         D.threshold_x0(x0, "soft")

@@ -232,7 +232,7 @@ def test_every_sampler_thresholds_its_x0():
             assert np.abs(out[m]).max() <= 1 + 1e-5, (sampler, m)
         assert (np.abs(out["clip"]) > 1 - 1e-6).mean() > 0.3, sampler
         assert (np.abs(out["dynamic"]) > 1 - 1e-6).mean() < 0.3, sampler
-    # threshold None: diffusion.clip_x0 decides, as before ('clip' when True, 'none' when False).
+    # threshold 'auto' (the default): diffusion.clip_x0 decides, as before ('clip' when True, 'none' when False).
     run = lambda opts: np.asarray(S.generate(s, "x0", model, jax.random.key(1), None, sampler="ddim", x_T=x_T,
                                              opts=opts))
     np.testing.assert_array_equal(run(S.StepOptions(clip_x0=True)), run(S.StepOptions(threshold="clip")))
@@ -243,6 +243,9 @@ def test_step_options_from_config():
     from configs import tiny
     c = tiny.get_config()
     assert S.step_options(c) == S.StepOptions()  # the defaults: eta 0, fixedlarge, clip_x0, no churn
+    # Plain values, no FieldReference: a run's section can be laid over the defaults' (as the sampling
+    # command does for runs saved before a field existed) and every field set from the command line.
+    c.sampling.update(tiny.get_config().sampling)
     c.diffusion.variance, c.diffusion.clip_x0 = "learned_range", False
     c.sampling.threshold, c.sampling.threshold_percentile, c.sampling.eta = "dynamic", 0.9, 0.5
     c.sampling.s_churn, c.sampling.s_tmin, c.sampling.s_tmax, c.sampling.s_noise = 10.0, 0.05, 50.0, 1.003

@@ -50,14 +50,14 @@ def test_bad_values_name_the_field(field, value, message):
     ("sampling.steps", 101, r"sampling\.steps=101: must be an integer from 1 to diffusion\.num_timesteps=100"),
     ("sampling.steps", 0, r"sampling\.steps=0: must be an integer from 1"),
     ("sampling.eta", 1.5, r"sampling\.eta=1\.5: must be in \[0, 1\]"),
-    ("sampling.threshold", "soft", r"sampling\.threshold='soft': must be one of \('none', 'clip', 'dynamic'\), or "
-                                   r"None to follow diffusion\.clip_x0"),
+    ("sampling.threshold", "soft", r"sampling\.threshold='soft': must be one of \('auto', 'none', 'clip', "
+                                   r"'dynamic'\) \('auto': as diffusion\.clip_x0 says"),
     ("sampling.threshold_percentile", 0.0, r"sampling\.threshold_percentile=0\.0: must be in \(0, 1\]"),
     ("sampling.threshold_percentile", 99.5, r"sampling\.threshold_percentile=99\.5: must be in \(0, 1\]"),
     ("sampling.s_churn", -1.0, r"sampling\.s_churn=-1\.0: must be a number >= 0"),
     ("sampling.s_noise", -0.5, r"sampling\.s_noise=-0\.5: must be a number >= 0"),
-    ("sampling.s_tmax", 0.01, r"sampling\.s_tmax=0\.01: must be None \(no upper bound\) or a number >= "
-                              r"sampling\.s_tmin=0\.05"),
+    ("sampling.s_tmax", 0.01, r"sampling\.s_tmax=0\.01: must be a number >= sampling\.s_tmin=0\.05 \(inf: no "
+                              r"upper bound\)"),
 ])
 def test_bad_sampling_values_name_the_field(field, value, message):
     config = tiny.get_config()
