@@ -166,7 +166,7 @@ def bench_sample(config: ConfigDict, num_images: int, num_steps: int) -> dict:
     per_dev = -(-num_images // n_dev)
     c = config.copy_and_resolve_references()
     c.sampling.sampler, c.sampling.steps, c.sampling.guidance = "ancestral", num_steps, 0.0
-    spec = sampling.SampleSpec(opts=sampling.StepOptions(variance=c.diffusion.variance, clip_x0=c.diffusion.clip_x0))
+    spec = sampling.SampleSpec(opts=sampling.step_options(c))
     run = generation.pmapped_sampler(c, spec)
     params = jax.jit(functools.partial(train_state.init_params, config))(jax.random.key(0))
     labels = jax.device_put(np.zeros((n_dev, per_dev), np.int32), parallel.device_sharding())

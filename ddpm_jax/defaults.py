@@ -44,8 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
     c.diffusion.model_output = "eps"  # eps | x0 | v
-    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall
-    c.diffusion.clip_x0 = True
+    c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall | learned_range (2C outputs, L_hybrid)
+    c.diffusion.vlb_weight = 0.001  # learned_range: lambda of L_hybrid = L_simple + lambda L_vlb
+    c.diffusion.clip_x0 = True  # clip x0 predictions to [-1, 1] (bits/dim; sampling unless sampling.threshold)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-4
@@ -73,9 +74,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
 
     c.sampling = ml_collections.ConfigDict()  # `python -m ddpm_jax.sample` (its flags set these)
-    c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim
-    c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021)
+    c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim | dpm_solver++ | heun
+    c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021); heun: evaluations
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
+    c.sampling.threshold = "auto"  # x0 predictions: none | clip | dynamic (Imagen); auto: as diffusion.clip_x0
+    c.sampling.threshold_percentile = 0.995  # dynamic: s = max(1, this quantile of |x0| per sample)
+    c.sampling.s_churn = 0.0  # heun: EDM's stochastic churn; 0 deterministic
+    c.sampling.s_tmin = 0.0  # heun: churn only where s_tmin <= sigma <= s_tmax
+    c.sampling.s_tmax = float("inf")
+    c.sampling.s_noise = 1.0  # heun: scale of the churn noise
     c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none

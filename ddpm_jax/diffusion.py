@@ -9,6 +9,11 @@ Paper equation -> function:
   Eq. 11  mu_theta from eps_theta            `p_mean_variance` (via `predict_x0`)
   Eq. 14  L_simple                           `l_simple`
   Alg. 2  one ancestral step                 `p_sample` (the loop: `sampling.generate`)
+  Eq. 5   L_{t-1} and L_0 of the bound        `vb_terms` (also `evaluation.likelihood`)
+Nichol & Dhariwal 2021:
+  Eq. 15  learned variance interpolation     `p_mean_variance(variance='learned_range')`
+  Eq. 16  L_hybrid = L_simple + lambda L_vlb `training_loss`
+Saharia et al. 2022 (Imagen), dynamic thresholding of x_0: `threshold_x0`.
 """
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import log_ndtr
 
 MODEL_OUTPUTS = ("eps", "x0", "v")
-VARIANCES = ("fixedlarge", "fixedsmall")
+VARIANCES = ("fixedlarge", "fixedsmall", "learned_range")
 BETA_SCHEDULES = ("linear", "cosine")
+THRESHOLDS = ("none", "clip", "dynamic")  # and "auto": as clip_x0 says (`x0_method`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +61,12 @@ class Schedule(NamedTuple):
 
     `timesteps[i]` is the timestep the model is told for step i: `arange(T)` for the full schedule,
     the kept original timesteps for a respaced one.
+
+    `model_t` and `model_log_sigma` (float32 `[K]`, not `[S]`) are the model's own timesteps and
+    log sigma_t = log sqrt((1 - abar_t)/abar_t) at each, increasing: the table on which samplers in
+    continuous noise levels (`sampling.heun_step`) interpolate the timestep to tell the model. For
+    the full schedule K = T; a respaced one keeps the full table when made with `model_betas`
+    (as `schedule_from_config` does), else it has only its own S levels.
     """
 
     timesteps: jax.Array
@@ -68,18 +81,31 @@ class Schedule(NamedTuple):
     posterior_log_variance_clipped: jax.Array
     posterior_mean_coef1: jax.Array
     posterior_mean_coef2: jax.Array
+    model_t: jax.Array
+    model_log_sigma: jax.Array
 
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
 
-def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None) -> Schedule:
-    """Derives every schedule quantity from `betas` in float64, then stores float32."""
+def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None,
+                  model_betas: np.ndarray | None = None) -> Schedule:
+    """Derives every schedule quantity from `betas` in float64, then stores float32.
+
+    timesteps: the model timesteps of a respaced chain (default `arange(S)`); model_betas: the
+    model's own (full) betas, for the `model_t`/`model_log_sigma` table (default: this chain's).
+    """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
         raise ValueError("betas must be a 1-d array with values in (0, 1].")
     alphas_cumprod = np.cumprod(1.0 - betas)
+    if model_betas is None:
+        model_t = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps)
+        model_abar = alphas_cumprod
+    else:
+        model_abar = np.cumprod(1.0 - np.asarray(model_betas, np.float64))
+        model_t = np.arange(len(model_abar))
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     # Eq. 7: beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -97,6 +123,8 @@ def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None) -> Sch
         posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
         posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        model_t=model_t,
+        model_log_sigma=0.5 * (np.log1p(-model_abar) - np.log(model_abar)),
     )
     return Schedule(**{
         k: jnp.asarray(v, jnp.int32 if k == "timesteps" else jnp.float32) for k, v in q.items()})
@@ -128,7 +156,7 @@ def schedule_from_config(diffusion_config, num_steps: int | None = None) -> Sche
     betas = get_betas(c.beta_schedule, c.num_timesteps, c.beta_start, c.beta_end)
     if num_steps is None or num_steps == c.num_timesteps:
         return make_schedule(betas)
-    return make_schedule(*respace_betas(betas, even_timesteps(c.num_timesteps, num_steps)))
+    return make_schedule(*respace_betas(betas, even_timesteps(c.num_timesteps, num_steps)), model_betas=betas)
 
 
 def extract(a: jax.Array, t: jax.Array, x_shape) -> jax.Array:
@@ -187,6 +215,17 @@ def predict_eps(s: Schedule, kind: str, out: jax.Array, x_t: jax.Array, t: jax.A
             + extract(s.sqrt_alphas_cumprod, t, x_t.shape) * out)
 
 
+def predict_x0_at(kind: str, out: jax.Array, x_t: jax.Array, alpha, sigma) -> jax.Array:
+    """`predict_x0` at any noise level x_t = alpha x_0 + sigma eps (alpha, sigma broadcastable to x_t),
+    for samplers between the discrete timesteps."""
+    _check_model_output(kind)
+    if kind == "eps":
+        return (x_t - sigma * out) / alpha
+    if kind == "x0":
+        return out
+    return alpha * x_t - sigma * out
+
+
 def model_target(s: Schedule, kind: str, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """What a network of parameterisation `kind` is trained to output."""
     _check_model_output(kind)
@@ -205,6 +244,108 @@ def model_output_from_eps(s: Schedule, kind: str, eps: jax.Array, x_t: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
+# Learned variances (Nichol & Dhariwal 2021) and x_0 thresholding (Saharia et al. 2022).
+
+
+def split_output(out: jax.Array, variance: str) -> tuple[jax.Array, jax.Array | None]:
+    """(the parameterisation's output `[B, ..., C]`, the variance interpolation v `[B, ..., C]` or None).
+
+    With variance 'learned_range' the network outputs 2C channels (Nichol & Dhariwal 2021, Sec. 3.1):
+    the first C are the output of `kind` (eps, x0 or v), the last C the raw variance output r
+    (`p_mean_variance`; unconstrained, r = -1 and +1 give beta_tilde and beta). With a fixed variance
+    it outputs C channels, returned as they are.
+    """
+    if variance != "learned_range":
+        return out, None
+    if out.shape[-1] % 2:
+        raise ValueError(f"diffusion.variance='learned_range' needs a network with twice the image channels; "
+                         f"this one outputs {out.shape[-1]}.")
+    mean_out, v = jnp.split(out, 2, axis=-1)
+    return mean_out, v
+
+
+def x0_method(clip_x0: bool = True, threshold: str = "auto") -> str:
+    """How x_0 predictions are kept in range: `threshold`, or for 'auto' 'clip' if `clip_x0` else 'none'
+    (`diffusion.clip_x0` means 'clip')."""
+    method = ("clip" if clip_x0 else "none") if threshold == "auto" else threshold
+    if method not in THRESHOLDS:
+        raise ValueError(f"sampling.threshold={method!r}: must be one of {('auto',) + THRESHOLDS}.")
+    return method
+
+
+def threshold_x0(x0: jax.Array, method: str = "clip", percentile: float = 0.995) -> jax.Array:
+    """x_0 predictions `[B, ...]` kept in [-1, 1].
+
+    'none': unchanged. 'clip': clip(x0, -1, 1). 'dynamic' (Saharia et al. 2022, Imagen, Sec. 2.3):
+    s = max(1, the `percentile` quantile of |x0| over each example's pixels, linearly interpolated
+    as `np.quantile`), x0 = clip(x0, -s, s) / s; examples with s = 1 are just clipped.
+    """
+    if method == "none":
+        return x0
+    if method == "clip":
+        return jnp.clip(x0, -1.0, 1.0)
+    if method == "dynamic":
+        q = jnp.quantile(jnp.abs(x0).reshape(x0.shape[0], -1), percentile, axis=1)
+        s = jnp.maximum(q, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -s, s) / s
+    raise ValueError(f"sampling.threshold={method!r}: must be one of {THRESHOLDS}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The variational bound's terms (Ho et al. Eq. 5), in nats; `evaluation.likelihood` has bits/dim.
+
+BIN = 1.0 / 255.0  # half the bin width of 8-bit data on [-1, 1]
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+    """Mean over all but the batch axis: `[B, ...]` -> `[B]`."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1.0 + jnp.exp(logvar1 - logvar2)
+                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _log1mexp(d):
+    """log(1 - e^d) for d <= 0, accurate at both ends (Maechler 2012)."""
+    return jnp.where(d > -math.log(2.0), jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
+
+
+def log_normal_interval(a, b):
+    """log(Phi(b) - Phi(a)) for a < b, elementwise, without cancellation in either tail."""
+    flip = a > 0  # both in the upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+    lo, hi = jnp.where(flip, -b, a), jnp.where(flip, -a, b)
+    log_hi = log_ndtr(hi)
+    return log_hi + _log1mexp(log_ndtr(lo) - log_hi)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_var):
+    """log P(x) for x on the 256-level grid in [-1, 1] under N(mean, e^log_var) integrated over x's
+    bin [x - 1/255, x + 1/255]; the end bins extend to -inf and +inf. Elementwise, in nats.
+
+    Uses the exact normal CDF (the official code uses a tanh approximation and clips at 1e-12).
+    """
+    inv_std = jnp.exp(-0.5 * log_var)
+    lower, upper = (x - BIN - mean) * inv_std, (x + BIN - mean) * inv_std
+    return jnp.where(x < -1.0 + 1e-3, log_ndtr(upper),
+                     jnp.where(x > 1.0 - 1e-3, log_ndtr(-lower), log_normal_interval(lower, upper)))
+
+
+def vb_terms(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, *,
+             variance: str = "fixedlarge", clip_x0: bool = True) -> jax.Array:
+    """The bound's term at index t (paper t+1) for the network output `out` at x_t, nats/dim `[B]`:
+    KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1, -log p(x_0 | x_1) for t = 0 (x_0 on
+    the 256-level grid)."""
+    true_mean, _, true_log_var = q_posterior(s, x0, x_t, t)
+    mean, log_var, _ = p_mean_variance(s, kind, out, x_t, t, variance=variance, clip_x0=clip_x0)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
+    nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_var))
+    return jnp.where(t == 0, nll, kl)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training loss.
 
 
@@ -213,6 +354,24 @@ def l_simple(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, noise: jax.A
     """Eq. 14: squared error of the network output against its target, mean over pixels. `[B]`."""
     err = jnp.square(out.astype(jnp.float32) - model_target(s, kind, x0, noise, t))
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def training_loss(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, x_t: jax.Array, noise: jax.Array,
+                  t: jax.Array, *, variance: str = "fixedlarge", vlb_weight: float = 0.001) -> jax.Array:
+    """The per-example training loss `[B]` for the network output `out` at x_t = q_sample(x0, t, noise).
+
+    Fixed variances: L_simple (Eq. 14). 'learned_range': Nichol & Dhariwal's L_hybrid = L_simple +
+    lambda L_vlb (their Eq. 16), lambda = `vlb_weight`, where L_vlb = T L_t is the one-timestep
+    estimate of L_0 + ... + L_{T-1} (L_T has no parameters) in bits/dim, as in the authors' code
+    (at T = 1000 lambda T L_t is their `vb` term). L_vlb sees the mean output through a stop-gradient,
+    so it trains only the variance half and L_simple only the mean half; no x_0 clipping.
+    """
+    if variance != "learned_range":
+        return l_simple(s, kind, out, x0, noise, t)
+    mean_out, v = split_output(out.astype(jnp.float32), variance)
+    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), v], axis=-1)
+    l_vlb = s.num_timesteps * vb_terms(s, kind, frozen, x0, x_t, t, variance=variance, clip_x0=False)
+    return l_simple(s, kind, mean_out, x0, noise, t) + vlb_weight * l_vlb / math.log(2.0)
 
 
 def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax.Array:
@@ -225,34 +384,44 @@ def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax
 
 
 def p_mean_variance(s: Schedule, kind: str, out: jax.Array, x_t: jax.Array, t: jax.Array, *,
-                    variance: str = "fixedlarge", clip_x0: bool = True):
+                    variance: str = "fixedlarge", clip_x0: bool = True, threshold: str = "auto",
+                    percentile: float = 0.995):
     """Mean and log variance of p(x_{t-1} | x_t) given the network output; also the x_0 estimate.
 
     variance: 'fixedlarge' sigma_t^2 = beta_t (the paper's CIFAR-10 choice; at t=0 the posterior
-    variance, as in the official code) or 'fixedsmall' sigma_t^2 = beta_tilde_t.
+    variance, as in the official code), 'fixedsmall' sigma_t^2 = beta_tilde_t, or 'learned_range'
+    (Nichol & Dhariwal 2021, Eq. 15): `out` has 2C channels, the last C a raw output r and
+    log sigma_t^2 = v log beta_t + (1 - v) log beta_tilde_t with v = (r + 1)/2 (beta_tilde_0 = 0 is
+    clipped to beta_tilde_1, as in their code). On a respaced schedule beta and beta_tilde are the
+    respaced chain's. The x_0 estimate is treated by `threshold_x0(x0_method(clip_x0, threshold))`.
     """
+    out, v = split_output(out.astype(jnp.float32), variance)
     if variance == "fixedlarge":
-        log_var = jnp.log(jnp.append(s.posterior_variance[1], s.betas[1:]))
+        log_var = extract(jnp.log(jnp.append(s.posterior_variance[1], s.betas[1:])), t, x_t.shape)
     elif variance == "fixedsmall":
-        log_var = s.posterior_log_variance_clipped
+        log_var = extract(s.posterior_log_variance_clipped, t, x_t.shape)
+    elif variance == "learned_range":
+        frac = (v + 1.0) / 2.0
+        log_var = (frac * extract(jnp.log(s.betas), t, x_t.shape)
+                   + (1.0 - frac) * extract(s.posterior_log_variance_clipped, t, x_t.shape))
     else:
         raise ValueError(f"diffusion.variance={variance!r}: must be one of {VARIANCES}.")
-    x0 = predict_x0(s, kind, out.astype(jnp.float32), x_t, t)
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
+    x0 = threshold_x0(predict_x0(s, kind, out, x_t, t), x0_method(clip_x0, threshold), percentile)
     mean, _, _ = q_posterior(s, x0, x_t, t)
-    return mean, extract(log_var, t, x_t.shape), x0
+    return mean, log_var, x0
 
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], model timesteps [B]) -> out
 
 
 def p_sample(s: Schedule, kind: str, model_fn: ModelFn, x_t: jax.Array, i: jax.Array,
-             noise: jax.Array, *, variance: str = "fixedlarge", clip_x0: bool = True):
+             noise: jax.Array, *, variance: str = "fixedlarge", clip_x0: bool = True,
+             threshold: str = "auto", percentile: float = 0.995):
     """One ancestral step (Alg. 2) from schedule index `i` (a scalar): returns (x_{i-1}, x0_hat)."""
     t = jnp.full((x_t.shape[0],), i, jnp.int32)
     out = model_fn(x_t, s.timesteps[t])
-    mean, log_var, x0 = p_mean_variance(s, kind, out, x_t, t, variance=variance, clip_x0=clip_x0)
+    mean, log_var, x0 = p_mean_variance(s, kind, out, x_t, t, variance=variance, clip_x0=clip_x0,
+                                        threshold=threshold, percentile=percentile)
     # No noise is added at the last step (t = 0).
     x_prev = mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
     return x_prev, x0
@@ -263,28 +432,38 @@ def frame_indices(num_steps: int, num_frames: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, num_steps - 1, num_frames)).astype(np.int32))
 
 
-def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0):
-    """Runs `x = step_fn(x, i)` for each schedule index in `indices`, in order, as one `lax.scan`.
+def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0, state=None):
+    """Runs `x = step_fn(x, i)` for each row i of `indices`, in order, as one `lax.scan`.
 
-    Carries only the images. With `num_frames > 0` it also returns `[F, B, ...]` snapshots of x after
-    F evenly spaced steps (the last is the final x), written into a buffer in the carry rather than
-    stacking all steps. Returns x, or (x, frames).
+    indices: int `[N]` (schedule indices), or any pytree of arrays with leading axis N (one row per
+    step). With `state` (a pytree: a multistep sampler's history) the step is
+    `x, state = step_fn(x, i, state)` and the state is carried along with x. With `num_frames > 0`
+    it also returns `[F, B, ...]` snapshots of x after F evenly spaced steps (the last is the final
+    x), written into a buffer in the carry rather than stacking all steps. Returns x, or (x, frames).
     """
-    indices = jnp.asarray(indices, jnp.int32)
+    if isinstance(indices, (tuple, dict)):
+        indices = jax.tree.map(jnp.asarray, indices)
+    else:
+        indices = jnp.asarray(indices, jnp.int32)
+    num_steps = jax.tree.leaves(indices)[0].shape[0]
+    if state is None:
+        fn, state = (lambda x, i, st: (step_fn(x, i), st)), ()
+    else:
+        fn = step_fn
     if not num_frames:
-        x, _ = jax.lax.scan(lambda x, i: (step_fn(x, i), None), x_T, indices)
+        (x, _), _ = jax.lax.scan(lambda c, i: (fn(c[0], i, c[1]), None), (x_T, state), indices)
         return x
-    keep = frame_indices(len(indices), num_frames)
+    keep = frame_indices(num_steps, num_frames)
     # slot[n] is where step n's output goes; steps that are not kept write to a spare last slot.
-    slot = np.full(len(indices), len(keep), np.int32)
+    slot = np.full(num_steps, len(keep), np.int32)
     slot[keep] = np.arange(len(keep))
 
     def body(carry, inputs):
-        x, frames = carry
+        x, st, frames = carry
         i, k = inputs
-        x = step_fn(x, i)
-        return (x, jax.lax.dynamic_update_index_in_dim(frames, x, k, 0)), None
+        x, st = fn(x, i, st)
+        return (x, st, jax.lax.dynamic_update_index_in_dim(frames, x, k, 0)), None
 
     frames = jnp.zeros((len(keep) + 1,) + x_T.shape, x_T.dtype)
-    (x, frames), _ = jax.lax.scan(body, (x_T, frames), (indices, jnp.asarray(slot)))
+    (x, _, frames), _ = jax.lax.scan(body, (x_T, state, frames), (indices, jnp.asarray(slot)))
     return x, frames[:-1]

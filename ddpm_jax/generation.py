@@ -102,10 +102,9 @@ def make_request(config: ConfigDict, *, label: str | None = None, init_images: s
                 raise UserError(f"--mask={mask}: {len(m)} masks for {len(images)} --init_images; give one "
                                 "mask or one per image.")
             mask_arr = (m >= 128)[np.arange(num_samples) % len(m)]
-    c = config.diffusion
-    spec = S.SampleSpec(sampler=sp.sampler, opts=S.StepOptions(sp.eta, c.variance, c.clip_x0),
-                        guidance=sp.guidance, level=level, invert=invert, inpaint=mask_arr is not None,
-                        jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample)
+    spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config), guidance=sp.guidance, level=level,
+                        invert=invert, inpaint=mask_arr is not None, jump_length=sp.jump_length,
+                        jump_n_sample=sp.jump_n_sample)
     return Request(num_samples, spec, parse_labels(label, K, num_samples), label if K else None, x0, mask_arr)
 
 

@@ -1,6 +1,6 @@
 """Generation: samplers by name, classifier-free guidance, image-to-image, inpainting, DDIM inversion.
 
-Every sampler runs as one `lax.scan` (`diffusion.reverse_scan`) over a precomputed index sequence.
+Every sampler runs as one `lax.scan` (`diffusion.reverse_scan`) over a precomputed plan of steps.
 
 Levels. A schedule `s` of S steps (the full T, or respaced to S < T by `diffusion.respace_betas`,
 Nichol & Dhariwal 2021) has S + 1 levels: level 0 is data, level L > 0 is x at schedule index L - 1
@@ -8,12 +8,20 @@ Nichol & Dhariwal 2021) has S + 1 levels: level 0 is data, level L > 0 is x at s
 `i` of a sampler goes from level i + 1 to level i. Step i's noise is `normal(fold_in(key, i))` and
 x_T is `normal(fold_in(key, S))`.
 
-A step function has the signature
-    step(s, kind, model_fn, x, i, noise, opts) -> (x at level i, x0_hat)
-and `SAMPLERS` maps a name to one; adding a sampler is one function and one entry there.
+A sampler (`Sampler`, registered by name in `SAMPLERS`) is a step function, a plan and an initial
+carried state:
+    plan(s, start, opts) -> (i int32 `[N]`, rows: a pytree of `[N, ...]` arrays, or None)
+    init(x) -> state (a pytree; () for one-step samplers)
+    step(s, kind, model_fn, x, i, noise, opts, state, row) -> (x after the step, x0_hat, state)
+`denoise` scans `step` over the plan from a starting level, carrying (x, state). The default plan
+is the schedule's levels, i = start - 1, ..., 0, no rows; a multistep method keeps its history in
+the state (`dpm_solver_pp_step`); a method on its own noise levels has its own plan (`heun_plan`).
+x between steps is always the variance-preserving x at the step's noise level, so frames look alike.
+Adding a sampler is one step function (and plan or init when it needs them) and one entry there.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,51 +34,241 @@ from ddpm_jax.diffusion import ModelFn, Schedule
 
 
 class StepOptions(NamedTuple):
-    """Sampler options (static). eta: DDIM noise scale; variance, clip_x0: as `diffusion.p_mean_variance`."""
+    """Sampler options (static).
+
+    eta: DDIM's noise scale. variance: `diffusion.variance`; the ancestral sampler uses it, every
+    sampler reads only the mean half of a 'learned_range' output. clip_x0, threshold, percentile:
+    how every x_0 prediction is kept in range, `diffusion.threshold_x0` with method
+    `diffusion.x0_method(clip_x0, threshold)` (threshold 'auto': `clip_x0` decides, 'clip' or 'none').
+    s_churn, s_tmin, s_tmax, s_noise: heun's stochastic churn (Karras et al. 2022, Alg. 2);
+    s_churn = 0 (the default) is the deterministic Alg. 1.
+    """
 
     eta: float = 0.0
     variance: str = "fixedlarge"
     clip_x0: bool = True
+    threshold: str = "auto"
+    percentile: float = 0.995
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+
+def step_options(config, **overrides) -> StepOptions:
+    """StepOptions from a config: `diffusion.variance`, `diffusion.clip_x0` and `sampling.eta`,
+    `threshold`, `threshold_percentile`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`;
+    keyword arguments override any field (e.g. `eta=` from a flag)."""
+    d, sp = config.diffusion, config.sampling
+    opts = StepOptions(eta=sp.eta, variance=d.variance, clip_x0=d.clip_x0, threshold=sp.threshold,
+                       percentile=sp.threshold_percentile, s_churn=sp.s_churn, s_tmin=sp.s_tmin,
+                       s_tmax=sp.s_tmax, s_noise=sp.s_noise)
+    return opts._replace(**overrides)
 
 
 # ----------------------------------------------------------------------------------------------
 # Steps.
 
 
+def _predict_x0(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, t: jax.Array, opts: StepOptions):
+    """The model's x_0 at schedule indices t `[B]` from its mean output, thresholded as `opts` say."""
+    out, _ = D.split_output(model_fn(x, s.timesteps[t]).astype(jnp.float32), opts.variance)
+    x0 = D.predict_x0(s, kind, out, x, t)
+    return D.threshold_x0(x0, D.x0_method(opts.clip_x0, opts.threshold), opts.percentile)
+
+
 def ancestral_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
-                   opts: StepOptions):
-    """Ho et al. Alg. 2 on `s`; on a respaced schedule this is Nichol & Dhariwal's respaced DDPM."""
-    return D.p_sample(s, kind, model_fn, x, i, noise, variance=opts.variance, clip_x0=opts.clip_x0)
+                   opts: StepOptions, state=(), row=None):
+    """Ho et al. Alg. 2 on `s`; on a respaced schedule this is Nichol & Dhariwal's respaced DDPM (with
+    'learned_range' its variance interpolates the respaced chain's beta and beta_tilde)."""
+    x, x0 = D.p_sample(s, kind, model_fn, x, i, noise, variance=opts.variance, clip_x0=opts.clip_x0,
+                       threshold=opts.threshold, percentile=opts.percentile)
+    return x, x0, state
 
 
 def ddim_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
-              opts: StepOptions):
+              opts: StepOptions, state=(), row=None):
     """DDIM (Song et al. 2021, Eq. 12): x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z.
 
     sigma^2 = eta^2 (1 - abar')/(1 - abar) (1 - abar/abar') (Eq. 16) = eta^2 beta_tilde, so eta = 1
-    is the ancestral step with sigma^2 = beta_tilde and eta = 0 is deterministic. With clipping, eps
-    is recomputed from the clipped x0 so the step stays on the line through x and x0.
+    is the ancestral step with sigma^2 = beta_tilde and eta = 0 is deterministic. With clipping or
+    thresholding, eps is recomputed from the treated x0 so the step stays on the line through x and
+    x0. A learned variance is not used.
     """
     t = jnp.full((x.shape[0],), i, jnp.int32)
-    x0 = D.predict_x0(s, kind, model_fn(x, s.timesteps[t]).astype(jnp.float32), x, t)
-    if opts.clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
+    x0 = _predict_x0(s, kind, model_fn, x, t, opts)
     eps = D.predict_eps(s, "x0", x0, x, t)
     abar_prev = D.extract(s.alphas_cumprod_prev, t, x.shape)
     var = opts.eta ** 2 * D.extract(s.posterior_variance, t, x.shape)
     # max(0, .): 1 - abar' - beta_tilde >= 0 exactly, but may round below 0 in float32 when eta = 1.
     x_prev = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - var, 0.0)) * eps
               + jnp.sqrt(var) * noise)
-    return x_prev, x0
+    return x_prev, x0, state
 
 
-SAMPLERS: dict[str, Callable] = {"ancestral": ancestral_step, "ddim": ddim_step}
+def dpm_solver_pp_init(x: jax.Array):
+    """DPM-Solver++(2M)'s history: (the previous step's x0_hat `[B, ...]`, whether there was one)."""
+    return jnp.zeros_like(x), jnp.zeros((), bool)
 
 
-def get_step(name: str) -> Callable:
+def dpm_solver_pp_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
+                       opts: StepOptions, state, row=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), data prediction, from level i + 1 to i.
+
+    With alpha_L = sqrt(abar), sigma_L = sqrt(1 - abar) at level L (1 and 0 at level 0) and
+    lambda_L = log(alpha_L / sigma_L), h = lambda_i - lambda_{i+1}:
+        x_i = (sigma_i / sigma_{i+1}) x - alpha_i (e^{-h} - 1) D
+            = (sigma_i / sigma_{i+1}) x + (alpha_i - sigma_i alpha_{i+1} / sigma_{i+1}) D,
+        D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev,  r = h_prev / h,  h_prev = lambda_{i+1} - lambda_{i+2},
+    x0_hat the (guided, thresholded) data prediction at x and x0_hat_prev the previous step's. The
+    first step has no history and the last two steps are lower order, D = x0_hat (DDIM with eta = 0):
+    the step into level 1 (the model's smallest timestep; on evenly spaced timesteps its h is several
+    times h_prev, and the 2M extrapolation by 1/(2r) makes it worse, not better) and the final step to
+    data (sigma = 0, h infinite: x_0 = x0_hat). state: `dpm_solver_pp_init`.
+    """
+    x0_prev, has_prev = state
+    t = jnp.full((x.shape[0],), i, jnp.int32)
+    x0 = _predict_x0(s, kind, model_fn, x, t, opts)
+    a = jnp.concatenate([jnp.ones((1,)), s.sqrt_alphas_cumprod])  # per level
+    sd = jnp.concatenate([jnp.zeros((1,)), s.sqrt_one_minus_alphas_cumprod])
+    lam = lambda level: jnp.log(a[level]) - jnp.log(sd[level])
+    second = has_prev & (i >= 2)
+    # Indices clamped so that h, h_prev are finite wherever they are not used.
+    h = jnp.where(second, lam(jnp.maximum(i, 1)) - lam(i + 1), 1.0)
+    h_prev = jnp.where(second, lam(i + 1) - lam(jnp.minimum(i + 2, s.num_timesteps)), 1.0)
+    d = jnp.where(second, x0 + (x0 - x0_prev) * (h / (2.0 * h_prev)), x0)
+    ratio = sd[i] / sd[i + 1]
+    return ratio * x + (a[i] - ratio * a[i + 1]) * d, x0, (x0, jnp.ones((), bool))
+
+
+def heun_plan(s: Schedule, start: int, opts: StepOptions, rho: float = 7.0):
+    """Heun's steps from level `start` of `s`: n = (start + 1) // 2 noise levels, 2n - 1 evaluations.
+
+    Karras et al. 2022 Eq. 5: sigma_k = (sigma_hi^(1/rho) + k/(n-1) (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho,
+    k = 0..n-1, rho = 7, then 0; sigma = sqrt((1 - abar)/abar), sigma_hi the start level's (for
+    generation the model's largest), sigma_lo the model's smallest (`s.model_log_sigma[0]`). Step i
+    (i = n-1..0) goes from the i+1-th smallest of these to the i-th (0 for i = 0). Rows: 'sigma',
+    'sigma_next', and 'gamma' = min(s_churn/n, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, else 0,
+    and never above sigma_max/sigma - 1: churn does not raise the noise beyond the model's largest.
+    """
+    n = (start + 1) // 2
+    hi = s.sqrt_recipm1_alphas_cumprod[start - 1]
+    lo = jnp.exp(s.model_log_sigma[0])
+    ramp = jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
+    sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho  # decreasing
+    levels = jnp.concatenate([jnp.zeros((1,)), sig[::-1]])  # level 0 = data, level n = start
+    i = np.arange(n - 1, -1, -1, dtype=np.int32)
+    sigma = levels[i + 1]
+    churn = (sigma >= opts.s_tmin) & (sigma <= opts.s_tmax)
+    top = jnp.maximum(jnp.exp(s.model_log_sigma[-1]) / sigma - 1.0, 0.0)  # >= 0 despite rounding
+    gamma = jnp.where(churn, jnp.minimum(min(opts.s_churn / n, math.sqrt(2.0) - 1.0), top), 0.0)
+    return i, {"sigma": sigma, "sigma_next": levels[i], "gamma": gamma}
+
+
+def _denoised(s: Schedule, kind: str, model_fn: ModelFn, x_ve: jax.Array, sigma, opts: StepOptions):
+    """EDM's D(x; sigma) for the variance-preserving model: x0_hat at x_ve = x_t / sqrt(abar), sigma.
+
+    The model sees x_t = x_ve / sqrt(1 + sigma^2) and the timestep interpolated (as a float) from
+    log sigma on its table (`s.model_log_sigma`, `s.model_t`), exact at its own timesteps.
+    """
+    alpha = jax.lax.rsqrt(1.0 + sigma ** 2)
+    x = x_ve * alpha
+    t = jnp.interp(jnp.log(sigma), s.model_log_sigma, s.model_t)
+    out, _ = D.split_output(model_fn(x, jnp.full((x.shape[0],), t, jnp.float32)).astype(jnp.float32),
+                            opts.variance)
+    x0 = D.predict_x0_at(kind, out, x, alpha, sigma * alpha)
+    return D.threshold_x0(x0, D.x0_method(opts.clip_x0, opts.threshold), opts.percentile)
+
+
+def heun_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
+              opts: StepOptions, state=(), row=None):
+    """EDM's 2nd-order sampler (Karras et al. 2022, Alg. 1; Alg. 2 with s_churn > 0), one step from
+    row['sigma'] to row['sigma_next'] in the variance-exploding coordinates x_ve = x / sqrt(abar):
+
+        sigma_hat = sigma (1 + gamma), x_hat = x_ve + sqrt(sigma_hat^2 - sigma^2) s_noise z,
+        d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat,  x' = x_hat + (sigma_next - sigma_hat) d,
+        and where sigma_next > 0: d' = (x' - D(x'; sigma_next)) / sigma_next,
+        x' = x_hat + (sigma_next - sigma_hat) (d + d') / 2   (Euler only for the last step, to 0).
+
+    x comes in and goes out variance-preserving (x = x_ve / sqrt(1 + sigma^2)). See `heun_plan`.
+    """
+    sigma, sigma_next = row["sigma"], row["sigma_next"]
+    x_hat = x * jnp.sqrt(1.0 + sigma ** 2)
+    if opts.s_churn:
+        gamma = row["gamma"]
+        # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (2 + gamma)): never the root of a rounded negative.
+        x_hat = x_hat + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * opts.s_noise * noise
+        sigma = sigma * (1.0 + gamma)
+    x0 = _denoised(s, kind, model_fn, x_hat, sigma, opts)
+    d = (x_hat - x0) / sigma
+
+    def heun(_):
+        x_next = x_hat + (sigma_next - sigma) * d
+        d_next = (x_next - _denoised(s, kind, model_fn, x_next, sigma_next, opts)) / sigma_next
+        return x_hat + (sigma_next - sigma) * 0.5 * (d + d_next)
+
+    # Euler to sigma = 0 lands on x0_hat: x_hat - sigma d = x0 (written so, without rounding).
+    x_next = jax.lax.cond(sigma_next > 0, heun, lambda _: x0, None)
+    return x_next * jax.lax.rsqrt(1.0 + sigma_next ** 2), x0, state
+
+
+def level_plan(s: Schedule, start: int, opts: StepOptions):
+    """The schedule's own levels: steps i = start - 1, ..., 0, no rows."""
+    return np.arange(start - 1, -1, -1, dtype=np.int32), None
+
+
+def no_state(x: jax.Array):
+    return ()
+
+
+def one_per_level(start: int) -> int:
+    return start
+
+
+def heun_evaluations(start: int) -> int:
+    """2n - 1 for n = (start + 1) // 2 noise levels (`heun_plan`): at most `start`."""
+    return 2 * ((start + 1) // 2) - 1
+
+
+class Sampler(NamedTuple):
+    """A reverse-process method (see the module docstring for the signatures).
+
+    init: the state before the first step, and again after each of RePaint's forward jumps.
+    evaluations(start): network evaluations per image from level `start` (guidance's doubled batch
+    not counted). on_levels: its steps go between the schedule's levels (inpainting replaces the
+    known region there); heun's go between its own noise levels.
+    """
+
+    step: Callable
+    plan: Callable = level_plan
+    init: Callable = no_state
+    evaluations: Callable[[int], int] = one_per_level
+    on_levels: bool = True
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(ancestral_step),
+    "ddim": Sampler(ddim_step),
+    "dpm_solver++": Sampler(dpm_solver_pp_step, init=dpm_solver_pp_init),
+    "heun": Sampler(heun_step, plan=heun_plan, evaluations=heun_evaluations, on_levels=False),
+}
+
+
+def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r}: must be one of {sorted(SAMPLERS)}.")
     return SAMPLERS[name]
+
+
+def get_step(name: str) -> Callable:
+    """The step function of sampler `name` (see `Sampler`)."""
+    return get_sampler(name).step
+
+
+def network_evaluations(name: str, steps: int) -> int:
+    """Network evaluations per image of sampler `name` on a schedule of `steps` levels, from the top
+    (what `--steps` counts): `steps` for every sampler but heun, 2 ((steps + 1) // 2) - 1 for heun."""
+    return get_sampler(name).evaluations(steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,11 +280,16 @@ def guided_model_fn(apply_fn: Callable, labels: jax.Array, null_label: int, guid
 
     `apply_fn(x [2B, ...], t [2B], y [2B])` is called once on the conditional and unconditional
     halves stacked. Combining raw outputs equals combining eps for every parameterisation: eps is
-    affine in the output (`diffusion.predict_eps`) and the weights 1 + w, -w sum to 1.
+    affine in the output (`diffusion.predict_eps`) and the weights 1 + w, -w sum to 1. A network
+    with twice the input's channels (`diffusion.variance='learned_range'`) has its mean half guided
+    and its variance half taken from the conditional pass.
     """
     def model_fn(x, t):
         y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
         cond, uncond = jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y), 2)
+        if cond.shape[-1] == 2 * x.shape[-1]:
+            (cond, var), (uncond, _) = jnp.split(cond, 2, axis=-1), jnp.split(uncond, 2, axis=-1)
+            return jnp.concatenate([(1.0 + guidance) * cond - guidance * uncond, var], axis=-1)
         return (1.0 + guidance) * cond - guidance * uncond
 
     return model_fn
@@ -109,20 +312,25 @@ def unet_model_fn(model, params, labels: jax.Array | None = None, guidance: floa
 
 def denoise(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x: jax.Array, start: int, *,
             sampler: str = "ancestral", opts: StepOptions = StepOptions(), num_frames: int = 0):
-    """Runs `sampler` from level `start` (x given there) down to level 0. Returns x_0 [, frames]."""
-    step = get_step(sampler)
+    """Runs `sampler` from level `start` (x given there) down to level 0, carrying x and the sampler's
+    state in one scan over its plan. Returns x_0 [, frames]."""
+    m = get_sampler(sampler)
+    i, rows = m.plan(s, start, opts)
 
-    def body(x, i):
+    def body(x, step_in, state):
+        i, row = step_in
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return step(s, kind, model_fn, x, i, noise, opts)[0]
+        x, _, state = m.step(s, kind, model_fn, x, i, noise, opts, state, row)
+        return x, state
 
-    return D.reverse_scan(body, x, np.arange(start - 1, -1, -1), num_frames)
+    return D.reverse_scan(body, x, (i, rows), num_frames, state=m.init(x))
 
 
 def generate(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, shape, *,
              sampler: str = "ancestral", opts: StepOptions = StepOptions(), num_frames: int = 0,
              x_T: jax.Array | None = None):
-    """Samples `shape` images from x_T ~ N(0, I) (or the given x_T) in S steps of `sampler`.
+    """Samples `shape` images from x_T ~ N(0, I) (or the given x_T) by `sampler` on the S levels of
+    `s` (heun: `network_evaluations`, at most S).
 
     Returns x_0 `[B, ...]`, or (x_0, frames `[F, B, ...]`) with `num_frames > 0`.
     """
@@ -140,19 +348,21 @@ def strength_to_level(strength: float, num_steps: int) -> int:
 
 
 def ddim_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level: int | None = None, *,
-                num_frames: int = 0):
+                num_frames: int = 0, variance: str = "fixedlarge"):
     """Deterministic DDIM encoding of x_0 up to `level` (default S: x_T); the inverse of `ddim_step`
     with eta = 0 and no clipping, up to evaluating eps at level i instead of i + 1.
 
     Step i (level i -> i + 1): eps = eps_theta(x, t_i), x0_hat = (x - sqrt(1 - abar') eps)/sqrt(abar'),
     x <- sqrt(abar_i) x0_hat + sqrt(1 - abar_i) eps, with abar' the noise level of level i (1 at 0).
-    The round-trip error is first order in the step size. Returns x `[B, ...]` [, frames].
+    The round-trip error is first order in the step size. `variance`: the model's (only the mean
+    half of a 'learned_range' output is read). Returns x `[B, ...]` [, frames].
     """
     level = s.num_timesteps if level is None else level
 
     def body(x, i):
         t = jnp.full((x.shape[0],), i, jnp.int32)
-        eps = D.predict_eps(s, kind, model_fn(x, s.timesteps[t]).astype(jnp.float32), x, t)
+        out, _ = D.split_output(model_fn(x, s.timesteps[t]).astype(jnp.float32), variance)
+        eps = D.predict_eps(s, kind, out, x, t)
         abar_here = D.extract(s.alphas_cumprod_prev, t, x.shape)
         x0 = (x - jnp.sqrt(1.0 - abar_here) * eps) / jnp.sqrt(abar_here)
         return D.extract(s.sqrt_alphas_cumprod, t, x.shape) * x0 + D.extract(
@@ -166,13 +376,14 @@ def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
             num_frames: int = 0):
     """SDEdit (Meng et al. 2022): noise `x0` to `level` (see `strength_to_level`) and denoise it.
 
-    The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert`. Level 0
+    The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert`; any
+    sampler denoises (heun from the level's noise, in at most `level` evaluations). Level 0
     returns `x0` unchanged. Returns x_0 `[B, ...]` [, frames].
     """
     if level == 0:
         return (x0, x0[None]) if num_frames else x0
     if invert:
-        x = ddim_invert(s, kind, model_fn, x0, level)
+        x = ddim_invert(s, kind, model_fn, x0, level, variance=opts.variance)
     else:
         t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
         x = D.q_sample(s, x0, t, jax.random.normal(jax.random.fold_in(key, s.num_timesteps), x0.shape))
@@ -212,30 +423,39 @@ def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
     (q(x_i | x_0), Eq. 4; x0 itself at level 0, so known pixels come back exactly as given);
     resampling jumps go forward with q(x_b | x_a) = N(sqrt(abar_b/abar_a) x_a, (1 - abar_b/abar_a) I).
     Op n's noise comes from fold_in(key, n), as levels repeat. mask: bool, broadcastable to x0.
+    Samplers on the schedule's levels only (not heun); a multistep sampler's history restarts after
+    each jump (its next step is first order). Raises ValueError otherwise.
     """
-    step = get_step(sampler)
+    m = get_sampler(sampler)
+    if not m.on_levels:
+        raise ValueError(f"sampler={sampler!r} cannot inpaint: RePaint replaces the known region at the "
+                         f"schedule's levels, and this sampler steps between its own noise levels; use one of "
+                         f"{sorted(k for k, v in SAMPLERS.items() if v.on_levels)}.")
     ops = repaint_schedule(s.num_timesteps, jump_length, jump_n_sample)
     abar = jnp.concatenate([jnp.ones((1,)), s.alphas_cumprod])  # per level
 
-    def body(x, row):
+    def body(x, row, state):
         n, i, up = row[0], row[1], row[2]
         k = jax.random.fold_in(key, n)
         normal = lambda j: jax.random.normal(jax.random.fold_in(k, j), x.shape, x.dtype)
 
-        def down(x):
-            x = step(s, kind, model_fn, x, i, normal(0), opts)[0]
+        def down(carry):
+            x, state = carry
+            x, _, state = m.step(s, kind, model_fn, x, i, normal(0), opts, state, None)
             known = jnp.sqrt(abar[i]) * x0 + jnp.sqrt(1.0 - abar[i]) * normal(1)
-            return jnp.where(mask, x, known)
+            return jnp.where(mask, x, known), state
 
-        def jump(x):
+        def jump(carry):
+            x, _ = carry
             ratio = abar[i + up] / abar[i]
-            return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * normal(0)
+            x = jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * normal(0)
+            return x, m.init(x)
 
-        return jax.lax.cond(up > 0, jump, down, x)
+        return jax.lax.cond(up > 0, jump, down, (x, state))
 
     rows = np.concatenate([np.arange(len(ops), dtype=np.int32)[:, None], ops], axis=1)
     x_T = jax.random.normal(jax.random.fold_in(key, len(ops)), x0.shape, jnp.float32)
-    return D.reverse_scan(body, x_T, rows, num_frames)
+    return D.reverse_scan(body, x_T, rows, num_frames, state=m.init(x_T))
 
 
 def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: int) -> jax.Array:

@@ -81,7 +81,8 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
 
     def loss_fn(params):
         out = model.apply({"params": params}, x_t, t, y, train=True, rngs=rngs)
-        return diffusion.l_simple(schedule, kind, out, x0, noise, t).mean()
+        return diffusion.training_loss(schedule, kind, out, x0, x_t, noise, t, variance=config.diffusion.variance,
+                                       vlb_weight=config.diffusion.vlb_weight).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     loss, grads = jax.lax.pmean((loss, grads), AXIS_NAME)

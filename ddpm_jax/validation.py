@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, sampling
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -99,6 +99,13 @@ def validate_diffusion(config: ConfigDict):
         _require(0.0 < c.beta_start <= c.beta_end <= 1.0,
                  f"diffusion.beta_start={c.beta_start}, diffusion.beta_end={c.beta_end}: need "
                  f"0 < beta_start <= beta_end <= 1.")
+    _require(_is_number(c.vlb_weight) and c.vlb_weight >= 0,
+             f"diffusion.vlb_weight={c.vlb_weight!r}: must be a number >= 0 (lambda of L_hybrid = L_simple + "
+             f"lambda L_vlb, used with diffusion.variance='learned_range'; 0.001 in Nichol & Dhariwal 2021).")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate_training(config: ConfigDict, num_devices: int):
@@ -138,21 +145,35 @@ def _non_negative_int(value, path: str):
 
 
 def validate_sampling(config: ConfigDict):
-    """The `sampling` section against the model it samples (labels, T)."""
-    from ddpm_jax import sampling  # the registry of samplers
-
+    """The `sampling` section against the model it samples (labels, T): sampler, steps, the samplers'
+    options (eta, thresholding, heun's churn), guidance, editing and batch fields."""
     sp, T = config.sampling, config.diffusion.num_timesteps
     _one_of(sp.sampler, "sampling.sampler", sorted(sampling.SAMPLERS))
-    _require(isinstance(sp.steps, int) and 1 <= sp.steps <= T,
-             f"sampling.steps={sp.steps!r}: must be between 1 and diffusion.num_timesteps={T}.")
-    _require(0.0 <= sp.eta <= 1.0, f"sampling.eta={sp.eta!r}: must be in [0, 1].")
+    _require(isinstance(sp.steps, int) and not isinstance(sp.steps, bool) and 1 <= sp.steps <= T,
+             f"sampling.steps={sp.steps!r}: must be an integer from 1 to diffusion.num_timesteps={T} (network "
+             f"evaluations; fewer than {T} respaces the chain).")
+    _require(_is_number(sp.eta) and 0.0 <= sp.eta <= 1.0,
+             f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
     _require(not sp.eta or sp.sampler == "ddim",
              f"sampling.eta={sp.eta} applies to sampling.sampler='ddim' only (this is {sp.sampler!r}).")
-    _require(sp.guidance >= 0, f"sampling.guidance={sp.guidance!r}: must be >= 0.")
+    _require(sp.threshold in ("auto",) + diffusion.THRESHOLDS,
+             f"sampling.threshold={sp.threshold!r}: must be one of {('auto',) + diffusion.THRESHOLDS} ('auto': "
+             f"as diffusion.clip_x0 says, 'clip' or 'none').")
+    _require(_is_number(sp.threshold_percentile) and 0.0 < sp.threshold_percentile <= 1.0,
+             f"sampling.threshold_percentile={sp.threshold_percentile!r}: must be in (0, 1] (a quantile of |x0|, "
+             f"0.995 in Saharia et al. 2022).")
+    for name in ("s_churn", "s_tmin", "s_noise"):
+        value = sp[name]
+        _require(_is_number(value) and value >= 0, f"sampling.{name}={value!r}: must be a number >= 0.")
+    _require(_is_number(sp.s_tmax) and sp.s_tmax >= sp.s_tmin,
+             f"sampling.s_tmax={sp.s_tmax!r}: must be a number >= sampling.s_tmin={sp.s_tmin!r} (inf: no upper "
+             f"bound).")
+    _require(_is_number(sp.guidance) and sp.guidance >= 0, f"sampling.guidance={sp.guidance!r}: must be >= 0.")
     _require(not sp.guidance or config.model.num_classes,
              f"sampling.guidance={sp.guidance} needs a class-conditional model; this one has "
              "model.num_classes=0 (train one with e.g. configs/digits_cond.py).")
-    _require(0.0 <= sp.strength <= 1.0, f"sampling.strength={sp.strength!r}: must be in [0, 1].")
+    _require(_is_number(sp.strength) and 0.0 <= sp.strength <= 1.0,
+             f"sampling.strength={sp.strength!r}: must be in [0, 1].")
     _non_negative_int(sp.jump_length, "sampling.jump_length")
     _require(sp.jump_length <= sp.steps,
              f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")

@@ -3,11 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples, gaussian_eps_model
 
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
-from ddpm_jax.analytic import gaussian_eps_model
 
 
 def _abar64(betas):
@@ -130,7 +129,7 @@ def test_reverse_scan_frames():
     np.testing.assert_allclose(frames[:, 0], [9.0, 30.0, 42.0, 45.0])
 
 
-@pytest.mark.parametrize("variance", D.VARIANCES)
+@pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
 def test_ancestral_sampler_is_exact_for_gaussian_data(variance):
     s = D.make_schedule(D.linear_betas(1000))
     model_fn = gaussian_eps_model(s, GAUSS_MU, GAUSS_SIGMA)
@@ -166,3 +165,110 @@ def test_bad_names_are_rejected():
     with pytest.raises(ValueError, match="variance"):
         D.p_mean_variance(s, "eps", jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32),
                           variance="learned")
+
+
+def test_thresholding_exact_on_a_hand_made_x0():
+    # Example 0: |x0| = 0.01, 0.02, ..., 2.00 (signs alternate). numpy's (linear) 0.995 quantile sits at
+    # position 199 * 0.995 = 198.005 of the sorted values: 1.99 + 0.005 * 0.01 = 1.99005 = s, so
+    # x0 -> clip(x0, -s, s) / s: -2.00 -> -1 exactly and every other value divided by s.
+    # Example 1: all |x0| <= 0.5, s = max(1, 0.5) = 1: unchanged.
+    a = np.arange(1, 201) / 100.0 * np.where(np.arange(200) % 2, -1.0, 1.0)
+    b = np.linspace(-0.5, 0.5, 200)
+    x0 = jnp.asarray(np.stack([a, b]).reshape(2, 10, 20), jnp.float32)
+    out = np.asarray(D.threshold_x0(x0, "dynamic", 0.995), np.float64).reshape(2, 200)
+    s = 1.99005
+    np.testing.assert_allclose(out[0], np.clip(a, -s, s) / s, rtol=1e-6)
+    assert out[0][199] == -1.0 and np.abs(out[0]).max() == 1.0
+    np.testing.assert_array_equal(out[1], np.asarray(x0[1]).ravel())
+    # The percentile is the one asked for: 0.9 -> position 179.1 -> 1.80 + 0.1 * 0.01 = 1.801.
+    out = np.asarray(D.threshold_x0(x0, "dynamic", 0.9), np.float64).reshape(2, 200)
+    np.testing.assert_allclose(out[0], np.clip(a, -1.801, 1.801) / 1.801, rtol=1e-6)
+    # Against numpy's quantile on random images `[B, H, W, C]`, per example.
+    x = np.random.default_rng(0).normal(0, 1.5, (3, 8, 8, 3))
+    q = np.maximum(np.quantile(np.abs(x).reshape(3, -1), 0.995, axis=1), 1.0)[:, None, None, None]
+    np.testing.assert_allclose(D.threshold_x0(jnp.asarray(x, jnp.float32), "dynamic"), np.clip(x, -q, q) / q,
+                               rtol=1e-5, atol=1e-6)
+    # 'none' leaves x0 as it is, to the bit; 'clip' clips.
+    np.testing.assert_array_equal(D.threshold_x0(x0, "none"), x0)
+    np.testing.assert_array_equal(D.threshold_x0(x0, "clip"), np.clip(np.asarray(x0), -1, 1))
+    assert D.x0_method(True, "auto") == "clip" and D.x0_method(False, "auto") == "none"
+    assert D.x0_method(True, "dynamic") == "dynamic"
+    with pytest.raises(ValueError, match=r"sampling.threshold='soft': must be one of \('none', 'clip', 'dynamic'\)"):
+        D.threshold_x0(x0, "soft")
+
+
+def test_learned_variance_optimum_is_the_exact_reverse_variance():
+    """For x_0 ~ N(mu, v) per pixel, q(x_{t-1} | x_t) is Gaussian with variance
+        Var(x_{t-1} | x_t) = beta_tilde_t + c1_t^2 Var(x_0 | x_t),  Var(x_0 | x_t) = v s^2 / (a^2 v + s^2),
+    (x_{t-1} = c1 x_0 + c2 x_t + sqrt(beta_tilde) z given x_t and x_0; a^2 = abar_t, s^2 = 1 - abar_t,
+    c1 the posterior mean's x_0 coefficient), which lies in [beta_tilde_t, beta_t] for v <= 1 (= beta_t
+    at v = 1). With the exact eps the model's mean is E[x_{t-1} | x_t], so the expected L_{t-1} is
+    0.5 (log sigma^2 - log beta_tilde - 1 + (beta_tilde + c1^2 Var(x_0 | x_t)) / sigma^2), least at
+    sigma^2 = that variance. Minimising the code's L_{t-1} over the raw variance output finds it.
+    """
+    T = 1000
+    betas = D.linear_betas(T)
+    s = D.make_schedule(betas)
+    mu, v = np.array([0.1, -0.2]), np.array([0.04, 0.5])
+    model = gaussian_eps_model(s, mu, np.diag(v))
+    # Four points whose empirical moments are exact: (x_0 - mu)/sqrt(v), eps in {(+-sqrt 2, 0), (0, +-sqrt 2)},
+    # so the batch mean of a quantity quadratic in (x_0, eps) is its expectation.
+    pattern = np.sqrt(2.0) * np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.float64)
+    x0 = jnp.asarray(mu + pattern[:, :1] * np.sqrt(v), jnp.float32)  # [4, 2]
+    eps = jnp.asarray(np.repeat(pattern[:, 1:], 2, axis=1), jnp.float32)
+
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    c1 = betas * np.sqrt(abar_prev) / (1 - abar)
+    for i in (30, 100, 300):
+        t = jnp.full((4,), i, jnp.int32)
+        x_t = D.q_sample(s, x0, t, eps)
+        mean_out = model(x_t, t)
+        loss = lambda r: D.vb_terms(s, "eps", jnp.concatenate([mean_out, jnp.broadcast_to(r, x0.shape)], -1),
+                                    x0, x_t, t, variance="learned_range", clip_x0=False).mean()
+        grad = jax.jit(jax.grad(loss))
+        lo, hi = -np.ones(2), np.ones(2)  # bisection on the gradient (pixels are separate: a mean of each)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            g = np.asarray(grad(jnp.asarray(mid, jnp.float32)))
+            lo, hi = np.where(g < 0, mid, lo), np.where(g < 0, hi, mid)
+        r = jnp.asarray((lo + hi) / 2, jnp.float32)
+        _, log_var, _ = D.p_mean_variance(s, "eps", jnp.concatenate([mean_out, jnp.broadcast_to(r, x0.shape)], -1),
+                                          x_t, t, variance="learned_range", clip_x0=False)
+        exact = beta_tilde[i] + c1[i] ** 2 * v * (1 - abar[i]) / (abar[i] * v + 1 - abar[i])
+        assert np.all((beta_tilde[i] < exact) & (exact < betas[i]))
+        assert np.all(np.abs(np.asarray(r)) < 0.99), r  # an interior optimum, not a bound of the range
+        np.testing.assert_allclose(np.exp(np.asarray(log_var[0], np.float64)), exact, rtol=1e-4)
+        # Eq. 15 directly: the optimum's v = (r + 1)/2 interpolates the logs of beta and beta_tilde.
+        frac = (np.log(exact) - np.log(beta_tilde[i])) / (np.log(betas[i]) - np.log(beta_tilde[i]))
+        np.testing.assert_allclose((np.asarray(r) + 1) / 2, frac, atol=2e-3)
+
+
+def test_hybrid_loss_gradients_stop_at_the_mean():
+    T = 100
+    s = D.make_schedule(D.linear_betas(T, 1e-3, 0.1))
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(np.round(rng.uniform(0, 255, (4, 8, 8, 1))) / 127.5 - 1, jnp.float32)  # on the 8-bit grid
+    noise = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+    t = jnp.array([0, 3, 50, 99])
+    x_t = D.q_sample(s, x0, t, noise)
+    out = jnp.asarray(rng.normal(0, 0.5, (4, 8, 8, 2)), jnp.float32)  # [eps output, raw variance output]
+    hybrid = lambda o: D.training_loss(s, "eps", o, x0, x_t, noise, t, variance="learned_range",
+                                       vlb_weight=0.001).sum()
+    vlb = lambda o: 0.001 * T * D.vb_terms(s, "eps", o, x0, x_t, t, variance="learned_range",
+                                           clip_x0=False).sum() / np.log(2.0)
+    simple = lambda o: D.l_simple(s, "eps", o[..., :1], x0, noise, t).sum()
+    np.testing.assert_allclose(hybrid(out), simple(out) + vlb(out), rtol=1e-6)
+    g, g_simple, g_vlb = jax.grad(hybrid)(out), jax.grad(simple)(out), jax.grad(vlb)(out)
+    # The mean half learns from L_simple alone; the variance half from lambda L_vlb alone.
+    np.testing.assert_allclose(g[..., :1], g_simple[..., :1], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g[..., 1:], g_vlb[..., 1:], rtol=1e-5, atol=1e-9)
+    assert np.abs(g[..., 1:]).max() > 1e-4
+    # Without the stop-gradient L_vlb would pull on the mean too: it has a gradient there.
+    assert np.abs(g_vlb[..., :1]).max() > 0.01 * np.abs(g_simple[..., :1]).max()
+    # Fixed variances: the loss is L_simple, to the bit.
+    np.testing.assert_array_equal(D.training_loss(s, "eps", out[..., :1], x0, x_t, noise, t),
+                                  D.l_simple(s, "eps", out[..., :1], x0, noise, t))
+    with pytest.raises(ValueError, match="learned_range' needs a network with twice the image channels"):
+        D.training_loss(s, "eps", out[..., :1] * jnp.ones((1, 1, 1, 3)), x0, x_t, noise, t, variance="learned_range")

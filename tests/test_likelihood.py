@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_helpers import gaussian_eps_model
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import log_ndtr, ndtr
 
 from ddpm_jax import diffusion as D
-from ddpm_jax.analytic import gaussian_eps_model
 from ddpm_jax.evaluation import likelihood as L
 
 GRID = np.arange(256) / 127.5 - 1.0  # the 256 values of uint8 images on [-1, 1]
@@ -187,3 +187,23 @@ def test_bpd_on_unet_batch_shapes_and_sharding():
     last = jax.jit(fn)(params, x0[-1], keys[-1])
     np.testing.assert_allclose(sharded["total"][-1], last["total"], rtol=1e-5)
     np.testing.assert_allclose(sharded["terms"][-1], last["terms"], rtol=1e-4, atol=1e-6)
+
+
+def test_learned_range_bound_at_the_ends_of_its_range():
+    # Bits/dim read the variance half of a 'learned_range' output: a raw output of -1 is beta_tilde
+    # (fixedsmall) at every t, +1 is beta (fixedlarge) for t >= 1 (fixedlarge's t = 0 uses beta_tilde_1,
+    # learned_range's beta_0), and 0 is neither.
+    T = 100
+    s = D.make_schedule(np.linspace(1e-3, 0.1, T))
+    model = gaussian_eps_model(s, np.zeros(3), np.diag([0.05, 0.1, 0.2]))
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(np.round(rng.normal(0, 0.3, (64, 3)).clip(-1, 1) * 127.5) / 127.5, jnp.float32)
+    key = jax.random.key(0)
+    with_v = lambda r: (lambda x, t: jnp.concatenate([model(x, t), jnp.full_like(x, r)], -1))
+    run = lambda fn, variance: np.asarray(jax.jit(lambda x: L.bpd(s, "eps", fn, x, key, variance=variance,
+                                                               clip_x0=False))(x0)["terms"])
+    small, large = run(model, "fixedsmall"), run(model, "fixedlarge")
+    np.testing.assert_allclose(run(with_v(-1.0), "learned_range"), small, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(with_v(1.0), "learned_range")[:, 1:], large[:, 1:], rtol=1e-5, atol=1e-6)
+    mid = run(with_v(0.0), "learned_range")[:, 1:]
+    assert np.abs(mid - small[:, 1:]).max() > 1e-3 and np.abs(mid - large[:, 1:]).max() > 1e-4

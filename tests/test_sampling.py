@@ -6,12 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, chain_law, check_gaussian_samples, ddim_invert64
+from gaussian_helpers import (
+    GAUSS_MU,
+    GAUSS_SIGMA,
+    chain_law,
+    check_gaussian_samples,
+    continuous_eps_model,
+    ddim_invert64,
+    dpm_solver_pp64,
+    gaussian_eps_model,
+    heun64,
+)
 
 from ddpm_jax import diffusion as D
 from ddpm_jax import parallel, train_state
 from ddpm_jax import sampling as S
-from ddpm_jax.analytic import gaussian_eps_model
 from ddpm_jax.models import UNet
 
 T = 1000
@@ -24,7 +33,7 @@ N = 20_000
 
 
 def _respaced(steps):
-    return D.make_schedule(*D.respace_betas(BETAS, D.even_timesteps(T, steps)))
+    return D.make_schedule(*D.respace_betas(BETAS, D.even_timesteps(T, steps)), model_betas=BETAS)
 
 
 def _gen(s, sampler, opts, key=0, x_T=None, model_fn=GAUSS):
@@ -34,12 +43,17 @@ def _gen(s, sampler, opts, key=0, x_T=None, model_fn=GAUSS):
 
 
 def test_registry_and_unknown_name():
-    assert {"ancestral": S.ancestral_step, "ddim": S.ddim_step} == S.SAMPLERS
-    with pytest.raises(ValueError, match=r"sampler='plms': must be one of \['ancestral', 'ddim'\]"):
+    assert {k: v.step for k, v in S.SAMPLERS.items()} == {
+        "ancestral": S.ancestral_step, "ddim": S.ddim_step, "dpm_solver++": S.dpm_solver_pp_step,
+        "heun": S.heun_step}
+    with pytest.raises(ValueError, match=r"sampler='plms': must be one of \['ancestral', 'ddim', 'dpm_solver\+\+', "
+                                         r"'heun'\]"):
         S.get_step("plms")
+    assert [S.network_evaluations("heun", n) for n in (1, 2, 9, 10)] == [1, 1, 9, 9]
+    assert S.network_evaluations("dpm_solver++", 10) == 10
 
 
-@pytest.mark.parametrize("variance", D.VARIANCES)
+@pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
 def test_respaced_ancestral_50_steps_exact_law(variance):
     s = _respaced(50)
     x = _gen(s, "ancestral", EXACT._replace(variance=variance))
@@ -102,6 +116,179 @@ def test_ddim_inversion_round_trip():
     assert 5 < errors[100] / errors[T] < 20, errors
 
 
+# An image-like Gaussian: pixel std 0.24..0.40 (eigenvalues 0.02..0.23), as images in [-1, 1].
+WIDE = 4 * GAUSS_SIGMA
+BASIS = jnp.asarray(np.vstack([np.zeros(4), np.eye(4)]), jnp.float32)  # x_T = 0, then e_1..e_4
+
+
+def _affine_map(sampler, steps, Sigma=WIDE, opts=EXACT):
+    """A deterministic sampler's map x_T -> x_0 = M x_T + c on S = `steps` levels, measured exactly by
+    pushing 0 and the basis through it: returns (M, c) in float64."""
+    s = _respaced(steps)
+    model = continuous_eps_model(s, GAUSS_MU, Sigma)  # exact at every noise level, float t included
+    run = jax.jit(lambda: S.generate(s, "eps", model, jax.random.key(0), None, sampler=sampler, opts=opts,
+                                     x_T=BASIS))
+    y = np.asarray(run(), np.float64)
+    return (y[1:] - y[0]).T, y[0]
+
+
+def test_deterministic_samplers_are_the_papers_algorithms():
+    # On Gaussian data each deterministic sampler is an affine map of x_T; the JAX samplers (float32)
+    # equal float64 reimplementations of DDIM (eta = 0), DPM-Solver++(2M) (Lu et al. Alg. 2) and EDM's
+    # Heun (Karras et al. Alg. 1, rho = 7) to float32 rounding (measured <= 1.1e-6 on entries ~0.5).
+    steps = 15
+    s = _respaced(steps)
+    abar = ABAR[np.asarray(s.timesteps)]
+    sigma = np.sqrt((1 - ABAR) / ABAR)
+    x = np.asarray(BASIS, np.float64)
+    ddim = chain_law(ABAR, np.asarray(s.timesteps), steps, x, None, "ddim", mu=GAUSS_MU, Sigma=WIDE)[0]
+    refs = {"ddim": ((ddim[1:] - ddim[0]).T, ddim[0]),
+            "dpm_solver++": dpm_solver_pp64(abar, GAUSS_MU, WIDE),
+            # 15 levels -> 8 Karras noise levels, 15 evaluations; sigma_max, sigma_min: t = 999, 0.
+            "heun": heun64(sigma[-1], sigma[0], (steps + 1) // 2, mu=GAUSS_MU, Sigma=WIDE)}
+    for name, (M64, c64) in refs.items():
+        M, c = _affine_map(name, steps)
+        np.testing.assert_allclose(M, M64, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(c, c64, atol=1e-5, err_msg=name)
+    # The references tell the methods apart (so would catch one sampler standing in for another).
+    assert np.abs(refs["dpm_solver++"][0] - refs["ddim"][0]).max() > 1e-2
+    assert np.abs(refs["heun"][0] - refs["ddim"][0]).max() > 1e-2
+
+
+def test_second_order_samplers_converge_faster():
+    """The law of x_0 from x_T ~ N(0, I) is N(c, M M^T); its covariance error ||M M^T - Sigma||_F
+    against the data's, per step count (exact: no Monte Carlo). Printed with -s (docs/samplers.md)."""
+    err = {}
+    for sampler, counts in [("ddim", (10, 15, 20, 30, 60)), ("dpm_solver++", (10, 15, 20, 30, 60)),
+                            ("heun", (19, 39, 79))]:
+        for n in counts:
+            M, _ = _affine_map(sampler, n)
+            err[sampler, n] = np.linalg.norm(M @ M.T - WIDE)
+            print(f"{sampler:>13} {n:3d} levels, {S.network_evaluations(sampler, n):3d} evaluations: "
+                  f"||Cov - Sigma||_F = {err[sampler, n]:.3e}")
+    # Second order: doubling the steps cuts the error >= 3x (measured: DPM-Solver++ 15 -> 30 -> 60
+    # 4.0x, 4.8x; Heun 19 -> 39 -> 79 evaluations 5.7x, 4.7x); DDIM is first order (1.8x, 1.9x).
+    for sampler, (a, b, c) in [("dpm_solver++", (15, 30, 60)), ("heun", (19, 39, 79))]:
+        assert err[sampler, a] / err[sampler, b] > 3 and err[sampler, b] / err[sampler, c] > 3, sampler
+    assert 1.5 < err["ddim", 15] / err["ddim", 30] < 2.5 and 1.5 < err["ddim", 30] / err["ddim", 60] < 2.5
+    # DPM-Solver++ beats DDIM at the same number of evaluations: measured 1.15x, 1.5x, 1.9x at 10, 15, 20.
+    for n in (10, 15, 20):
+        assert err["dpm_solver++", n] < err["ddim", n], n
+    assert err["dpm_solver++", 20] < 0.6 * err["ddim", 20]
+
+
+def test_network_evaluations_are_counted():
+    # Each model call on the host during the run: heun makes 2n - 1 of them for n = (S + 1) // 2 levels
+    # (no second evaluation at the last step, to sigma = 0); DPM-Solver++ one per level.
+    for sampler, steps in [("heun", 9), ("heun", 10), ("dpm_solver++", 7)]:
+        s = _respaced(steps)
+        model, calls = continuous_eps_model(s, GAUSS_MU, WIDE), []
+
+        def counted(x, t):
+            jax.debug.callback(lambda: calls.append(1))
+            return model(x, t)
+
+        jax.block_until_ready(S.generate(s, "eps", counted, jax.random.key(0), (2, 4), sampler=sampler, opts=EXACT))
+        jax.effects_barrier()
+        assert len(calls) == S.network_evaluations(sampler, steps) == {9: 9, 10: 9, 7: 7}[steps], (sampler, steps)
+
+
+def test_heun_churn_is_off_by_default_and_calibrated_when_on():
+    s = _respaced(79)
+    model = continuous_eps_model(s, GAUSS_MU, WIDE)
+    x_T = jax.random.normal(jax.random.key(9), (N, 4))
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def run(key, churn, s_noise=1.0):
+        opts = EXACT._replace(s_churn=churn, s_noise=s_noise)
+        return S.generate(s, "eps", model, jax.random.key(key), None, sampler="heun", opts=opts, x_T=x_T)
+
+    # Off (s_churn = 0, the default): deterministic given x_T, whatever the key.
+    np.testing.assert_array_equal(run(0, 0.0), run(1, 0.0))
+    # On (EDM Alg. 2): fresh noise at each step, a function of the key, ...
+    a = np.asarray(run(0, 40.0), np.float64)
+    np.testing.assert_array_equal(a, run(0, 40.0))
+    assert np.isfinite(a).all() and np.abs(a - np.asarray(run(1, 40.0))).max() > 1e-2
+    # ... of the right size: the samples still follow N(mu, Sigma) (||Cov - Sigma||_F 0.024 measured with
+    # 50,000 samples; 0.009 without churn), while a churn noise 0.5 or 1.5 times too large does not (0.18, 0.38).
+    err = lambda x: np.linalg.norm(np.cov(np.asarray(x, np.float64).T) - WIDE)
+    assert err(a) < 0.05
+    assert err(run(0, 40.0, 0.5)) > 0.1 and err(run(0, 40.0, 1.5)) > 0.1
+    check_gaussian_samples(a, GAUSS_MU, WIDE, bias=0.03)
+
+
+def test_every_sampler_thresholds_its_x0():
+    # A model of kind 'x0' that overshoots: x0_hat = 3 x_t + 0.5. Every sampler's last step returns its
+    # last x0 prediction, so the output shows the treatment: 'none' leaves values far beyond 1, 'clip'
+    # and 'dynamic' keep every value in [-1, 1], and 'dynamic' scales rather than clips (few values at
+    # +-1 exactly; with 4 pixels the 0.995 quantile is near the largest |x0|).
+    s = _respaced(6)
+    model = lambda x, t: 3.0 * x + 0.5
+    x_T = jax.random.normal(jax.random.key(0), (256, 4))
+    for sampler in S.SAMPLERS:
+        out = {m: np.asarray(jax.jit(lambda m=m: S.generate(
+            s, "x0", model, jax.random.key(1), None, sampler=sampler, x_T=x_T,
+            opts=S.StepOptions(threshold=m, percentile=0.995)))()) for m in D.THRESHOLDS}
+        assert np.abs(out["none"]).max() > 2, sampler
+        for m in ("clip", "dynamic"):
+            assert np.abs(out[m]).max() <= 1 + 1e-5, (sampler, m)
+        assert (np.abs(out["clip"]) > 1 - 1e-6).mean() > 0.3, sampler
+        assert (np.abs(out["dynamic"]) > 1 - 1e-6).mean() < 0.3, sampler
+    # threshold 'auto' (the default): diffusion.clip_x0 decides, as before ('clip' when True, 'none' when False).
+    run = lambda opts: np.asarray(S.generate(s, "x0", model, jax.random.key(1), None, sampler="ddim", x_T=x_T,
+                                             opts=opts))
+    np.testing.assert_array_equal(run(S.StepOptions(clip_x0=True)), run(S.StepOptions(threshold="clip")))
+    np.testing.assert_array_equal(run(S.StepOptions(clip_x0=False)), run(S.StepOptions(threshold="none")))
+
+
+def test_step_options_from_config():
+    from configs import tiny
+    c = tiny.get_config()
+    assert S.step_options(c) == S.StepOptions()  # the defaults: eta 0, fixedlarge, clip_x0, no churn
+    # Plain values, no FieldReference: a run's section can be laid over the defaults' (as the sampling
+    # command does for runs saved before a field existed) and every field set from the command line.
+    c.sampling.update(tiny.get_config().sampling)
+    c.diffusion.variance, c.diffusion.clip_x0 = "learned_range", False
+    c.sampling.threshold, c.sampling.threshold_percentile, c.sampling.eta = "dynamic", 0.9, 0.5
+    c.sampling.s_churn, c.sampling.s_tmin, c.sampling.s_tmax, c.sampling.s_noise = 10.0, 0.05, 50.0, 1.003
+    assert S.step_options(c, eta=1.0) == S.StepOptions(
+        eta=1.0, variance="learned_range", clip_x0=False, threshold="dynamic", percentile=0.9, s_churn=10.0,
+        s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+
+
+def test_guidance_with_a_learned_variance_guides_the_mean_half_only():
+    # A stand-in network with 2C = 4 output channels for C = 2: [mean half, variance half], each
+    # depending on the label, so conditional and unconditional halves differ.
+    apply_fn = lambda x, t, y: jnp.concatenate([x * y[:, None] + t[:, None], jnp.tanh(x - y[:, None])], -1)
+    x, t, y = jnp.ones((3, 2)) * 0.3, jnp.array([1.0, 2.0, 3.0]), jnp.array([0, 1, 2])
+    out = S.guided_model_fn(apply_fn, y, 5, 2.0)(x, t)
+    cond, uncond = apply_fn(x, t, y), apply_fn(x, t, jnp.full_like(y, 5))
+    np.testing.assert_allclose(out[:, :2], 3 * cond[:, :2] - 2 * uncond[:, :2], rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 2:], cond[:, 2:])
+    # With C output channels (fixed variance) everything is guided, as before.
+    plain = lambda x, t, y: x * y[:, None] + t[:, None]
+    np.testing.assert_allclose(S.guided_model_fn(plain, y, 5, 2.0)(x, t),
+                               3 * plain(x, t, y) - 2 * plain(x, t, 0 * y + 5), rtol=1e-6)
+
+
+def test_learned_range_ancestral_interpolates_the_respaced_variances():
+    # A model whose variance half is constant r: r = -1 gives beta_tilde and r = +1 beta of the respaced
+    # chain, so the learned-range sampler is then the fixedsmall / fixedlarge one (same noise; the last
+    # step adds none). r = 0 is in between: the output's spread lies strictly between the two.
+    s = _respaced(20)
+    with_v = lambda r: lambda x, t: jnp.concatenate([GAUSS(x, t), jnp.full_like(x, r)], -1)
+    run = lambda model, variance: _gen(s, "ancestral", EXACT._replace(variance=variance), key=3, model_fn=model)
+    small, large = run(GAUSS, "fixedsmall"), run(GAUSS, "fixedlarge")
+    np.testing.assert_allclose(run(with_v(-1.0), "learned_range"), small, atol=2e-5)
+    np.testing.assert_allclose(run(with_v(1.0), "learned_range"), large, atol=2e-5)
+    mid = run(with_v(0.0), "learned_range")
+    assert np.abs(mid - small).max() > 1e-3 and np.abs(mid - large).max() > 1e-3
+    # DDIM and DPM-Solver++ read only the mean half: the variance half changes nothing.
+    for sampler in ("ddim", "dpm_solver++"):
+        a = _gen(s, sampler, EXACT._replace(variance="learned_range"), model_fn=with_v(0.7), x_T=BASIS)
+        np.testing.assert_array_equal(a, _gen(s, sampler, EXACT, x_T=BASIS))
+
+
 def test_img2img_exact_law_and_strength_zero():
     s = _respaced(50)
     x_in = jnp.tile(jnp.asarray([[0.6, -0.5, 0.4, 0.2]]), (N, 1))
@@ -123,9 +310,20 @@ def test_img2img_exact_law_and_strength_zero():
 
 def test_img2img_with_inversion_reconstructs():
     # Strength 1 with DDIM inversion and DDIM decoding is the round trip above: an edit that keeps x_in.
+    # The other deterministic samplers solve the same ODE back (heun in 999 evaluations on its own
+    # noise levels, from the inverted x_T's): they reconstruct too. Measured max errors 0.0060 (ddim),
+    # 0.0028 (dpm_solver++), 0.0027 (heun).
     x_in = jnp.asarray(np.random.default_rng(1).multivariate_normal(GAUSS_MU, GAUSS_SIGMA, 64), jnp.float32)
-    x = S.img2img(FULL, "eps", GAUSS, jax.random.key(0), x_in, T, sampler="ddim", opts=EXACT, invert=True)
-    assert np.abs(np.asarray(x) - np.asarray(x_in)).max() < 0.01
+    model = continuous_eps_model(FULL)
+    for sampler in ("ddim", "dpm_solver++", "heun"):
+        x = jax.jit(lambda: S.img2img(FULL, "eps", model, jax.random.key(0), x_in, T, sampler=sampler, opts=EXACT,
+                                      invert=True))()
+        assert np.abs(np.asarray(x) - np.asarray(x_in)).max() < 0.01, sampler
+    # From part way (level 300 of 1000: heun from that level's sigma, 299 evaluations), DDIM and heun
+    # agree to the discretisation error of the shorter path (measured 0.0034).
+    run = lambda sampler: np.asarray(jax.jit(lambda: S.img2img(FULL, "eps", model, jax.random.key(0), x_in, 300,
+                                                               sampler=sampler, opts=EXACT, invert=True))())
+    assert np.abs(run("heun") - run("ddim")).max() < 0.01
 
 
 def test_repaint_schedule():
@@ -210,11 +408,14 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
     mask = jnp.zeros((4, 8, 8, 1), bool).at[:, 2:6, 2:6].set(True)
     model_fn = S.unet_model_fn(model, params, jnp.array([0, 1, 2, 0]), 1.5)
-    for sampler in S.SAMPLERS:
+    for sampler in ("ancestral", "ddim", "dpm_solver++"):
         x = jax.jit(lambda k: S.inpaint(s, "eps", model_fn, k, x0, mask, sampler=sampler, jump_length=2,
                                         jump_n_sample=2))(jax.random.key(0))
         np.testing.assert_array_equal(np.where(mask, 0, x), np.where(mask, 0, x0))
         assert np.abs(np.asarray(x - x0)[np.asarray(mask)]).max() > 0.1  # the hole was generated
+    with pytest.raises(ValueError, match=r"sampler='heun' cannot inpaint: .* use one of \['ancestral', 'ddim', "
+                                         r"'dpm_solver\+\+'\]"):
+        S.inpaint(s, "eps", model_fn, jax.random.key(0), x0, mask, sampler="heun")
     np.testing.assert_array_equal(S.img2img(s, "eps", model_fn, jax.random.key(0), x0, 0), x0)
 
 

@@ -131,3 +131,20 @@ def test_remat_keeps_params_outputs_and_gradients_and_recomputes_in_the_backward
     # attention blocks at 8x8.
     count = [str(tr.jaxpr).count(" remat2[") for tr in traced]
     assert count == [0, 5 + 4]
+def test_float_timesteps():
+    # Heun evaluates the network between its timesteps: the sinusoidal embedding takes float t, equal to
+    # the integer embedding at whole values and continuous in between.
+    from ddpm_jax.models.unet import timestep_embedding
+    t = jnp.array([0, 1, 17, 999])
+    np.testing.assert_array_equal(timestep_embedding(t.astype(jnp.float32), 64), timestep_embedding(t, 64))
+    mid = timestep_embedding(jnp.array([17.5]), 64)[0]
+    lo, hi = timestep_embedding(jnp.array([17, 18]), 64)
+    assert 0 < np.abs(mid - lo).max() < np.abs(hi - lo).max()
+
+
+def test_learned_range_doubles_the_output_channels():
+    # diffusion.variance='learned_range': the model output and the variance output, C channels each.
+    cfg = tiny.get_config()
+    assert unet_from_config(cfg).out_ch == 3
+    cfg.diffusion.variance = "learned_range"
+    assert unet_from_config(cfg).out_ch == 6

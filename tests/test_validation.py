@@ -7,7 +7,7 @@ import pytest
 
 from configs import cifar10, digits, tiny
 from ddpm_jax import training
-from ddpm_jax.validation import UserError, validate_config
+from ddpm_jax.validation import UserError, validate_config, validate_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,44 @@ def test_bad_values_name_the_field(field, value, message):
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(UserError, match=message):
+        validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampling.sampler", "plms", r"sampling\.sampler='plms': must be one of \('ancestral', 'ddim', 'dpm_solver\+\+', "
+                                 r"'heun'\)"),
+    ("sampling.steps", 101, r"sampling\.steps=101: must be an integer from 1 to diffusion\.num_timesteps=100"),
+    ("sampling.steps", 0, r"sampling\.steps=0: must be an integer from 1"),
+    ("sampling.eta", 1.5, r"sampling\.eta=1\.5: must be in \[0, 1\]"),
+    ("sampling.threshold", "soft", r"sampling\.threshold='soft': must be one of \('auto', 'none', 'clip', "
+                                   r"'dynamic'\) \('auto': as diffusion\.clip_x0 says"),
+    ("sampling.threshold_percentile", 0.0, r"sampling\.threshold_percentile=0\.0: must be in \(0, 1\]"),
+    ("sampling.threshold_percentile", 99.5, r"sampling\.threshold_percentile=99\.5: must be in \(0, 1\]"),
+    ("sampling.s_churn", -1.0, r"sampling\.s_churn=-1\.0: must be a number >= 0"),
+    ("sampling.s_noise", -0.5, r"sampling\.s_noise=-0\.5: must be a number >= 0"),
+    ("sampling.s_tmax", 0.01, r"sampling\.s_tmax=0\.01: must be a number >= sampling\.s_tmin=0\.05 \(inf: no "
+                              r"upper bound\)"),
+])
+def test_bad_sampling_values_name_the_field(field, value, message):
+    config = tiny.get_config()
+    for module in (cifar10, digits, tiny):
+        validate_sampling(module.get_config())
+    config.sampling.s_tmin = 0.05
+    validate_sampling(config)
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(UserError, match=message):
+        validate_sampling(config)
+
+
+def test_learned_range_and_vlb_weight():
+    config = tiny.get_config()
+    config.diffusion.variance = "learned_range"
+    config.sampling.threshold, config.sampling.sampler = "dynamic", "dpm_solver++"
+    validate_config(config, num_devices=8)
+    validate_sampling(config)
+    config.diffusion.vlb_weight = -0.1
+    with pytest.raises(UserError, match=r"diffusion\.vlb_weight=-0\.1: must be a number >= 0"):
         validate_config(config, num_devices=8)
 
 

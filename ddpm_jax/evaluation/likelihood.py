@@ -15,48 +15,18 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import log_ndtr
 
 from ddpm_jax import diffusion
-from ddpm_jax.diffusion import Schedule
 
-BIN = 1.0 / 255.0  # half the bin width on [-1, 1]
-
-
-def mean_flat(x: jax.Array) -> jax.Array:
-    """Mean over all but the batch axis: `[B, ...]` -> `[B]`."""
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (logvar2 - logvar1 - 1.0 + jnp.exp(logvar1 - logvar2)
-                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def _log1mexp(d):
-    """log(1 - e^d) for d <= 0, accurate at both ends (Maechler 2012)."""
-    return jnp.where(d > -math.log(2.0), jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
-
-
-def log_normal_interval(a, b):
-    """log(Phi(b) - Phi(a)) for a < b, elementwise, without cancellation in either tail."""
-    flip = a > 0  # both in the upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
-    lo, hi = jnp.where(flip, -b, a), jnp.where(flip, -a, b)
-    log_hi = log_ndtr(hi)
-    return log_hi + _log1mexp(log_ndtr(lo) - log_hi)
-
-
-def discretized_gaussian_log_likelihood(x, mean, log_var):
-    """log P(x) for x on the 256-level grid in [-1, 1] under N(mean, e^log_var) integrated over x's
-    bin [x - 1/255, x + 1/255]; the end bins extend to -inf and +inf. Elementwise, in nats.
-
-    Uses the exact normal CDF (the official code uses a tanh approximation and clips at 1e-12).
-    """
-    inv_std = jnp.exp(-0.5 * log_var)
-    lower, upper = (x - BIN - mean) * inv_std, (x + BIN - mean) * inv_std
-    return jnp.where(x < -1.0 + 1e-3, log_ndtr(upper),
-                     jnp.where(x > 1.0 - 1e-3, log_ndtr(-lower), log_normal_interval(lower, upper)))
+# The Gaussian KL and the discretised decoder live with the training loss that also uses them.
+from ddpm_jax.diffusion import (  # noqa: F401
+    BIN,
+    Schedule,
+    discretized_gaussian_log_likelihood,
+    log_normal_interval,
+    mean_flat,
+    normal_kl,
+)
 
 
 def prior_bpd(s: Schedule, x0: jax.Array) -> jax.Array:
@@ -70,12 +40,10 @@ def prior_bpd(s: Schedule, x0: jax.Array) -> jax.Array:
 def vb_terms_bpd(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, *,
                  variance: str = "fixedlarge", clip_x0: bool = True) -> jax.Array:
     """The bound's term at index t (paper t+1) for the network output `out` at x_t, bits/dim `[B]`:
-    KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1, -log p(x_0 | x_1) for t = 0."""
-    true_mean, _, true_log_var = diffusion.q_posterior(s, x0, x_t, t)
-    mean, log_var, _ = diffusion.p_mean_variance(s, kind, out, x_t, t, variance=variance, clip_x0=clip_x0)
-    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
-    nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_var))
-    return jnp.where(t == 0, nll, kl) / math.log(2.0)
+    KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1, -log p(x_0 | x_1) for t = 0
+    (`diffusion.vb_terms` / log 2). With variance 'learned_range' `out` has 2C channels and p's
+    variance is the learned one (`diffusion.p_mean_variance`)."""
+    return diffusion.vb_terms(s, kind, out, x0, x_t, t, variance=variance, clip_x0=clip_x0) / math.log(2.0)
 
 
 def bpd(s: Schedule, kind: str, model_fn: diffusion.ModelFn, x0: jax.Array, key: jax.Array, *,

@@ -158,7 +158,8 @@ class UNet(nn.Module):
 def unet_from_config(config: ConfigDict) -> UNet:
     """The U-Net described by `config.model` and `config.data` (channels)."""
     m = config.model
-    return UNet(ch=m.ch, out_ch=config.data.channels, ch_mult=tuple(m.ch_mult),
+    return UNet(ch=m.ch, out_ch=config.data.channels * (2 if config.diffusion.variance == "learned_range" else 1),
+                ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
                 attention=m.attention, remat=m.remat)
