@@ -152,8 +152,10 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
 
     ds = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(skip)
     if process_count > 1:  # this process's share of each global batch
-        ds = ds.enumerate().filter(
-            lambda i, example: i % t.batch_size // per_process == process_index).map(lambda i, example: example)
+        def mine(i, example):
+            return i % t.batch_size // per_process == process_index
+
+        ds = ds.enumerate().filter(mine).map(lambda i, example: example)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_process * k, drop_remainder=True).map(shape_for_pmap)
     return ds.prefetch(tf.data.AUTOTUNE)
