@@ -187,7 +187,8 @@ def sample_grid_config(config: ConfigDict):
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` on all local devices, resuming from the latest readable checkpoint.
+    """Trains `config` in `workdir` on all devices (of all processes), resuming from the latest readable
+    checkpoint.
 
     Writes `workdir/config.json` (the previous one kept as `config.<step>.json` when a resume changes
     it), checkpoints, TensorBoard events and `samples/step_*.png` (process 0 only for logs and
