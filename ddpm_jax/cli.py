@@ -10,12 +10,18 @@ its traceback.
 
 The friendly flags of `sample` and `evaluate` (`--steps`, `--guidance`, ...) are names for config
 fields; `SAMPLE_FLAGS` and `EVAL_FLAGS` map one onto the other and `apply_flags` writes them in.
+
+Every command also takes `--coordinator_address`, `--num_processes` and `--process_id` and, run as
+one of several processes (given those, or detected: `start_processes`), joins the others with
+`jax.distributed.initialize()` before the command does anything; on a single host nothing happens.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging as py_logging
 import os
 import sys
+import urllib.request
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -29,7 +35,7 @@ EXIT_USAGE = 2
 # flag -> (config field, help). Types and defaults come from the field in `defaults.get_config()`.
 SAMPLE_FLAGS = {
     "num_samples": ("sampling.num_samples", "Images to make (with --init_images: default one per input)."),
-    "batch_size": ("sampling.batch_size", "Images per device call, over all local devices."),
+    "batch_size": ("sampling.batch_size", "Images per device call, over all devices (of all processes)."),
     "sampler": ("sampling.sampler", "A name in sampling.SAMPLERS."),
     "steps": ("sampling.steps", "Sampler steps; fewer than diffusion.num_timesteps respaces."),
     "eta": ("sampling.eta", "DDIM noise: 0 deterministic, 1 as ancestral (ddim only)."),
@@ -114,6 +120,91 @@ def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
     return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def define_process_flags(fv: flags.FlagValues) -> None:
+    """The flags of a multi-process run, which every command takes (see `start_processes`)."""
+    flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0, where the "
+                        "processes meet (default: $JAX_COORDINATOR_ADDRESS or detected).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes run this command "
+                         "(default: detected; 1: a single process, nothing detected).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. num_processes - 1 "
+                         "(default: detected).", lower_bound=0, flag_values=fv)
+
+
+# The Cloud TPU VM metadata that lists a slice's hosts (what JAX's own Cloud TPU detection reads).
+_TPU_WORKERS_URL = "http://{}/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+
+
+def _tpu_vm_hosts() -> int:
+    """Hosts of the Cloud TPU slice this VM belongs to (0 when this is no TPU VM). Asked only where
+    libtpu is installed, since only a TPU VM's metadata server answers."""
+    if importlib.util.find_spec("libtpu") is None or "TPU_SKIP_MDS_QUERY" in os.environ:
+        return 0
+    url = _TPU_WORKERS_URL.format(os.environ.get("GCE_METADATA_IP", "metadata.google.internal"))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}),
+                                    timeout=5) as r:
+            return len(r.read().decode().split(","))
+    except OSError:  # not on Google Cloud, or a TPU VM without the attribute
+        return 0
+
+
+def detected_cluster() -> str | None:
+    """The cluster in which this process runs as one of several, judged by the environment from which
+    `jax.distributed.initialize()` fills in its arguments; None for a single process.
+
+    Conservative: a cluster counts only where it says there are several processes, so one job in an
+    allocation, an sbatch script outside `srun` or a single-host TPU VM starts nothing.
+    """
+    env = os.environ
+
+    def count(name: str) -> int:
+        return int(env[name]) if env.get(name, "").isdigit() else 0
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    # JAX's SLURM detection reads these; srun sets them (and the step's task count) for each task.
+    if (all(name in env for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"))
+            and count("SLURM_NTASKS") > 1 and count("SLURM_STEP_NUM_TASKS") > 1):
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len(tpu_hosts.split(",")) > 1 or count("MEGASCALE_NUM_SLICES") > 1:  # GKE, multislice
+        return "Cloud TPU"
+    if _tpu_vm_hosts() > 1:  # a TPU VM pod slice, whose hosts are in its metadata only
+        return "Cloud TPU pod slice"
+    return None
+
+
+def start_processes(fv: flags.FlagValues) -> None:
+    """Joins the other processes with `jax.distributed.initialize` when this command runs as one of
+    several: some process flags given (JAX fills in the others from the cluster), or none given and
+    `detected_cluster()`. Logs once which process this is; then the others log warnings only."""
+    given = {name: fv[name].value for name in ("coordinator_address", "num_processes", "process_id")
+             if fv[name].value is not None}
+    n, i = given.get("num_processes"), given.get("process_id")
+    if n is not None and i is not None and i >= n:
+        raise UserError(f"--process_id={i}: must be below --num_processes={n}.")
+    if n == 1:
+        return
+    how = "flags" if given else detected_cluster()
+    if how is None:
+        return
+    import jax
+
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as e:  # what was given and detected does not make a cluster
+        raise UserError(f"cannot start a multi-process run ({e}): give --coordinator_address=HOST:PORT of "
+                        f"process 0, --num_processes and --process_id, or run under SLURM, Open MPI or on a "
+                        f"Cloud TPU pod slice, which JAX detects.") from None
+    logging.info("Process %d of %d (%s): %d local devices, %d in all.", jax.process_index(), jax.process_count(),
+                 how, jax.local_device_count(), jax.device_count())
+    if jax.process_index():  # process 0 alone logs progress
+        logging.set_verbosity(logging.WARNING)
+
+
 def fail(message, status: int = EXIT_USAGE) -> None:
     """Prints `error: message` on one line and exits with `status` (2: a usage error)."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -133,11 +224,13 @@ def run(define_flags: Callable[[flags.FlagValues], None], main: Callable, argv: 
     try:
         _check_config_file(argv)
         define_flags(fv)
+        define_process_flags(fv)
         if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
             print(f"{sys.modules[main.__module__].__doc__}\n{fv.get_help()}")
             return None
         rest = fv(argv)
         sys.argv = saved_argv
+        start_processes(fv)
         return main(fv, rest[1:])
     except flags.Error as e:
         fail(f"{e}. (--help lists the flags.)")

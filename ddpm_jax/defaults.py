@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
     c.training.keep_checkpoints = 3
+    # Multi-process runs: the processes agree on a stop request (SIGTERM, Ctrl-C on any of them) at
+    # least this often, in steps; each check waits for the devices (single process: every call).
+    c.training.stop_check_every = 10
     # Resume even where model.*, diffusion.*, data.* (but data.data_dir) or seed differ from the run's
     # config.json (checkpoints.check_resume_config); the change is recorded either way.
     c.training.allow_config_change = False

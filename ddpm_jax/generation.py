@@ -1,4 +1,4 @@
-"""Sampling a trained model on all local devices: requests, batched runs, output files, figures.
+"""Sampling a trained model on all devices: requests, batched runs, output files, figures.
 
 `config.sampling` says how to sample (sampler, steps, guidance, ...; the sample command's flags
 write into it); a `Request` adds what to sample (labels, input images, a mask) after checking it
@@ -129,8 +129,9 @@ def _build_sampler(config: ConfigDict, spec: S.SampleSpec):
 
 
 def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
-    """Samples `req` on all local devices in batches of `sampling.batch_size`: {'images': float
-    `[N, H, W, C]` in [-1, 1][, 'frames' `[N, F, H, W, C]` when `req.spec.num_frames`]}.
+    """Samples `req` on all devices in batches of `sampling.batch_size`: {'images': float `[N, H, W,
+    C]` in [-1, 1][, 'frames' `[N, F, H, W, C]` when `req.spec.num_frames`]}. With several processes
+    every process calls it and gets every image.
 
     Batch c uses fold_in(key, c), device d in it fold_in(that, d), key = key(sampling.seed).
     """
@@ -197,7 +198,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
                    given: frozenset[str] = frozenset()) -> list[str]:
     """`python -m ddpm_jax.sample`: samples the run in `workdir` with `config` (its config.json with
     the flags written in) and writes the files to `out` (default WORKDIR/samples). Every input is
-    checked before the checkpoint is read. Returns the paths written (and prints them)."""
+    checked before the checkpoint is read. Returns the paths written (and prints them); with several
+    processes all sample and process 0 writes (the others return [])."""
     from ddpm_jax import checkpoints
 
     req = make_request(config, label=label, init_images=init_images, mask=mask, invert=invert, given=given)
@@ -205,10 +207,14 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     check_output_dir(out)
     params, step = checkpoints.load_params(workdir, config, use_ema=ema)
     sp = config.sampling
-    print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
-          f"{sp.guidance}, {jax.local_device_count()} device(s) -> {out}", file=sys.stderr)
-    images = run(config, params, req, progress=ProgressBar())["images"]
+    is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
+    if is_main:
+        print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
+              f"{sp.guidance}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
+    images = run(config, params, req, progress=ProgressBar() if is_main else None)["images"]
     grids = process_figures(config, params, req) if figures else None
+    if not is_main:
+        return []
     paths = write_outputs(out, images, req, config.model.num_classes, individual=individual, figures=grids)
     print("\n".join(p for p in paths if "/images/" not in p))
     return paths

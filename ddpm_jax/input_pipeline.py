@@ -4,10 +4,16 @@ Batches are dicts {'image': float32 `[D, B_dev, H, W, C]` in [-1, 1], 'label': i
 (D = local devices, B_dev = per-device batch; with `training.steps_per_call` k > 1 a `[D, k, B_dev,
 ...]` stack of k consecutive batches). 'label' is there when the dataset has one.
 
-The order is a fixed function of `config.seed`: epoch e of this process's part of the split is
-shuffled with its own seed, and the flip of its i-th example comes from (that seed, i). The stream
-from example position p is therefore the tail of the stream from 0, and a resumed run rebuilds it
-from epoch p // n, skipping p % n records that are still encoded (cheap).
+The order is a fixed function of `config.seed`: epoch e of the split is shuffled with its own seed,
+and the flip of its i-th example comes from (that seed, i). The stream from example position p is
+therefore the tail of the stream from 0, and a resumed run rebuilds it from epoch p // n, skipping
+p % n records that are still encoded (cheap).
+
+With several processes every process walks that same global stream and keeps the contiguous share
+of each global batch of `training.batch_size` that its devices take (process i: examples
+[i * B / P, (i + 1) * B / P) of it), dropping the others before they are decoded. The examples at
+each step, and the global index each gets in the train step, are then the same for any number of
+processes, and positions (what a checkpoint records) count examples of the global stream.
 """
 from __future__ import annotations
 
@@ -153,16 +159,15 @@ def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devices: int | None = None,
                    process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
-    """The batch stream of this process, starting `start_example` examples into it (see module doc)."""
+    """The batch stream of this process, from example `start_example` of the global stream on (see
+    module doc)."""
     d, t = config.data, config.training
     num_local_devices = num_local_devices or jax.local_device_count()
     process_index = jax.process_index() if process_index is None else process_index
     process_count = process_count or jax.process_count()
 
     builder = prepared_builder(d)  # a quick check once `check_dataset` has prepared it
-    # Each process reads its own part of the split.
-    split = d.split if process_count == 1 else tfds.even_splits(d.split, process_count)[process_index]
-    records = builder.as_dataset(split=split, shuffle_files=False,
+    records = builder.as_dataset(split=d.split, shuffle_files=False,
                                  decoders={"image": tfds.decode.SkipDecoding()})
     image_feature = builder.info.features["image"]
     keys = ["image"] + (["label"] if "label" in builder.info.features else [])
@@ -199,6 +204,11 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
         return {key: reshape(x) for key, x in batch.items()}
 
     ds = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(skip)
+    if process_count > 1:  # this process's share of each global batch
+        def mine(i, example):
+            return i % t.batch_size // per_process == process_index
+
+        ds = ds.enumerate().filter(mine).map(lambda i, example: example)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_process * k, drop_remainder=True).map(shape_for_pmap)
     return ds.prefetch(tf.data.AUTOTUNE)

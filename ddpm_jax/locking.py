@@ -9,6 +9,9 @@ exactly one gets it. A lock left by a dead process on this host (its pid is not 
 over with a warning; one from another host is respected, since this host cannot see that process,
 and the error says how to remove it.
 
+Several processes (a multi-host run): process 0 takes the lock and every process reads it back; a
+workdir where some process does not see it (a host's local disk) stops them all with a UserError.
+
 gs:// and other remote folders: epath has no atomic create there, so acquisition is best effort: the
 record is written, and read back after `SETTLE_S` seconds; the last writer wins and the other
 stops. Two trainers whose writes are more than `SETTLE_S` apart both see the first one's lock; a
@@ -26,6 +29,7 @@ import time
 import uuid
 
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -40,25 +44,57 @@ _held: set[str] = set()  # lock files this process holds; one naming our pid but
 def workdir_lock(workdir):
     """Holds `WORKDIR/.lock` for the body; a UserError if another live trainer holds it.
 
-    Released on exit, exceptions included. In a multi-host run only process 0 takes it (the others
-    write no files of their own).
+    Released on exit, exceptions included. In a multi-process run process 0 takes it and every
+    process reads it back (`_check_shared`): a UserError on all of them unless all see it.
     """
-    if jax.process_index() != 0:
-        yield
-        return
     remote = "://" in str(workdir)
     path = epath.Path(workdir if remote else os.path.abspath(workdir)) / LOCK_FILE
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (_acquire_best_effort if remote else _acquire_local)(workdir, path, record)
-    _held.add(str(path))
+    error = None
+    if jax.process_index() == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (_acquire_best_effort if remote else _acquire_local)(workdir, path, record)
+            _held.add(str(path))
+        except UserError as e:
+            error = e
     try:
+        if jax.process_count() > 1:
+            _check_shared(workdir, path, None if error else record["token"])
+        if error:
+            raise error
         yield
     finally:
-        _held.discard(str(path))
-        _release(path, record)
+        if str(path) in _held:
+            _held.discard(str(path))
+            _release(path, record)
+
+
+def _check_shared(workdir, path, token: str | None) -> None:
+    """Every process reads the lock that process 0 took (`token`: its token there, None if it could
+    not take it) and all raise the same UserError unless every one sees it: their checkpoints,
+    written by several processes and read by all, must be in one place."""
+    from jax.experimental import multihost_utils
+
+    # Process 0's token (16 bytes; zeros: no lock), to every process.
+    sent = np.frombuffer(bytes.fromhex(token), np.uint8) if token else np.zeros(16, np.uint8)
+    token = np.asarray(multihost_utils.broadcast_one_to_all(sent), np.uint8).tobytes().hex()
+    if token == "00" * 16:
+        if jax.process_index():
+            raise UserError(f"--workdir={workdir}: process 0 could not take {path} (its log says why).")
+        return  # process 0 raises its own error
+    try:
+        sees = (_read(path) or {}).get("token") == token
+    except UserError:  # not a lock's JSON: not process 0's lock
+        sees = False
+    seen = multihost_utils.process_allgather(np.int32(sees))
+    if not seen.all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(seen == 0))
+        raise UserError(f"--workdir={workdir}: process(es) {blind} do not see the lock that process 0 wrote "
+                        f"there ({path}): a multi-process run needs a workdir that every process shares, a "
+                        f"gs:// bucket or a shared filesystem (NFS, Lustre, ...), not a host's local disk.")
 
 
 def _read(path) -> dict | None:

@@ -2,7 +2,8 @@
 
 `jax.pmap` (jit over shard_map since JAX 0.8) takes and returns arrays with a leading axis of one entry
 per local device. Its outputs are global arrays, so `x[0]` would gather across devices; `to_host`
-reads the first local device's copy instead.
+reads the first local device's copy instead. With several processes pmap's axis spans every
+process's devices (process 0's first), each process passing and getting its own devices' rows.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS_NAME = "batch"  # the pmap axis; collectives (pmean) and axis_index use it
@@ -52,24 +54,30 @@ def to_host(tree):
 
 def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: int,
                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs a pmapped `fn(c, shard)` over `inputs` ({name: `[N, ...]`}) in chunks c of `batch_size` rows.
+    """Runs a pmapped `fn(c, shard)` over `inputs` ({name: `[N, ...]`}) in chunks c of `batch_size` rows,
+    on the devices of all processes (every process calls it with the same inputs).
 
-    `batch_size` is rounded up to a multiple of the local device count; every chunk is padded to that
-    size (repeating the last row), so it has one shape and compiles once, and is reshaped to
-    `[devices, rows per device, ...]`. Returns {name: numpy `[N, ...]`} of `fn`'s outputs in input
-    order, padding dropped. flax's `jax_utils.pad_shard_unpad` pads one call; this also chunks.
+    `batch_size` is rounded up to a multiple of the device count; every chunk is padded to that size
+    (repeating the last row), so it has one shape and compiles once, and each process passes its
+    devices' rows of it as `[local devices, rows per device, ...]` (pmap's axis runs over process
+    0's devices, then process 1's, ...). Returns {name: numpy `[N, ...]`} of `fn`'s outputs in input
+    order, padding dropped, on every process. flax's `jax_utils.pad_shard_unpad` pads one call; this
+    also chunks.
     """
     n = len(next(iter(inputs.values())))
     if not n:
         raise ValueError("pad_shard_unpad: no rows.")
-    n_dev = jax.local_device_count()
+    n_dev, n_local = jax.device_count(), jax.local_device_count()
     per_dev = -(-min(batch_size, n) // n_dev)
     chunk = per_dev * n_dev
+    mine = slice(jax.process_index() * n_local * per_dev, (jax.process_index() + 1) * n_local * per_dev)
     outs = []
     for c, start in enumerate(range(0, n, chunk)):
-        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
-                 .reshape((n_dev, per_dev) + v.shape[1:]) for k, v in inputs.items()}
+        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))[mine]
+                 .reshape((n_local, per_dev) + v.shape[1:]) for k, v in inputs.items()}
         out = fn(c, shard)
+        if jax.process_count() > 1:  # pmap returns this process's rows; every process gets them all
+            out = multihost_utils.process_allgather(out, tiled=True)
         outs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()})
         if progress:
             progress(min(start + chunk, n), n)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -118,7 +119,8 @@ def pmap_train_step(config: ConfigDict):
 
 
 class _StopOnSignal:
-    """SIGTERM (TPU VM preemption) or Ctrl-C asks the loop to save and stop after the current call.
+    """SIGTERM (TPU VM preemption) or Ctrl-C asks the loop to save and stop after the current call
+    (with several processes: at the next step where they agree, `agreed`).
 
     A second signal gets the previous handler (Ctrl-C twice interrupts at once).
     """
@@ -142,6 +144,19 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def agreed(self, step: int, k: int, every: int) -> bool:
+        """Whether to stop after the call that reached `step` (`k` steps a call). One process stops as
+        soon as asked. Several stop together, so that all save the same step: they compare their
+        requests (a small all-gather, which also waits for the devices) at the calls that pass a
+        multiple of `every` steps, the same calls on every process, and stop if any was asked."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step // every == (step - k) // every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
 
 class Diverged(RuntimeError):
@@ -173,7 +188,8 @@ def sample_grid_config(config: ConfigDict):
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` on all local devices, resuming from the latest readable checkpoint.
+    """Trains `config` in `workdir` on all devices (of all processes), resuming from the latest readable
+    checkpoint.
 
     Writes `workdir/config.json` (the previous one kept as `config.<step>.json` when a resume changes
     it), checkpoints, TensorBoard events and `samples/step_*.png` (process 0 only for logs and
@@ -197,6 +213,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
             resumed_from = None if restored is None else int(restored[0].step)
             if resumed_from is not None:
                 checkpoints.check_resume_config(workdir, config, resumed_from)  # before writing: it may refuse
+            if jax.process_count() > 1:  # every process has read config.json before process 0 replaces it
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("ddpm_jax: resume config checked")
             if jax.process_index() == 0:
                 checkpoints.write_config(workdir, config, resumed_from=resumed_from)
             return _train(config, workdir, manager, restored, evaluator)
@@ -219,13 +238,12 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if restored is None:
         state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(config.seed))
-        position = 0  # examples this process has consumed from its data stream
+        position = 0  # examples consumed from the global data stream (by all processes)
     else:
         state, data_state = restored
         position = data_state["position"]
         logging.info("Resuming from %s at step %d.", manager.directory, int(state.step))
     step = int(state.step)  # the host's copy; the loop never reads the device's
-    per_process_batch = t.batch_size // jax.process_count()
     train_iter = input_pipeline.create_train_iterator(config, start_example=position)
     state = parallel.replicate(state)
     p_train = pmap_train_step(config)
@@ -280,17 +298,22 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
         writer.write_scalars(at_step, scalars)
 
     pending = None  # (step, metrics) of a logging step, fetched once the next call is dispatched
+    previous = None  # an output of the previous call
     try:
         with _StopOnSignal() as stop:
             while step < t.num_train_steps:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = p_train(state, next(train_iter))
-                bad = metrics["nonfinite"]
+                # The host runs at most this call ahead of the devices: a stop saves the step the devices
+                # are at, not one many queued calls later (still overlapping host and device work).
+                if previous is not None:
+                    previous.block_until_ready()
+                previous = bad = metrics["nonfinite"]
                 nonfinite = bad if nonfinite is None else nonfinite + bad
                 first_nonfinite = (jnp.where(bad > 0, step + 1, 0) if first_nonfinite is None else
                                    jnp.where((first_nonfinite == 0) & (bad > 0), step + 1, first_nonfinite))
                 step += k
-                position += k * per_process_batch
+                position += k * t.batch_size
                 if pending:
                     write_metrics(*pending)
                     pending = None
@@ -300,9 +323,10 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
                 last = step == t.num_train_steps
                 if step % t.log_every == 0 or last:
                     pending = (step, metrics)
+                stopping = stop.agreed(step, k, t.stop_check_every)
                 for hook in hooks:
-                    hook(step, state, last=last, stopping=stop.requested)
-                if stop.requested:
+                    hook(step, state, last=last, stopping=stopping)
+                if stopping:
                     logging.warning("Stopped at step %d; the same command resumes from here.", step)
                     break
         if pending:

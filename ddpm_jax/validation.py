@@ -125,6 +125,7 @@ def validate_training(config: ConfigDict, num_devices: int):
     if t.sample_every:
         _positive_int(config, "training.num_sample_images")
     _positive_int(config, "training.keep_checkpoints")
+    _positive_int(config, "training.stop_check_every")
     _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
              f"training.profile_steps={t.profile_steps!r}: must be 0 (no profile) or a number of steps.")
     _one_of(t.nonfinite, "training.nonfinite", ("stop", "skip"))

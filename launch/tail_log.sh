@@ -5,8 +5,10 @@
 #
 #   launch/tail_log.sh [--lines=100] [common flags]
 #
-# --lines=N shows the last N lines (a positive integer) before following.
+# --lines=N shows the last N lines (a positive integer) before following. On a pod slice worker 0
+# runs process 0, the one that logs progress (the others log warnings only): --worker=all follows it.
 source "$(dirname "$0")/common.sh"
+if [[ "$WORKER" == all ]]; then WORKER=0; fi
 
 LINES=100
 for arg in "${ARGS[@]+"${ARGS[@]}"}"; do

@@ -2,6 +2,9 @@
 # Starts training on the TPU VM inside tmux (default) or nohup, logging to train.log in the project's
 # folder there (~/ddpm_jax, or REMOTE_DIR: see launch/common.sh).
 # Running it again after a stop or preemption resumes from the workdir's last checkpoint.
+# On a pod slice (e.g. --accelerator=v4-32) pass --worker=all: every host runs the same command, and
+# the processes find each other (JAX reads the slice's hosts from the VM metadata); the workdir must
+# be a gs:// bucket, which every host reaches.
 #
 # Needs: the gcloud CLI and a VM set up by launch/setup_vm.sh. For a workdir on a bucket, a gs://
 # bucket the VM's service account can write to. See launch/common.sh for the common flags.

@@ -104,16 +104,20 @@ def test_steps_per_call_stacks_consecutive_batches(data_dir):
     np.testing.assert_array_equal(stacked["label"][:, 1], second["label"])
 
 
-def test_each_process_reads_its_own_part(data_dir):
-    config = small_digits_config(data_dir)
-    sizes = (899, 898)  # tfds.even_splits of 1,797 in two
-    parts = [_examples(config, sizes[i], process_index=i, process_count=2, num_local_devices=4)
-             for i in range(2)]
-    images = np.concatenate([p[0] for p in parts])[..., 0]
-    labels = np.concatenate([p[1] for p in parts])
-    sk_images, sk_labels = _sklearn_digits()
-    np.testing.assert_allclose(_as_sorted_rows(images, labels),
-                               _as_sorted_rows(np.round(sk_images * 255 / 16) / 127.5 - 1, sk_labels), atol=1e-6)
+def test_processes_take_their_shares_of_the_same_global_batches(data_dir):
+    config = small_digits_config(data_dir)  # global batch 16: 8 per process on 2 processes of 4 devices
+    config.data.random_flip = True  # flips too follow the global stream
+    config.data.shuffle_buffer = 500
+    n = NUM_EXAMPLES
+    for start in (0, n - 37):  # from the start, and across an epoch's end as after a resume
+        images, labels = _examples(config, 16 * 6, start_example=start)
+        parts = [_examples(config, 8 * 6, start_example=start, process_index=i, process_count=2,
+                           num_local_devices=4) for i in range(2)]
+        # Global batch b is process 0's b-th batch of 8, then process 1's.
+        joined = [np.concatenate([p[j][8 * b:8 * b + 8] for b in range(6) for p in parts]) for j in (0, 1)]
+        np.testing.assert_array_equal(joined[0], images)
+        np.testing.assert_array_equal(joined[1], labels)
+    assert not np.array_equal(parts[0][1], parts[1][1])
 
 
 def test_device_prefetch_places_batches_as_pmap_takes_them(data_dir):

@@ -1,8 +1,8 @@
-"""launch/*.sh: --dry-run prints the commands they would run (no gcloud needed), and every user value
-reaches the VM's shell as one literal word.
+"""launch/: --dry-run prints the commands the scripts would run (no gcloud or SLURM needed), and every
+user value reaches the VM's shell (or srun) as one literal word.
 
-The VM is faked: PATH shims for gcloud, git, python3, tmux, tar and tail record their argv, and the
-remote command (the --command= of `gcloud ... ssh`) runs in a local `bash -c` as sshd would run it.
+The VM is faked: PATH shims for gcloud, git, python3, tmux, tar, tail and srun record their argv, and
+the remote command (the --command= of `gcloud ... ssh`) runs in a local `bash -c` as sshd would run it.
 """
 import os
 import shlex
@@ -10,7 +10,9 @@ import subprocess
 
 import pytest
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SLURM = os.path.join(LAUNCH, "slurm_train.sbatch")
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 
 # Records its name, working folder and argv (NUL-separated) in $STUB_LOG.
@@ -36,7 +38,8 @@ HOSTILE = [
 
 
 def _env(tmp_path, remote_dir=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "PROJECT", "WORKER", "REMOTE_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "PROJECT", "WORKER", "REMOTE_DIR")
+           and not k.startswith("SLURM_")}
     env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", STUB_LOG=str(tmp_path / "calls"), TMPDIR=str(tmp_path))
     if remote_dir is not None:
         env["REMOTE_DIR"] = remote_dir
@@ -47,7 +50,7 @@ def _env(tmp_path, remote_dir=None):
 def vm(tmp_path):
     """tmp_path with the PATH shims in bin/ and the ssh user's home in home/."""
     (tmp_path / "bin").mkdir()
-    for name in ("gcloud", "git", "python3", "tmux", "tar", "tail"):
+    for name in ("gcloud", "git", "python3", "tmux", "tar", "tail", "srun"):
         (tmp_path / "bin" / name).write_text(TMUX_STUB if name == "tmux" else STUB)
         (tmp_path / "bin" / name).chmod(0o755)
     (tmp_path / "home").mkdir()
@@ -131,6 +134,15 @@ def _run_on_vm(vm, argvs):
              "&& echo started with nohup"]]),
     ("tail_log.sh", ["--lines=20"],
      [SSH + ["vm1", "--zone=z1", "--worker=0", "--command=tail -n 20 -F ddpm_jax/train.log"]]),
+    # A pod slice: every host trains; the log to follow is process 0's, on worker 0.
+    ("create_vm.sh", ["--accelerator=v4-32"],
+     [SSH[:4] + ["create", "vm1", "--zone=z1", "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]]),
+    ("train.sh", ["--worker=all", "--workdir=gs://b/r"],
+     [SSH + ["vm1", "--zone=z1", "--worker=all", "--command=cd ddpm_jax && tmux new-session -d -s ddpm 'python3 -m "
+             "ddpm_jax.main --config=configs/cifar10.py --workdir=gs://b/r >> train.log 2>&1' && echo started in "
+             "tmux session ddpm"]]),
+    ("tail_log.sh", ["--worker=all"],
+     [SSH + ["vm1", "--zone=z1", "--worker=0", "--command=tail -n 100 -F ddpm_jax/train.log"]]),
     ("delete_vm.sh", [], [SSH[:4] + ["delete", "vm1", "--zone=z1", "--quiet"]]),
 ])
 def test_dry_run_prints_the_commands_the_real_run_executes(vm, script, flags, expected):
@@ -205,3 +217,52 @@ def test_every_script_says_what_it_needs_and_rejects_unknown_flags():
         assert rc == 2 and "--bogus" in err
     rc, _, err = _dry_run("train.sh")
     assert rc == 2 and "--workdir" in err
+
+
+def _slurm(vm, *flags, **env):
+    """The argvs `slurm_train.sbatch --dry-run flags` prints, checked to be what it runs (cd is a builtin:
+    srun's working folder shows it)."""
+    env = {**_env(vm), **env}
+    dry = subprocess.run(["bash", SLURM, "--dry-run", *flags], capture_output=True, text=True, timeout=60, env=env)
+    assert dry.returncode == 0, dry.stderr
+    argvs = [_parse(line, vm) for line in dry.stdout.splitlines()]
+    real = subprocess.run(["bash", SLURM, *flags], capture_output=True, text=True, timeout=60, env=env, cwd=vm)
+    assert real.returncode == 0, real.stderr
+    [(name, cwd, argv)] = _calls(vm)
+    assert argvs == [["cd", cwd], [name, *argv]]
+    return argvs
+
+
+def test_slurm_script_runs_one_task_per_node_on_all_its_gpus(vm):
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label", "env"]
+    train = ["-m", "ddpm_jax.main", "--config=configs/cifar10.py", "--workdir=/shared/r"]
+    # As sbatch runs it: from the spool folder, the repository in SLURM_SUBMIT_DIR, the GPUs counted.
+    assert _slurm(vm, "--workdir=/shared/r", "--", "--config.training.batch_size=64", SLURM_SUBMIT_DIR=ROOT,
+                  SLURM_GPUS_ON_NODE="4") == [
+        ["cd", ROOT], [*srun, "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "python3", *train, "--config.training.batch_size=64"]]
+    assert _slurm(vm, "--workdir=/shared/r", "--gpus-per-node=2", SLURM_GPUS_ON_NODE="4", PYTHON="/venv/bin/python")[
+        1] == [*srun, "JAX_LOCAL_DEVICE_IDS=0,1", "/venv/bin/python", *train]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_slurm_script_passes_each_value_to_srun_as_one_word(vm, value):
+    value = value.format(m=vm / "pwned")
+    [_, srun] = _slurm(vm, f"--workdir={value}", f"--config={value}", "--gpus-per-node=1", "--", value)
+    assert srun[-3:] == [f"--config={value}", f"--workdir={value}", value]
+    assert not (vm / "pwned").exists()
+
+
+@pytest.mark.parametrize("flags, env, named", [
+    (["--workdir=w"], {}, "--gpus-per-node"),  # outside SLURM nothing says how many
+    (["--workdir=w", "--gpus-per-node=0"], {}, "--gpus-per-node"),
+    (["--workdir=w"], {"SLURM_GPUS_ON_NODE": "x"}, "--gpus-per-node"),
+    (["--workdir=", "--gpus-per-node=1"], {}, "--workdir"),
+    (["--workdir=w", "--gpus-per-node=1", "--name=vm1"], {}, "--name"),
+    (["--workdir=w", "--gpus-per-node=1"], {"SLURM_SUBMIT_DIR": "/"}, "repository's root"),
+])
+def test_slurm_script_bad_values_exit_2_with_one_line_naming_the_flag(flags, env, named):
+    r = subprocess.run(["bash", SLURM, "--dry-run", *flags], capture_output=True, text=True, timeout=60,
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **env})
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1 and named in r.stderr, r.stderr
+    with open(SLURM) as f:
+        assert "# Needs:" in f.read()

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -89,8 +90,9 @@ def run(config: ConfigDict, params, plans, *, num_per_class: int, out: str) -> s
     for name, c in plans:
         r = evaluate(c, params, classifier, num_per_class)
         sp = c.sampling
-        grid = image_utils.make_grid(r["images"], nrow=num_per_class)
-        image_utils.save_png(os.path.join(out, f"{sp.sampler}_{sp.steps}_w{sp.guidance:g}.png"), grid, scale=4)
-        print(f"{name}: {100 * r['accuracy']:.1f}% in {r['seconds']:.0f}s", file=sys.stderr)
+        if not jax.process_index():  # every process sampled; process 0 alone writes
+            grid = image_utils.make_grid(r["images"], nrow=num_per_class)
+            image_utils.save_png(os.path.join(out, f"{sp.sampler}_{sp.steps}_w{sp.guidance:g}.png"), grid, scale=4)
+            print(f"{name}: {100 * r['accuracy']:.1f}% in {r['seconds']:.0f}s", file=sys.stderr)
         rows.append((name, r))
     return markdown_table(rows, config.model.num_classes)

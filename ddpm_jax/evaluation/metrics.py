@@ -142,11 +142,11 @@ def _pmapped_inception():
 
 def inception_features(replicated_variables, images: np.ndarray, per_device_batch: int = 50) -> dict:
     """uint8 images `[N, H, W, C]` -> {'pool' `[N, 2048]`, 'logits_unbiased' `[N, 1008]`} float32, on all
-    local devices. `replicated_variables`: `parallel.replicate(inception.load_variables(...))`, made
+    devices (of all processes). `replicated_variables`: `parallel.replicate(inception.load_variables(...))`, made
     once by the caller (the in-loop evaluator keeps them across evaluations)."""
     fn = _pmapped_inception()
     return parallel.pad_shard_unpad(lambda c, shard: fn(replicated_variables, shard["images"]),
-                                    {"images": np.asarray(images)}, per_device_batch * jax.local_device_count())
+                                    {"images": np.asarray(images)}, per_device_batch * jax.device_count())
 
 
 def sample_quality(features: dict, reference: dict, splits: int = 10) -> dict:

@@ -138,6 +138,8 @@ def reference_statistics(images: np.ndarray, inception_weights: str, out: str, *
     """Inception pool statistics of real uint8 images, written to `out` in pytorch-fid's layout."""
     variables = parallel.replicate(inception.load_variables(inception_weights, WEIGHTS_FIELD))
     features = metrics.inception_features(variables, images, per_device_batch)
+    if jax.process_index():  # every process has the features; process 0 alone writes
+        return dict(zip(("mu", "sigma"), metrics.feature_statistics(features["pool"])))
     return metrics.save_statistics(out, features["pool"], keep_features=keep_features)
 
 
@@ -193,7 +195,10 @@ def digits(images: np.ndarray, labels: np.ndarray | None, classifier_path: str |
 
 
 def write_result(workdir: str | None, name: str, result: dict) -> None:
-    """Prints `result` as JSON (without per-term arrays) and writes it to WORKDIR/eval/NAME.json."""
+    """Prints `result` as JSON (without per-term arrays) and writes it to WORKDIR/eval/NAME.json
+    (process 0 only)."""
+    if jax.process_index():
+        return
     printable = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}
     print(json.dumps({k: v for k, v in printable.items() if k != "bpd_terms"}, indent=1))
     if workdir:
@@ -213,8 +218,9 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
     split = config.eval.split or config.data.split
     images, _ = real_images(config, split, num_examples)
     stats = reference_statistics(images, weights, out, keep_features=keep_features, per_device_batch=per_device_batch)
-    print(f"wrote {out}: statistics of {len(images)} images of {config.data.dataset}/{split} "
-          f"({stats['mu'].shape[0]}-d)")
+    if not jax.process_index():
+        print(f"wrote {out}: statistics of {len(images)} images of {config.data.dataset}/{split} "
+              f"({stats['mu'].shape[0]}-d)")
 
 
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
@@ -258,8 +264,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if command == "accuracy":
         out = os.path.join(workdir, "accuracy")
         table = conditional_accuracy.run(config, params, plans, num_per_class=num_per_class, out=out)
-        print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
-        print(table)
+        if not jax.process_index():
+            print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
+            print(table)
         return {"table": table}
     if command == "bpd":
         split = eval_split(config)
