@@ -52,12 +52,13 @@ def workdir_lock(workdir):
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex}
-    error = None
+    error, acquired = None, False
     if jax.process_index() == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             (_acquire_best_effort if remote else _acquire_local)(workdir, path, record)
             _held.add(str(path))
+            acquired = True
         except UserError as e:
             error = e
     try:
@@ -67,7 +68,7 @@ def workdir_lock(workdir):
             raise error
         yield
     finally:
-        if str(path) in _held:
+        if acquired:  # a refused nested attempt must not release the holder's lock
             _held.discard(str(path))
             _release(path, record)
 
