@@ -497,6 +497,7 @@ def _train_three_steps(label_dropout: float):
     return out[0], out[1], jax.device_get(state.params)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_label_dropout_one_makes_training_ignore_labels():
     # label_dropout = 1: every label becomes the null class, so the update is the same for any labels,
     # to the bit, and the real classes' embeddings never move from their initial values.

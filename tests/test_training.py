@@ -85,6 +85,7 @@ def _run(config, workdir, num_steps):
     return training.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_stopping_and_restarting_gives_bitwise_identical_params(data_dir, tmp_path):
     config = small_digits_config(data_dir)  # dropout 0.1: the dropout keys must resume too
     straight = _run(config, str(tmp_path / "straight"), 8)
@@ -198,6 +199,7 @@ def test_a_few_hundred_digits_steps_lower_the_loss(data_dir, tmp_path):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:2])
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_main_command_trains_and_keeps_compiled_programs(tmp_path, data_dir):
     cache, workdir = tmp_path / "xla", tmp_path / "run"
     flags = ["--config=configs/digits.py", f"--workdir={workdir}", f"--compilation_cache={cache}",

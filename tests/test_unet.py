@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import cifar10, tiny
 from ddpm_jax import diffusion as D
@@ -75,6 +76,7 @@ def test_class_conditioning_uses_labels():
     assert not np.allclose(a[1], b[1])
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_tiny_unet_overfits_one_batch():
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     s = D.make_schedule(D.linear_betas(100, 1e-3, 0.2))
