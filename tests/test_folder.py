@@ -12,7 +12,7 @@ from PIL import Image
 
 from ddpm_jax import input_pipeline, training
 from ddpm_jax.datasets import folder as folder_dataset
-from tests.train_helpers import compilation_cache, small_digits_config
+from tests.train_helpers import compilation_cache, first_examples, small_digits_config
 
 SIZE = 8
 RED, TEAL, WHITE = (255, 0, 0), (10, 200, 30), (255, 255, 255)
@@ -108,16 +108,6 @@ def mixed(tmp_path_factory):
     return root, expected, config
 
 
-def _stream(config, num, **kwargs):
-    images, labels = [], []
-    for batch in tfds.as_numpy(input_pipeline.create_dataset(config, **kwargs)):
-        images.append(batch["image"].reshape((-1,) + batch["image"].shape[-3:]))
-        labels.append(batch["label"].reshape(-1))
-        if sum(map(len, labels)) >= num:
-            return np.concatenate(images)[:num], np.concatenate(labels)[:num]
-    raise AssertionError(f"the stream ended before {num} examples")
-
-
 def _match(images, labels, expected):
     """{relpath: the uint8 image} pairing each example with the file it must come from."""
     found = {}
@@ -150,7 +140,7 @@ def test_folder_builds_with_labels_and_the_images_each_mode_should_give(mixed, c
     # The pipeline: pmap layout, [-1, 1], every image once per epoch with its label.
     first = next(iter(tfds.as_numpy(input_pipeline.create_dataset(config))))
     assert first["image"].shape == (8, 2, SIZE, SIZE, 3) and first["label"].shape == (8, 2)
-    images, labels = _stream(config, 8)
+    images, labels = first_examples(config, 8)
     uint8 = np.round((images + 1) * 127.5).astype(np.uint8)
     np.testing.assert_allclose(images, uint8 / 127.5 - 1, atol=1e-6)
     assert sorted(_match(uint8, labels, expected)) == sorted(expected)
@@ -160,14 +150,14 @@ def test_greyscale_and_resume_from_a_position_is_the_tail_of_the_stream(mixed):
     root, expected, config = mixed
     config = folder_config(root, channels=1, random_flip=True, shuffle_buffer=4)
     input_pipeline.check_dataset(config)
-    full, full_labels = _stream(config, 3 * 8 + 6)
+    full, full_labels = first_examples(config, 3 * 8 + 6)
     assert full.shape[-1] == 1
     # Pillow's 'L' conversion of a grey image keeps its values.
     grey = expected["cats/grey.png"][1][..., 0]
     rows = {np.round((im[..., 0] + 1) * 127.5).astype(np.uint8).tobytes() for im in full[:8]}
     assert grey.tobytes() in rows or grey[:, ::-1].tobytes() in rows
     for start in (3, 8 + 5):
-        tail, tail_labels = _stream(config, 6, start_example=start)
+        tail, tail_labels = first_examples(config, 6, start_example=start)
         np.testing.assert_array_equal(tail, full[start:start + 6])
         np.testing.assert_array_equal(tail_labels, full_labels[start:start + 6])
 

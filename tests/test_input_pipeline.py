@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from ddpm_jax import input_pipeline, parallel
 from ddpm_jax.datasets.digits import NUM_EXAMPLES
-from tests.train_helpers import prepare_digits, small_digits_config
+from tests.train_helpers import first_examples, prepare_digits, small_digits_config
 
 # What sklearn's 0..16 become: stored as uint8 round(v * 255 / 16), then x / 127.5 - 1 in float32.
 LEVELS = np.round(np.arange(17) * 255 / 16).astype(np.float32) / np.float32(127.5) - np.float32(1)
@@ -15,17 +15,6 @@ LEVELS = np.round(np.arange(17) * 255 / 16).astype(np.float32) / np.float32(127.
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepare_digits(str(tmp_path_factory.mktemp("tfds")))
-
-
-def _examples(config, num, **kwargs):
-    """The first `num` examples of the stream as (images [num, H, W, C], labels [num])."""
-    images, labels = [], []
-    for batch in tfds.as_numpy(input_pipeline.create_dataset(config, **kwargs)):
-        images.append(batch["image"].reshape((-1,) + batch["image"].shape[-3:]))
-        labels.append(batch["label"].reshape(-1))
-        if sum(map(len, labels)) >= num:
-            return np.concatenate(images)[:num], np.concatenate(labels)[:num]
-    raise AssertionError(f"the stream ended before {num} examples")
 
 
 def _sklearn_digits():
@@ -59,7 +48,7 @@ def test_pipeline_scales_to_unit_range_in_pmap_layout_and_an_epoch_is_a_permutat
     assert batch["image"].shape == (8, 2, 8, 8, 1) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (8, 2) and batch["label"].dtype == np.int32
 
-    images, labels = _examples(config, NUM_EXAMPLES)
+    images, labels = first_examples(config, NUM_EXAMPLES)
     assert np.isin(images, LEVELS).all()
     assert images.min() == -1.0 and images.max() == 1.0
     sk_images, sk_labels = _sklearn_digits()
@@ -77,10 +66,10 @@ def test_stream_is_fixed_by_the_seed_and_resumes_as_its_tail(data_dir):
     config.data.random_flip = True
     config.data.shuffle_buffer = 500  # smaller than the data, as for large datasets
     n = NUM_EXAMPLES
-    full, full_labels = _examples(config, 2 * n + 40)
-    np.testing.assert_array_equal(full, _examples(config, 2 * n + 40)[0])
+    full, full_labels = first_examples(config, 2 * n + 40)
+    np.testing.assert_array_equal(full, first_examples(config, 2 * n + 40)[0])
     for start in (37, n + 5):  # inside the first epoch, and in the second
-        tail, tail_labels = _examples(config, 40, start_example=start)
+        tail, tail_labels = first_examples(config, 40, start_example=start)
         np.testing.assert_array_equal(tail, full[start:start + 40])
         np.testing.assert_array_equal(tail_labels, full_labels[start:start + 40])
     # Epochs are shuffled differently; about half of the images are mirrored.
@@ -110,8 +99,8 @@ def test_processes_take_their_shares_of_the_same_global_batches(data_dir):
     config.data.shuffle_buffer = 500
     n = NUM_EXAMPLES
     for start in (0, n - 37):  # from the start, and across an epoch's end as after a resume
-        images, labels = _examples(config, 16 * 6, start_example=start)
-        parts = [_examples(config, 8 * 6, start_example=start, process_index=i, process_count=2,
+        images, labels = first_examples(config, 16 * 6, start_example=start)
+        parts = [first_examples(config, 8 * 6, start_example=start, process_index=i, process_count=2,
                            num_local_devices=4) for i in range(2)]
         # Global batch b is process 0's b-th batch of 8, then process 1's.
         joined = [np.concatenate([p[j][8 * b:8 * b + 8] for b in range(6) for p in parts]) for j in (0, 1)]

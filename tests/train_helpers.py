@@ -4,6 +4,7 @@ import glob
 import os
 
 import jax
+import numpy as np
 import tensorflow as tf
 
 from configs import digits, tiny
@@ -80,3 +81,19 @@ def prepare_digits(data_dir: str) -> str:
 
     tfds.builder("digits", data_dir=data_dir).download_and_prepare()
     return data_dir
+
+
+def first_examples(config, num, **kwargs):
+    """The first `num` examples of `input_pipeline.create_dataset(config, **kwargs)` as (images
+    `[num, H, W, C]`, labels `[num]`)."""
+    import tensorflow_datasets as tfds
+
+    from ddpm_jax import input_pipeline
+
+    images, labels = [], []
+    for batch in tfds.as_numpy(input_pipeline.create_dataset(config, **kwargs)):
+        images.append(batch["image"].reshape((-1,) + batch["image"].shape[-3:]))
+        labels.append(batch["label"].reshape(-1))
+        if sum(map(len, labels)) >= num:
+            return np.concatenate(images)[:num], np.concatenate(labels)[:num]
+    raise AssertionError(f"the stream ended before {num} examples")
