@@ -43,6 +43,7 @@ EVAL_FLAGS = {
     "num_samples": ("eval.num_samples", "Samples to generate and score."),
     "batch_size": ("eval.batch_size", "Images per device call over all devices (sampling and bpd)."),
     "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
+    "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "seed": ("eval.seed", "Seed of the sampling and bound noise."),
     "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),
     "inception_weights": ("eval.inception_weights", "The converted Inception .npz; a .pth is converted "

@@ -23,6 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 3
     c.data.random_flip = True
     c.data.shuffle_buffer = 50_000
+    # Text models: the caption feature (a Text, or a Sequence of Text of which one is drawn per
+    # example per epoch, e.g. coco_captions' 'captions/text') and the most byte tokens kept, BOS
+    # included (longer captions are cut at a character boundary).
+    c.data.text_feature = "caption"
+    c.data.max_text_len = 64
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 128
@@ -33,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
+    # Text conditioning: none | trained (ddpm_jax.text.TextEncoder on byte tokens, trained with the
+    # U-Net) | precomputed (the dataset's 'text_emb' [L, D] and 'text_mask' [L], any frozen encoder).
+    c.model.text_encoder = "none"
+    c.model.text_width = 256  # width of the text tokens the U-Net attends to
+    c.model.text_depth = 4  # trained encoder: Transformer blocks
+    c.model.text_heads = 4  # trained encoder: attention heads
+    c.model.text_emb_dim = 0  # precomputed: D of the dataset's embeddings (projected to text_width)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000
@@ -57,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.num_train_steps = 800_000
     c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
     c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
+    c.training.text_dropout = 0.1  # P(text -> the null text) when model.text_encoder != 'none'
     c.training.nonfinite = "stop"  # a non-finite loss/gradient: stop (exit 1, nothing saved) | skip the step
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
@@ -72,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim
     c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021)
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
-    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
+    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class- or text-conditional models)
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled

@@ -22,7 +22,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline 'digits')
-from ddpm_jax import parallel
+from ddpm_jax import parallel, text
 from ddpm_jax.validation import UserError
 
 # TensorFlow only feeds data here; it must not take GPU memory from JAX.
@@ -32,6 +32,7 @@ except RuntimeError:  # TensorFlow ran something before this import: too late to
     logging.warning("TensorFlow was initialised before ddpm_jax.input_pipeline and may hold GPU memory.")
 
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride + e
+_CAPTION_SEED_OFFSET = 2 ** 40  # a caption draw's seed is the flip's, index shifted by this
 
 
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
@@ -98,6 +99,41 @@ def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def text_feature(example: dict, path: str) -> tf.Tensor:
+    """The feature at `path` ('caption', or nested as 'captions/text') of a tfds example."""
+    for part in path.split("/"):
+        example = example[part]
+    return example
+
+
+def pick_caption(texts: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """One caption: `texts` itself if scalar, else element k of the `[n]` captions, k uniform from
+    the stateless `seed` (an example's (epoch seed, index)), so resuming draws the same one."""
+    if texts.shape.rank == 0:
+        return texts
+    pick_seed = tf.stack([seed[0], seed[1] + _CAPTION_SEED_OFFSET])  # not the flip's draw
+    k = tf.random.stateless_uniform([], pick_seed, maxval=tf.shape(texts, tf.int64)[0], dtype=tf.int64)
+    return texts[k]
+
+
+def tokenize(caption: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """`ddpm_jax.text.tokenize` of one string in TensorFlow: (int32 `[max_len]`, bool `[max_len]`).
+
+    BOS, the UTF-8 bytes + 1, zero padding; more than max_len - 1 bytes are cut before the first
+    byte that does not start a character, so the cut decodes.
+    """
+    data = tf.cast(tf.io.decode_raw(caption, tf.uint8), tf.int32)
+    n = tf.shape(data)[0]
+    # cut = the largest c <= min(n, max_len - 1) with c == n or data[c] not a continuation byte.
+    limit = tf.minimum(n, max_len - 1)
+    c = tf.range(limit + 1)
+    starts = tf.concat([tf.bitwise.bitwise_and(data, 0xC0) != 0x80, [True]], axis=0)
+    cut = tf.reduce_max(tf.where(tf.gather(starts, c), c, 0))
+    tokens = tf.concat([[text.BOS], data[:cut] + 1, tf.zeros([max_len - 1 - cut], tf.int32)], axis=0)
+    tokens = tf.ensure_shape(tokens, [max_len])
+    return tokens, tokens != text.PAD
+
+
 def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devices: int | None = None,
                    process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
     """The batch stream of this process, starting `start_example` examples into it (see module doc)."""
@@ -113,7 +149,11 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
                                  decoders={"image": tfds.decode.SkipDecoding()})
     image_feature = builder.info.features["image"]
     keys = ["image"] + (["label"] if "label" in builder.info.features else [])
-    records = records.map(lambda ex: {k: ex[k] for k in keys})
+    if config.model.text_encoder == "precomputed":
+        keys += ["text_emb", "text_mask"]
+    trained_text = config.model.text_encoder == "trained"
+    records = records.map(lambda ex: {**{k: ex[k] for k in keys},
+                                      **({"text": text_feature(ex, d.text_feature)} if trained_text else {})})
     n = int(records.cardinality())
     first_epoch, skip = divmod(start_example, n)
 
@@ -133,6 +173,10 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
         out = {"image": image / 127.5 - 1.0}
         if "label" in ex:
             out["label"] = tf.cast(ex["label"], tf.int32)
+        if "text" in ex:
+            out["tokens"], out["mask"] = tokenize(pick_caption(ex["text"], flip_seed), d.max_text_len)
+        if "text_emb" in ex:
+            out["text_emb"], out["mask"] = tf.cast(ex["text_emb"], tf.float32), tf.cast(ex["text_mask"], tf.bool)
         return out
 
     k, per_process = t.steps_per_call, t.batch_size // process_count

@@ -6,6 +6,7 @@ reads the first local device's copy instead.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -52,23 +53,27 @@ def to_host(tree):
 
 def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: int,
                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs a pmapped `fn(c, shard)` over `inputs` ({name: `[N, ...]`}) in chunks c of `batch_size` rows.
+    """Runs a pmapped `fn(c, shard)` over `inputs` (a pytree of `[N, ...]` arrays, e.g. {name: array}
+    or nested dicts) in chunks c of `batch_size` rows.
 
     `batch_size` is rounded up to a multiple of the local device count; every chunk is padded to that
     size (repeating the last row), so it has one shape and compiles once, and is reshaped to
     `[devices, rows per device, ...]`. Returns {name: numpy `[N, ...]`} of `fn`'s outputs in input
     order, padding dropped. flax's `jax_utils.pad_shard_unpad` pads one call; this also chunks.
     """
-    n = len(next(iter(inputs.values())))
+    n = len(jax.tree.leaves(inputs)[0])
     if not n:
         raise ValueError("pad_shard_unpad: no rows.")
     n_dev = jax.local_device_count()
     per_dev = -(-min(batch_size, n) // n_dev)
     chunk = per_dev * n_dev
     outs = []
+    def rows(v, start):
+        return np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n)).reshape(
+            (n_dev, per_dev) + v.shape[1:])
+
     for c, start in enumerate(range(0, n, chunk)):
-        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
-                 .reshape((n_dev, per_dev) + v.shape[1:]) for k, v in inputs.items()}
+        shard = jax.tree.map(functools.partial(rows, start=start), inputs)
         out = fn(c, shard)
         outs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()})
         if progress:

@@ -110,7 +110,7 @@ def test_editing_keeps_what_it_must(cond_run, images_dir):
 
 def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
     config = _config(num_classes=0)
-    with pytest.raises(UserError, match=r"sampling.guidance=2.0 needs a class-conditional model.*num_classes=0"):
+    with pytest.raises(UserError, match=r"guidance=2.0 needs a class- or text-conditional model.*num_classes=0"):
         _request(config, guidance=2.0)
     with pytest.raises(UserError, match=r"--label=1: this run's model is unconditional"):
         _request(config, label="1")

@@ -173,8 +173,8 @@ def _cond_unet():
     # ch=64: with one channel per GroupNorm group (ch=32) the norm would erase the time and label embedding.
     model = UNet(ch=64, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                  num_classes=3)
-    x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, {"label": t, "drop": t > 0})["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return model, tree.unflatten([0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
@@ -184,15 +184,17 @@ def test_classifier_free_guidance():
     model, params = _cond_unet()
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t, y = jnp.array([3, 50, 200, 900]), jnp.array([0, 1, 2, 1])
+    cond = {"label": y, "drop": jnp.zeros(4, bool)}
     calls = []
     apply_fn = lambda *a: calls.append(a[0].shape) or model.apply({"params": params}, *a)
 
     @jax.jit
     def outputs(w):
-        return dict(cond=apply_fn(x, t, y), uncond=apply_fn(x, t, jnp.full_like(y, 3)),
-                    guided=S.guided_model_fn(apply_fn, y, 3, w)(x, t),
-                    unet=S.unet_model_fn(model, params, y, 2.0)(x, t),
-                    unet_cond=S.unet_model_fn(model, params, y)(x, t))
+        # The null class as a label and as 'drop' are the same condition.
+        return dict(cond=apply_fn(x, t, cond), uncond=apply_fn(x, t, {"label": jnp.full_like(y, 3)}),
+                    guided=S.guided_model_fn(apply_fn, cond, S.null_condition(cond), w)(x, t),
+                    unet=S.unet_model_fn(model, params, cond, 2.0)(x, t),
+                    unet_cond=S.unet_model_fn(model, params, cond)(x, t))
 
     o, o2 = outputs(0.0), outputs(2.0)
     assert calls == [(4, 8, 8, 1), (4, 8, 8, 1), (8, 8, 8, 1)]  # guidance: one pass on the 2B stacked batch
@@ -209,7 +211,7 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     s = _respaced(8)
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
     mask = jnp.zeros((4, 8, 8, 1), bool).at[:, 2:6, 2:6].set(True)
-    model_fn = S.unet_model_fn(model, params, jnp.array([0, 1, 2, 0]), 1.5)
+    model_fn = S.unet_model_fn(model, params, {"label": jnp.array([0, 1, 2, 0]), "drop": jnp.zeros(4, bool)}, 1.5)
     for sampler in S.SAMPLERS:
         x = jax.jit(lambda k: S.inpaint(s, "eps", model_fn, k, x0, mask, sampler=sampler, jump_length=2,
                                         jump_n_sample=2))(jax.random.key(0))
