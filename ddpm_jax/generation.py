@@ -326,6 +326,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
 
     if prompt is not None and prompts_file is not None:
         raise UserError("--prompt and --prompts: give one prompt or a file of them, not both.")
+    if prompts_file is not None and config.model.text_encoder == "none":
+        raise UserError("--prompts: this run's model takes no text (model.text_encoder='none').")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file) if prompts_file is not None else None
     req = make_request(config, label=label, prompts=prompts, prompt_embedding=prompt_embedding,
                        negative_prompt=negative_prompt, source_prompt=source_prompt, init_images=init_images,

@@ -7,12 +7,13 @@ import glob
 import os
 import re
 import shlex
+import shutil
 
 import numpy as np
 import pytest
 from cli_helpers import run_command
 
-from ddpm_jax import evaluate, image_utils, main, sample
+from ddpm_jax import evaluate, image_utils, main, sample, scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
@@ -21,7 +22,7 @@ SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.
                "--config.training.profile_steps=0", "--compilation_cache="]
 SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
            evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"]}
-OFFLINE = ("runs/digits ", "runs/digits_cond ")  # the runs the tests make
+OFFLINE = ("runs/digits ", "runs/digits_cond ", "runs/shapes_t2i ")  # the runs the tests make
 
 
 def documented_commands() -> list[str]:
@@ -50,16 +51,31 @@ def test_docs_have_commands_and_most_run_offline():
 
 @pytest.fixture(scope="module")
 def cwd_with_runs(tmp_path_factory):
-    """runs/digits and runs/digits_cond trained by the documented command (a smaller model, 2 steps),
-    inputs/ with two digits and mask.png, as the docs' commands expect them."""
+    """runs/digits, runs/digits_cond and runs/shapes_t2i trained by the documented command (a smaller
+    model, 2 steps; shapes with 40 train / 20 test scenes), inputs/ with two digits and mask.png,
+    shapes_inputs/ and shapes_mask.png, docs/shapes_prompts.txt, as the docs' commands expect them."""
+    from ddpm_jax.datasets import shapes as shapes_ds
+
     d = tmp_path_factory.mktemp("docs")
     old = os.getcwd()
     os.chdir(d)
     try:
-        for name in ("digits", "digits_cond"):
-            status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
-                                         f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
-            assert status == 0, err[-2000:]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(shapes_ds, "SPLITS", {"train": (40, 0), "test": (20, 1)})
+            for name in ("digits", "digits_cond", "shapes_t2i"):
+                status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
+                                             f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
+                assert status == 0, err[-2000:]
+        os.makedirs("docs")
+        shutil.copy(os.path.join(ROOT, "docs", "shapes_prompts.txt"), "docs/")
+        os.makedirs("shapes_inputs")
+        for i, objects in enumerate([[scenes.SceneObject("circle", "red", (8, 8, 20, 20))],
+                                     [scenes.SceneObject("square", "blue", (4, 14, 16, 26))]]):
+            name = "red_circle.png" if i == 0 else "blue_square.png"
+            image_utils.save_png(f"shapes_inputs/{name}", scenes.render(objects))
+        shapes_mask = np.zeros((16, 16, 1), np.uint8)
+        shapes_mask[4:12, 4:12] = 255
+        image_utils.save_png("shapes_mask.png", shapes_mask)
         os.makedirs("inputs")
         rng = np.random.default_rng(0)
         for i in range(2):

@@ -1,5 +1,6 @@
 """Samplers, guidance and editing against exact answers: the analytic Gaussian denoiser, whose
 sampler chains have a closed-form law (tests/gaussian_helpers.py), and identities between samplers."""
+import dataclasses
 import functools
 
 import jax
@@ -254,8 +255,7 @@ def test_generation_run_keys_frames_and_one_compiled_sampler():
     assert len({img.tobytes() for img in out["images"]}) == 10  # no two rows share noise
     np.testing.assert_array_equal(generation.run(config, params, req)["images"], out["images"])
     req = generation.make_request(config, label="all")
-    framed = generation.run(config, params, generation.Request(10, req.spec._replace(num_frames=3), req.labels,
-                                                               req.label))
+    framed = generation.run(config, params, dataclasses.replace(req, spec=req.spec._replace(num_frames=3)))
     assert framed["frames"].shape == (10, 3, 8, 8, 1)
     np.testing.assert_array_equal(framed["frames"][:, -1], framed["images"])
     assert generation.pmapped_sampler(config, req.spec) is generation.pmapped_sampler(config, req.spec)
