@@ -81,17 +81,24 @@ def forward_flops_per_image(config: ConfigDict) -> float | None:
     params = jax.eval_shape(lambda: train_state.init_params(config, jax.random.key(0)))
     x = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if config.model.num_classes else None
-    return _cost(jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y)).lower(params, x, t, y).compile())
+    cond = jax.eval_shape(lambda: train_state.example_cond(config, 1))
+    return _cost(jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c)).lower(params, x, t, cond).compile())
 
 
 def synthetic_batch(config: ConfigDict, rng: np.random.Generator) -> dict:
-    """A device-ready batch `[D, (k,) B_dev, ...]` of uniform images in [-1, 1] and labels."""
-    d, t = config.data, config.training
+    """A device-ready batch `[D, (k,) B_dev, ...]` of uniform images in [-1, 1], labels, and for
+    text models full-length random byte tokens (or embeddings) with their mask."""
+    d, t, m = config.data, config.training, config.model
     n_dev = jax.local_device_count()
     lead = (n_dev,) + ((t.steps_per_call,) if t.steps_per_call > 1 else ()) + (t.batch_size // n_dev,)
     batch = {"image": rng.uniform(-1, 1, lead + (d.image_size, d.image_size, d.channels)).astype(np.float32),
-             "label": rng.integers(0, max(config.model.num_classes, 1), lead).astype(np.int32)}
+             "label": rng.integers(0, max(m.num_classes, 1), lead).astype(np.int32)}
+    if m.text_encoder != "none":
+        batch["mask"] = np.ones(lead + (d.max_text_len,), bool)
+    if m.text_encoder == "trained":
+        batch["tokens"] = rng.integers(1, 257, lead + (d.max_text_len,)).astype(np.int32)
+    elif m.text_encoder == "precomputed":
+        batch["text_emb"] = rng.normal(size=lead + (d.max_text_len, m.text_emb_dim)).astype(np.float32)
     return jax.device_put(batch, parallel.device_sharding())
 
 
@@ -147,16 +154,16 @@ def bench_parts(config: ConfigDict, num_calls: int) -> dict:
     params = jax.jit(functools.partial(train_state.init_params, config))(jax.random.key(0))
     x = jnp.asarray(rng.uniform(-1, 1, (n, d.image_size, d.image_size, d.channels)), jnp.float32)
     t = jnp.asarray(rng.integers(0, config.diffusion.num_timesteps, n), jnp.int32)
-    y = jnp.zeros((n,), jnp.int32) if config.model.num_classes else None
+    cond = train_state.example_cond(config, n)
 
-    def loss(p, x, t, y, key):
-        return jnp.mean(jnp.square(model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": key}) - x))
+    def loss(p, x, t, c, key):
+        return jnp.mean(jnp.square(model.apply({"params": p}, x, t, c, train=True, rngs={"dropout": key}) - x))
 
-    forward = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     backward = jax.jit(jax.value_and_grad(loss))
     return dict(batch_per_device=n,
-                forward_s=_median_seconds(forward, (params, x, t, y), num_calls),
-                forward_backward_s=_median_seconds(backward, (params, x, t, y, jax.random.key(1)), num_calls))
+                forward_s=_median_seconds(forward, (params, x, t, cond), num_calls),
+                forward_backward_s=_median_seconds(backward, (params, x, t, cond, jax.random.key(1)), num_calls))
 
 
 def bench_sample(config: ConfigDict, num_images: int, num_steps: int) -> dict:
@@ -169,8 +176,9 @@ def bench_sample(config: ConfigDict, num_images: int, num_steps: int) -> dict:
     spec = sampling.SampleSpec(opts=sampling.step_options(c))
     run = generation.pmapped_sampler(c, spec)
     params = jax.jit(functools.partial(train_state.init_params, config))(jax.random.key(0))
-    labels = jax.device_put(np.zeros((n_dev, per_dev), np.int32), parallel.device_sharding())
-    args = (params, jax.random.key(1), {"labels": labels})
+    cond = jax.tree.map(lambda x: x.reshape((n_dev, per_dev) + x.shape[1:]),
+                        train_state.example_cond(config, n_dev * per_dev))
+    args = (params, jax.random.key(1), {"cond": jax.device_put(cond, parallel.device_sharding())})
     compiled, compile_s = _seconds(lambda: run.lower(*args).compile())
     jax.block_until_ready(compiled(*args))
     _, total_s = _seconds(lambda: compiled(*args))

@@ -43,12 +43,15 @@ SAMPLE_FLAGS = {
     "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1]."),
     "jump_length": ("sampling.jump_length", "Inpainting: RePaint resampling jump length (0: no jumps)."),
     "jump_n_sample": ("sampling.jump_n_sample", "Inpainting: times each jump stretch is sampled."),
+    "aug_level": ("sampling.aug_level", "Super-resolution: noise the --low_res input to this level in [0, 1]."),
     "seed": ("sampling.seed", "Base random seed."),
 }
 EVAL_FLAGS = {
     "num_samples": ("eval.num_samples", "Samples to generate and score."),
     "batch_size": ("eval.batch_size", "Images per device call over all devices (sampling and bpd)."),
     "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
+    "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
+    "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
     "seed": ("eval.seed", "Seed of the sampling and bound noise."),
     "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),
     "inception_weights": ("eval.inception_weights", "The converted Inception .npz; a .pth is converted "

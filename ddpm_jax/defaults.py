@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 3
     c.data.random_flip = True
     c.data.shuffle_buffer = 50_000
+    # Text models: the caption feature (a Text, or a Sequence of Text of which one is drawn per
+    # example per epoch, e.g. coco_captions' 'captions/text') and the most byte tokens kept, BOS
+    # included (longer captions are cut at a character boundary).
+    c.data.text_feature = "caption"
+    c.data.max_text_len = 64
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 128
@@ -37,6 +42,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
     c.model.remat = False  # recompute each block's activations in the backward pass: less memory, more time
+    # Text conditioning: none | trained (ddpm_jax.text.TextEncoder on byte tokens, trained with the
+    # U-Net) | precomputed (the dataset's 'text_emb' [L, D] and 'text_mask' [L], any frozen encoder).
+    c.model.text_encoder = "none"
+    c.model.text_width = 256  # width of the text tokens the U-Net attends to
+    c.model.text_depth = 4  # trained encoder: Transformer blocks
+    c.model.text_heads = 4  # trained encoder: attention heads
+    c.model.text_emb_dim = 0  # precomputed: D of the dataset's embeddings (projected to text_width)
+    # Super-resolution (ddpm_jax.superres): > 0 conditions on the image downsampled to this size,
+    # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
+    c.model.low_res_size = 0
+    c.model.low_res_resize = "bicubic"
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000
@@ -46,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.model_output = "eps"  # eps | x0 | v
     c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall | learned_range (2C outputs, L_hybrid)
     c.diffusion.vlb_weight = 0.001  # learned_range: lambda of L_hybrid = L_simple + lambda L_vlb
+    # Super-resolution: training noises the low-res image to a level ~ U[0, this] (superres.augment).
+    c.diffusion.low_res_aug_max = 0.5
     c.diffusion.clip_x0 = True  # clip x0 predictions to [-1, 1] (bits/dim; sampling unless sampling.threshold)
 
     c.optim = ml_collections.ConfigDict()
@@ -62,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.num_train_steps = 800_000
     c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
     c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
+    c.training.text_dropout = 0.1  # P(text -> the null text) when model.text_encoder != 'none'
     c.training.nonfinite = "stop"  # a non-finite loss/gradient: stop (exit 1, nothing saved) | skip the step
     c.training.log_every = 100
     c.training.checkpoint_every = 5000
@@ -86,7 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.s_tmin = 0.0  # heun: churn only where s_tmin <= sigma <= s_tmax
     c.sampling.s_tmax = float("inf")
     c.sampling.s_noise = 1.0  # heun: scale of the churn noise
-    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class-conditional models)
+    c.sampling.guidance = 0.0  # classifier-free guidance weight w (class- or text-conditional models)
+    c.sampling.aug_level = 0.1  # super-resolution: the level the low-res input is noised to (0: none)
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled

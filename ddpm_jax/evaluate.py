@@ -1,4 +1,4 @@
-"""Evaluation from the command line: FID / IS / KID, reference statistics, bits/dim, digits metrics.
+"""Evaluation from the command line: FID / IS / KID, reference statistics, bits/dim, digits and shapes rates.
 
     # one command: converts the weights and computes CIFAR-10 train statistics on first use
     python -m ddpm_jax.evaluate fid --workdir=runs/cifar10 --num_samples=50000 \\
@@ -14,11 +14,15 @@
     python -m ddpm_jax.evaluate bpd --workdir=runs/cifar10 [--split=test] [--num_examples=10000]
     python -m ddpm_jax.evaluate digits --workdir=runs/digits [--samples=samples.npz]
     python -m ddpm_jax.evaluate accuracy --workdir=runs/digits_cond --settings=ddim:50,ddim:10,ddim:50:0
+    python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i [--num_samples=500] [--guidance=0]
+    python -m ddpm_jax.evaluate sr --workdir=runs/shapes_sr [--aug_level=0.1]
+    python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500]
 
 Workdir commands read the run's config.json and its latest checkpoint (EMA params), print the
-metrics and write them to WORKDIR/eval/{command}_step_{step}.json. --num_samples, --steps and the
-other evaluation flags set the fields of the config's `eval` section (`cli.EVAL_FLAGS`); unset, the
-run's values hold. The logic is in `ddpm_jax.evaluation.tasks`.
+metrics and write them to WORKDIR/eval/{command}_step_{step}.json (shapes: ..._w{guidance}.json).
+--num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
+(`cli.EVAL_FLAGS`; --guidance sets sampling.guidance); unset, the run's values hold. The logic is
+in `ddpm_jax.evaluation.tasks`.
 """
 from __future__ import annotations
 
@@ -33,7 +37,10 @@ from ddpm_jax.validation import UserError
 def define_flags(fv: flags.FlagValues) -> None:
     config_flags.DEFINE_config_file("config", None, "reference_stats: the config naming the dataset "
                                     "(data.dataset, data_dir, image_size).", flag_values=fv, lock_config=False)
-    flags.DEFINE_string("workdir", None, "A training run's --workdir (fid, bpd, digits, accuracy).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "A training run's --workdir (fid, bpd, digits, accuracy, shapes, sr).",
+                        flag_values=fv)
+    flags.DEFINE_list("stages", None, "cascade: the cascade's runs, base first (each with its own sampling "
+                      "settings).", flag_values=fv)
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
@@ -70,6 +77,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         config = cli.apply_flags(_required(fv, "config"), fv, cli.EVAL_FLAGS)
         tasks.reference_stats_command(config, _required(fv, "out"), num_examples=fv.num_examples,
                                       keep_features=fv.keep_features, per_device_batch=fv.per_device_batch)
+    elif command == "cascade":
+        tasks.cascade_command(fv.stages, fv.num_samples, fv.split)
     else:
         config = checkpoints.load_config(fv.workdir) if fv.samples is None or fv.workdir else defaults.get_config()
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,

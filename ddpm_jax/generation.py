@@ -24,10 +24,11 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import image_utils, parallel
+from ddpm_jax import image_utils, parallel, text
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
-from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
+from ddpm_jax.train_state import example_cond
+from ddpm_jax.validation import UserError, check_output_dir, load_npz, validate_sampling
 
 FIGURE_ROWS = 8  # images in each process figure
 _FORWARD = 2 ** 31 - 1  # fold_in tag of the forward-process figure's noise; no batch index reaches it
@@ -35,14 +36,26 @@ _FORWARD = 2 ** 31 - 1  # fold_in tag of the forward-process figure's noise; no 
 
 @dataclasses.dataclass
 class Request:
-    """A checked request. Arrays are `[N, ...]`: labels int32, x0 float32 in [-1, 1], mask bool."""
+    """A checked request. Arrays are `[N, ...]`: cond (the U-Net's conditioning, see `models.UNet`;
+    'drop' always), x0 float32 in [-1, 1], mask bool. null_cond: a negative prompt's condition
+    (guidance's unconditional half; default the null condition); source_cond: the condition DDIM
+    inversion runs under (prompt-to-prompt editing). prompts: the distinct prompts, each on
+    `num_samples // len(prompts)` consecutive rows."""
 
     num_samples: int
     spec: S.SampleSpec
-    labels: np.ndarray
+    cond: dict
     label: str | None  # as given: a class, 'all', 'null', or None for unconditional models
     x0: np.ndarray | None = None
     mask: np.ndarray | None = None
+    null_cond: dict | None = None
+    source_cond: dict | None = None
+    prompts: list[str] | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 `[N]` class labels (zeros for models without classes)."""
+        return self.cond.get("label", np.zeros(self.num_samples, np.int32))
 
 
 def parse_labels(label: str | None, num_classes: int, n: int) -> np.ndarray:
@@ -61,6 +74,89 @@ def parse_labels(label: str | None, num_classes: int, n: int) -> np.ndarray:
     return np.full(n, int(label), np.int32)
 
 
+def unconditional(config: ConfigDict, n: int) -> dict:
+    """The null condition of `n` rows for `config.model` (any kind; unconditional models ignore it)."""
+    return {**jax.tree.map(np.asarray, example_cond(config, n)), "drop": np.ones(n, bool)}
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a --prompts file, one per non-empty line (surrounding spaces dropped)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts={path}: no such file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts={path}: not UTF-8 text.") from None
+    if not prompts:
+        raise UserError(f"--prompts={path}: the file has no prompts (one per line).")
+    return prompts
+
+
+def text_cond(config: ConfigDict, texts: list[str], flag: str) -> dict:
+    """{'tokens', 'mask', 'drop' (False)} of `texts` for a trained text encoder; a text longer than
+    the model reads (`data.max_text_len` - 1 bytes) is a UserError naming `flag`."""
+    limit = config.data.max_text_len - 1
+    for t in texts:
+        if len(t.encode("utf-8")) > limit:
+            raise UserError(f"{flag}={t!r}: {len(t.encode('utf-8'))} bytes; this model reads at most {limit} "
+                            f"(data.max_text_len={config.data.max_text_len} tokens, BOS included).")
+    tokens, mask = text.tokenize(texts, config.data.max_text_len)
+    return {"tokens": tokens, "mask": mask, "drop": np.zeros(len(texts), bool)}
+
+
+def embedding_cond(config: ConfigDict, path: str) -> dict:
+    """{'text_emb' `[P, L, D]`, 'mask', 'drop'} from a --prompt_embedding .npz holding 'text_emb'
+    `[L, D]` or `[P, L, D]` and optionally 'text_mask' (bool, `[L]` / `[P, L]`; default all True)."""
+    f = load_npz(path, "--prompt_embedding", ("text_emb",))
+    emb = f["text_emb"]
+    emb = emb[None] if emb.ndim == 2 else emb
+    D = config.model.text_emb_dim
+    if emb.ndim != 3 or emb.shape[2] != D or not np.issubdtype(emb.dtype, np.floating) or 0 in emb.shape:
+        raise UserError(f"--prompt_embedding={path}: 'text_emb' must be float [L, {D}] or [P, L, {D}] "
+                        f"(model.text_emb_dim={D}), got {f['text_emb'].dtype} {f['text_emb'].shape}.")
+    mask = np.broadcast_to(f.get("text_mask", np.ones(emb.shape[:2], bool)), emb.shape[:2]).astype(bool)
+    if not mask.any(1).all():
+        raise UserError(f"--prompt_embedding={path}: every prompt needs a True entry in 'text_mask'.")
+    return {"text_emb": emb.astype(np.float32), "mask": mask, "drop": np.zeros(len(emb), bool)}
+
+
+def conditioning(config: ConfigDict, *, label=None, prompts=None, prompt_embedding=None, negative_prompt=None,
+                 source_prompt=None) -> tuple[dict, dict | None, dict | None, str | None]:
+    """(cond, null_cond, source_cond, label) of one row per prompt (one row, or the classes, when
+    there are none), checked against the model: prompts and embeddings need a text model of their
+    kind, labels a class-conditional one. A text model without prompts samples the null text."""
+    m = config.model
+    given_text = [f for f, v in (("--prompt", prompts), ("--prompt_embedding", prompt_embedding),
+                                 ("--negative_prompt", negative_prompt), ("--source_prompt", source_prompt))
+                  if v is not None]
+    if m.text_encoder == "none":
+        if given_text:
+            raise UserError(f"{given_text[0]}: this run's model takes no text (model.text_encoder='none').")
+        return {"drop": np.zeros(1, bool)}, None, None, label  # labels: `make_request`
+    if label is not None:
+        raise UserError(f"--label={label}: this run's model is conditioned on text; give --prompt.")
+    if m.text_encoder == "precomputed":
+        if prompts is not None or negative_prompt is not None or source_prompt is not None:
+            raise UserError(f"{given_text[0]}: this model reads precomputed text embeddings "
+                            "(model.text_encoder='precomputed'); give --prompt_embedding=FILE.npz.")
+        if prompt_embedding is None:
+            emb = np.zeros((1, 1, m.text_emb_dim), np.float32)
+            return {"text_emb": emb, "mask": np.ones((1, 1), bool), "drop": np.ones(1, bool)}, None, None, None
+        return embedding_cond(config, prompt_embedding), None, None, None
+    if prompt_embedding is not None:
+        raise UserError("--prompt_embedding: this model encodes text itself (model.text_encoder='trained'); "
+                        "give --prompt.")
+    if negative_prompt is not None and not config.sampling.guidance:
+        raise UserError("--negative_prompt replaces the null text in classifier-free guidance; set --guidance > 0.")
+    cond = text_cond(config, list(prompts or [""]), "--prompt")
+    if prompts is None:
+        cond["drop"][:] = True
+    null = None if negative_prompt is None else text_cond(config, [negative_prompt], "--negative_prompt")
+    source = None if source_prompt is None else text_cond(config, [source_prompt], "--source_prompt")
+    return cond, null, source, None
+
+
 def _load(flag: str, path: str, **kw) -> np.ndarray:
     try:
         return image_utils.load_images(path, **kw)
@@ -68,29 +164,60 @@ def _load(flag: str, path: str, **kw) -> np.ndarray:
         raise UserError(f"--{flag}={path}: {e}") from None
 
 
-def make_request(config: ConfigDict, *, label: str | None = None, init_images: str | None = None,
-                 mask: str | None = None, invert: bool = False, given: frozenset[str] = frozenset()) -> Request:
+def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[str] | None = None,
+                 prompt_embedding: str | None = None, negative_prompt: str | None = None,
+                 source_prompt: str | None = None, init_images: str | None = None, mask: str | None = None,
+                 low_res: str | np.ndarray | None = None, invert: bool = False,
+                 given: frozenset[str] = frozenset()) -> Request:
     """Checks `config.sampling` and the inputs against the model and reads the input images; every
     error is a UserError naming its flag or field. `given`: the flags the user set explicitly
-    (--strength, --jump_length, ... make sense only with some inputs)."""
+    (--strength, --jump_length, ... make sense only with some inputs).
+
+    Text models take `prompts` (or a `prompt_embedding` file); each prompt gets `sampling.num_samples`
+    rows (with --init_images: the inputs, each edited under every prompt), prompt by prompt.
+    Super-resolution models take `low_res` (a PNG or folder, or uint8 `[N, h, h, C]`): by default one
+    row per input, each upscaled under every prompt, as --init_images."""
     validate_sampling(config)
-    d, sp, K = config.data, config.sampling, config.model.num_classes
+    d, sp = config.data, config.sampling
     if init_images is None and ("strength" in given or mask is not None):
         raise UserError(f"--{'mask' if mask is not None else 'strength'} edits the --init_images; give "
                         "--init_images too.")
     if invert and (init_images is None or mask is not None):
         raise UserError("--invert applies to image-to-image: give --init_images without --mask.")
+    if source_prompt is not None and not invert:
+        raise UserError("--source_prompt is the prompt DDIM inversion runs under: give --invert (and "
+                        "--init_images) too.")
     if mask is not None and "strength" in given:
         raise UserError("--strength applies to image-to-image; with --mask the masked part is generated "
                         "from noise (drop one of the two).")
     if mask is None and {"jump_length", "jump_n_sample"} & given:
         raise UserError("--jump_length/--jump_n_sample apply to inpainting: give --mask too.")
+    cond, null_cond, source_cond, label = conditioning(
+        config, label=label, prompts=prompts, prompt_embedding=prompt_embedding, negative_prompt=negative_prompt,
+        source_prompt=source_prompt)
+    num_prompts = len(cond["drop"]) if config.model.text_encoder != "none" else 1
 
-    num_samples, x0, mask_arr, level = sp.num_samples, None, None, None
+    per_prompt, x0, mask_arr, level = sp.num_samples, None, None, None
+    low_res_rows = None
+    if config.model.low_res_size:
+        if low_res is None:
+            raise UserError(f"--low_res: this run's model is a super-resolution model (model.low_res_size="
+                            f"{config.model.low_res_size}); give --low_res=PNG_OR_FOLDER of the inputs.")
+        if init_images is not None:
+            raise UserError("--init_images: editing is not supported by super-resolution models (give --low_res only).")
+        lr = low_res if isinstance(low_res, np.ndarray) else _load("low_res", low_res, channels=d.channels)
+        size = config.model.low_res_size
+        if lr.shape[1:3] != (size, size):
+            raise UserError(f"--low_res={low_res if isinstance(low_res, str) else 'images'}: the inputs are "
+                            f"{lr.shape[2]}x{lr.shape[1]}; this model upscales {size}x{size} (model.low_res_size).")
+        per_prompt = sp.num_samples if "num_samples" in given else len(lr)
+        low_res_rows = image_utils.from_uint8(lr[np.arange(per_prompt) % len(lr)])
+    elif low_res is not None:
+        raise UserError("--low_res: this run's model is not a super-resolution model (model.low_res_size=0).")
     if init_images is not None:
         images = _load("init_images", init_images, image_size=d.image_size, channels=d.channels)
-        num_samples = sp.num_samples if "num_samples" in given else len(images)
-        x0 = image_utils.from_uint8(images[np.arange(num_samples) % len(images)])
+        per_prompt = sp.num_samples if "num_samples" in given else len(images)
+        x0 = image_utils.from_uint8(images[np.arange(per_prompt) % len(images)])
         if mask is None:
             level = S.strength_to_level(sp.strength, sp.steps)
         else:
@@ -101,11 +228,39 @@ def make_request(config: ConfigDict, *, label: str | None = None, init_images: s
             if len(m) not in (1, len(images)):
                 raise UserError(f"--mask={mask}: {len(m)} masks for {len(images)} --init_images; give one "
                                 "mask or one per image.")
-            mask_arr = (m >= 128)[np.arange(num_samples) % len(m)]
-    spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config), guidance=sp.guidance, level=level,
-                        invert=invert, inpaint=mask_arr is not None, jump_length=sp.jump_length,
-                        jump_n_sample=sp.jump_n_sample)
-    return Request(num_samples, spec, parse_labels(label, K, num_samples), label if K else None, x0, mask_arr)
+            mask_arr = (m >= 128)[np.arange(per_prompt) % len(m)]
+    n = per_prompt * num_prompts
+    # Prompt p on rows p * per_prompt ...; the inputs repeat for every prompt.
+    cond = jax.tree.map(lambda a: np.repeat(a, per_prompt, axis=0), cond)
+    x0, mask_arr = (None if a is None else np.tile(a, (num_prompts,) + (1,) * (a.ndim - 1)) for a in (x0, mask_arr))
+    labels = parse_labels(label, config.model.num_classes, n)  # checks --label on every model
+    if config.model.num_classes:
+        cond["label"] = labels
+    if low_res_rows is not None:
+        cond["low_res"] = np.tile(low_res_rows, (num_prompts, 1, 1, 1))
+        cond["aug_level"] = np.full(n, sp.aug_level, np.float32)
+    # A negative or source prompt replaces the text only; the rows keep their labels and images.
+    rows = lambda c: None if c is None else {**cond, **jax.tree.map(lambda a: np.repeat(a, n, axis=0), c)}
+    spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config),
+                        guidance=sp.guidance, level=level, invert=invert, inpaint=mask_arr is not None,
+                        jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample)
+    return Request(n, spec, cond, label if config.model.num_classes else None, x0, mask_arr, rows(null_cond),
+                   rows(source_cond),
+                   list(prompts) if prompts is not None else None)
+
+
+def paired_request(config: ConfigDict, low_res: np.ndarray, *, prompts: list[str] | None = None,
+                   label: str | None = None) -> Request:
+    """A super-resolution request of one row per uint8 image `low_res[i]` `[N, h, h, C]` (rather than
+    each input under every prompt): with prompts, the N // len(prompts) rows of each prompt in turn
+    (the order in which a base model's request made them)."""
+    config = config.copy_and_resolve_references()
+    config.sampling.num_samples = len(low_res) // (len(prompts) if prompts else 1)
+    req = make_request(config, prompts=prompts, label=label, low_res=low_res[:1], given=frozenset({"num_samples"}))
+    rows = image_utils.from_uint8(low_res)
+    replace = lambda cond: None if cond is None else {**cond, "low_res": rows}
+    return dataclasses.replace(req, cond=replace(req.cond), null_cond=replace(req.null_cond),
+                               source_cond=replace(req.source_cond))
 
 
 def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec):
@@ -137,11 +292,9 @@ def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
     """
     fn = pmapped_sampler(config, req.spec)
     key = jax.random.key(config.sampling.seed)
-    inputs = {"labels": req.labels}
-    if req.x0 is not None:
-        inputs["x0"] = req.x0
-    if req.mask is not None:
-        inputs["mask"] = req.mask
+    inputs = {name: value for name, value in (("cond", req.cond), ("null_cond", req.null_cond),
+                                              ("source_cond", req.source_cond), ("x0", req.x0), ("mask", req.mask))
+              if value is not None}
     return parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
                                     config.sampling.batch_size, progress)
 
@@ -151,10 +304,11 @@ def process_figures(config: ConfigDict, params, req: Request) -> tuple[np.ndarra
     FIGURE_ROWS of the request's rows (evenly spaced, so several classes with --label=all; its own
     samples, drawn again), and the forward process from x_0 (those samples, or the inputs) to x_T."""
     rows = np.unique(np.linspace(0, req.num_samples - 1, min(FIGURE_ROWS, req.num_samples)).round().astype(int))
-    pick = lambda a: None if a is None else a[rows]
+    pick = lambda a: None if a is None else jax.tree.map(lambda v: v[rows], a)
     num_frames = config.sampling.num_frames
-    some = Request(len(rows), req.spec._replace(num_frames=num_frames), req.labels[rows], req.label,
-                   pick(req.x0), pick(req.mask))
+    some = dataclasses.replace(req, num_samples=len(rows), spec=req.spec._replace(num_frames=num_frames),
+                               cond=pick(req.cond), x0=pick(req.x0), mask=pick(req.mask),
+                               null_cond=pick(req.null_cond), source_cond=pick(req.source_cond), prompts=None)
     rev = run(config, params, some)
     x0 = rev["images"] if req.x0 is None else some.x0
     full = D.schedule_from_config(config.diffusion)
@@ -178,10 +332,14 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
     u8 = image_utils.to_uint8(images)
     scale = max(1, 32 // u8.shape[1])
     per_class = req.label == "all" and req.num_samples % num_classes == 0
+    nrow = (req.num_samples // num_classes if per_class else
+            req.num_samples // len(req.prompts) if req.prompts and len(req.prompts) > 1 else None)
     paths = [os.path.join(out, "samples.png"), os.path.join(out, "samples.npz")]
-    image_utils.save_png(paths[0], image_utils.make_grid(
-        u8, nrow=req.num_samples // num_classes if per_class else None), scale)
-    np.savez(paths[1], arr_0=u8, **({"labels": req.labels} if num_classes else {}))
+    image_utils.save_png(paths[0], image_utils.make_grid(u8, nrow=nrow), scale)
+    extra = {"labels": req.labels} if num_classes else {}
+    if req.prompts:  # each image's prompt, as unicode (readable without pickles)
+        extra["prompts"] = np.repeat(np.asarray(req.prompts), req.num_samples // len(req.prompts))
+    np.savez(paths[1], arr_0=u8, **extra)
     if individual:
         for i, img in enumerate(u8):
             paths.append(os.path.join(out, "images", f"{i:06d}.png"))
@@ -193,8 +351,10 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
 
 
 def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, label: str | None = None,
-                   init_images: str | None = None, mask: str | None = None, invert: bool = False,
-                   ema: bool = True, individual: bool = False, figures: bool = False,
+                   prompt: str | None = None, prompts_file: str | None = None, prompt_embedding: str | None = None,
+                   negative_prompt: str | None = None, source_prompt: str | None = None,
+                   init_images: str | None = None, mask: str | None = None, low_res: str | None = None,
+                   invert: bool = False, ema: bool = True, individual: bool = False, figures: bool = False,
                    given: frozenset[str] = frozenset()) -> list[str]:
     """`python -m ddpm_jax.sample`: samples the run in `workdir` with `config` (its config.json with
     the flags written in) and writes the files to `out` (default WORKDIR/samples). Every input is
@@ -202,7 +362,14 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     processes all sample and process 0 writes (the others return [])."""
     from ddpm_jax import checkpoints
 
-    req = make_request(config, label=label, init_images=init_images, mask=mask, invert=invert, given=given)
+    if prompt is not None and prompts_file is not None:
+        raise UserError("--prompt and --prompts: give one prompt or a file of them, not both.")
+    if prompts_file is not None and config.model.text_encoder == "none":
+        raise UserError("--prompts: this run's model takes no text (model.text_encoder='none').")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file) if prompts_file is not None else None
+    req = make_request(config, label=label, prompts=prompts, prompt_embedding=prompt_embedding,
+                       negative_prompt=negative_prompt, source_prompt=source_prompt, init_images=init_images,
+                       mask=mask, low_res=low_res, invert=invert, given=given)
     out = out or os.path.join(workdir, "samples")
     check_output_dir(out)
     params, step = checkpoints.load_params(workdir, config, use_ema=ema)

@@ -28,7 +28,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ddpm_jax import datasets as _local_datasets  # noqa: F401  (registers the offline datasets)
-from ddpm_jax import parallel
+from ddpm_jax import parallel, text
 from ddpm_jax.datasets import folder as folder_dataset
 from ddpm_jax.validation import UserError
 
@@ -39,20 +39,27 @@ except RuntimeError:  # TensorFlow ran something before this import: too late to
     logging.warning("TensorFlow was initialised before ddpm_jax.input_pipeline and may hold GPU memory.")
 
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride + e
+_CAPTION_SEED_OFFSET = 2 ** 40  # a caption draw's seed is the flip's, index shifted by this
 
 
-def get_builder(data_config) -> tfds.core.DatasetBuilder:
+def get_builder(data_config, model_config=None) -> tfds.core.DatasetBuilder:
     """The tfds builder of `data.dataset`, or a UserError naming the field and similar names.
 
     'folder' reads the images in `data.data_dir` (`datasets.folder`), prepared at `data.image_size`
-    and `data.channels` into `data.cache_dir` (None: a hidden folder inside `data.data_dir`).
+    and `data.channels` into `data.cache_dir` (None: a hidden folder inside `data.data_dir`), with
+    the text `model_config.text_encoder` reads beside each image: NAME.txt captions ('trained'), or
+    NAME.npz embeddings padded to `data.max_text_len` tokens of `model.text_emb_dim` ('precomputed').
+    Without `model_config`, images (and labels) only.
     """
     name = data_config.dataset
     if name == "folder":
         if not data_config.data_dir:
             raise UserError("data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
+        encoder = model_config.text_encoder if model_config is not None else "none"
+        embedding_shape = (data_config.max_text_len, model_config.text_emb_dim) if encoder == "precomputed" else None
         return folder_dataset.Folder(folder=data_config.data_dir, image_size=data_config.image_size,
-                                     channels=data_config.channels, cache_dir=data_config.cache_dir)
+                                     channels=data_config.channels, cache_dir=data_config.cache_dir,
+                                     captions=encoder == "trained", embedding_shape=embedding_shape)
     try:
         return tfds.builder(name, data_dir=data_config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -65,11 +72,11 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
             f"data.data_dir.") from None
 
 
-def prepared_builder(d) -> tfds.core.DatasetBuilder:
+def prepared_builder(d, m=None) -> tfds.core.DatasetBuilder:
     """`get_builder`, with the dataset prepared in `data.data_dir` ('digits', 'faces' and 'folder' are
     built locally, others downloaded once), or a UserError naming the fields when it cannot be.
-    `d`: `config.data`."""
-    return _prepare(get_builder(d), d)
+    `d`: `config.data`; `m`: `config.model` (for 'folder': which text is read beside the images)."""
+    return _prepare(get_builder(d, m), d)
 
 
 def _prepare(builder, d) -> tfds.core.DatasetBuilder:
@@ -91,9 +98,10 @@ def _prepare(builder, d) -> tfds.core.DatasetBuilder:
 
 def check_dataset(config: ConfigDict) -> None:
     """Checks that `data.dataset` exists and has the image channels and labels the config expects,
-    then prepares it (`prepared_builder`). For 'folder': the class sub-folders and the image sizes too."""
+    then prepares it (`prepared_builder`). For 'folder': the class sub-folders, the image sizes and
+    the captions or embeddings beside the images too."""
     d, m = config.data, config.model
-    builder = get_builder(d)
+    builder = get_builder(d, m)
     if d.dataset == "folder":
         _check_folder(builder, config)
         return
@@ -126,9 +134,13 @@ def _check_split(builder, d) -> None:
 
 
 def _check_folder(builder, config) -> None:
-    """The folder's classes and image sizes, then its prepared copy (process 0's first on a pod slice)."""
+    """The folder's classes, image sizes and text files, then its prepared copy (process 0's first on a
+    pod slice)."""
     d = config.data
     folder_dataset.check_classes(builder.listing, config.model.num_classes)
+    if config.model.text_encoder == "trained" and d.text_feature != "caption":
+        raise UserError(f"data.text_feature={d.text_feature!r}: data.dataset='folder' has its captions (NAME.txt "
+                        f"beside each image) in 'caption'.")
     if not builder.is_prepared():
         builder.check_images()  # on every process: a UserError must stop all of them, not only process 0
         if jax.process_count() > 1:
@@ -139,7 +151,7 @@ def _check_folder(builder, config) -> None:
             if jax.process_index() == 0:
                 _prepare(builder, d)
             multihost_utils.sync_global_devices("ddpm_jax: folder dataset prepared")
-            builder = get_builder(d)  # a builder made before the copy existed does not read its info
+            builder = get_builder(d, config.model)  # one made before the copy existed does not read its info
     builder = _prepare(builder, d)
     _check_split(builder, d)
     skipped = builder.info.metadata.get("skipped") or {}
@@ -157,6 +169,41 @@ def to_square(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def text_feature(example: dict, path: str) -> tf.Tensor:
+    """The feature at `path` ('caption', or nested as 'captions/text') of a tfds example."""
+    for part in path.split("/"):
+        example = example[part]
+    return example
+
+
+def pick_caption(texts: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """One caption: `texts` itself if scalar, else element k of the `[n]` captions, k uniform from
+    the stateless `seed` (an example's (epoch seed, index)), so resuming draws the same one."""
+    if texts.shape.rank == 0:
+        return texts
+    pick_seed = tf.stack([seed[0], seed[1] + _CAPTION_SEED_OFFSET])  # not the flip's draw
+    k = tf.random.stateless_uniform([], pick_seed, maxval=tf.shape(texts, tf.int64)[0], dtype=tf.int64)
+    return texts[k]
+
+
+def tokenize(caption: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """`ddpm_jax.text.tokenize` of one string in TensorFlow: (int32 `[max_len]`, bool `[max_len]`).
+
+    BOS, the UTF-8 bytes + 1, zero padding; more than max_len - 1 bytes are cut before the first
+    byte that does not start a character, so the cut decodes.
+    """
+    data = tf.cast(tf.io.decode_raw(caption, tf.uint8), tf.int32)
+    n = tf.shape(data)[0]
+    # cut = the largest c <= min(n, max_len - 1) with c == n or data[c] not a continuation byte.
+    limit = tf.minimum(n, max_len - 1)
+    c = tf.range(limit + 1)
+    starts = tf.concat([tf.bitwise.bitwise_and(data, 0xC0) != 0x80, [True]], axis=0)
+    cut = tf.reduce_max(tf.where(tf.gather(starts, c), c, 0))
+    tokens = tf.concat([[text.BOS], data[:cut] + 1, tf.zeros([max_len - 1 - cut], tf.int32)], axis=0)
+    tokens = tf.ensure_shape(tokens, [max_len])
+    return tokens, tokens != text.PAD
+
+
 def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devices: int | None = None,
                    process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
     """The batch stream of this process, from example `start_example` of the global stream on (see
@@ -166,12 +213,16 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
     process_index = jax.process_index() if process_index is None else process_index
     process_count = process_count or jax.process_count()
 
-    builder = prepared_builder(d)  # a quick check once `check_dataset` has prepared it
+    builder = prepared_builder(d, config.model)  # a quick check once `check_dataset` has prepared it
     records = builder.as_dataset(split=d.split, shuffle_files=False,
                                  decoders={"image": tfds.decode.SkipDecoding()})
     image_feature = builder.info.features["image"]
     keys = ["image"] + (["label"] if "label" in builder.info.features else [])
-    records = records.map(lambda ex: {k: ex[k] for k in keys})
+    if config.model.text_encoder == "precomputed":
+        keys += ["text_emb", "text_mask"]
+    trained_text = config.model.text_encoder == "trained"
+    records = records.map(lambda ex: {**{k: ex[k] for k in keys},
+                                      **({"text": text_feature(ex, d.text_feature)} if trained_text else {})})
     n = int(records.cardinality())
     first_epoch, skip = divmod(start_example, n)
 
@@ -191,6 +242,10 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
         out = {"image": image / 127.5 - 1.0}
         if "label" in ex:
             out["label"] = tf.cast(ex["label"], tf.int32)
+        if "text" in ex:
+            out["tokens"], out["mask"] = tokenize(pick_caption(ex["text"], flip_seed), d.max_text_len)
+        if "text_emb" in ex:
+            out["text_emb"], out["mask"] = tf.cast(ex["text_emb"], tf.float32), tf.cast(ex["text_mask"], tf.bool)
         return out
 
     k, per_process = t.steps_per_call, t.batch_size // process_count

@@ -7,6 +7,7 @@ process's devices (process 0's first), each process passing and getting its own 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -54,8 +55,9 @@ def to_host(tree):
 
 def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: int,
                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs a pmapped `fn(c, shard)` over `inputs` ({name: `[N, ...]`}) in chunks c of `batch_size` rows,
-    on the devices of all processes (every process calls it with the same inputs).
+    """Runs a pmapped `fn(c, shard)` over `inputs` (a pytree of `[N, ...]` arrays, e.g. {name: array}
+    or nested dicts) in chunks c of `batch_size` rows, on the devices of all processes (every process
+    calls it with the same inputs).
 
     `batch_size` is rounded up to a multiple of the device count; every chunk is padded to that size
     (repeating the last row), so it has one shape and compiles once, and each process passes its
@@ -64,17 +66,21 @@ def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: i
     order, padding dropped, on every process. flax's `jax_utils.pad_shard_unpad` pads one call; this
     also chunks.
     """
-    n = len(next(iter(inputs.values())))
+    n = len(jax.tree.leaves(inputs)[0])
     if not n:
         raise ValueError("pad_shard_unpad: no rows.")
     n_dev, n_local = jax.device_count(), jax.local_device_count()
     per_dev = -(-min(batch_size, n) // n_dev)
     chunk = per_dev * n_dev
     mine = slice(jax.process_index() * n_local * per_dev, (jax.process_index() + 1) * n_local * per_dev)
+
+    def rows(v, start):
+        padded = np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
+        return padded[mine].reshape((n_local, per_dev) + v.shape[1:])
+
     outs = []
     for c, start in enumerate(range(0, n, chunk)):
-        shard = {k: np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))[mine]
-                 .reshape((n_local, per_dev) + v.shape[1:]) for k, v in inputs.items()}
+        shard = jax.tree.map(functools.partial(rows, start=start), inputs)
         out = fn(c, shard)
         if jax.process_count() > 1:  # pmap returns this process's rows; every process gets them all
             out = multihost_utils.process_allgather(out, tiled=True)

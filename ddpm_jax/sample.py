@@ -3,6 +3,7 @@
     python -m ddpm_jax.sample --workdir=runs/digits_cond --sampler=ddim --steps=50 --guidance=2 --num_samples=100
     python -m ddpm_jax.sample --workdir=runs/digits_cond --init_images=in/ --strength=0.6 --label=3
     python -m ddpm_jax.sample --workdir=runs/digits --init_images=in/ --mask=mask.png --jump_length=10 --jump_n_sample=5
+    python -m ddpm_jax.sample --workdir=runs/shapes_t2i --prompt="a red circle above a blue square" --guidance=3
 
 Loads the run's config.json and its latest checkpoint (EMA params unless --noema). Writes to --out
 (default WORKDIR/samples): `samples.png` (a grid; one row per class with --label=all), `samples.npz`
@@ -25,10 +26,24 @@ def define_flags(fv: flags.FlagValues) -> None:
     cli.define_config_flags(fv, cli.SAMPLE_FLAGS)
     flags.DEFINE_string("label", None, "A class index, 'all' (the classes in equal blocks; the default for "
                                        "class-conditional models) or 'null' (unconditional).", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "Text models: the prompt (each prompt gets --num_samples images).",
+                        flag_values=fv)
+    flags.DEFINE_string("prompts", None, "Text models: a file of prompts, one per line; the grid has one row per "
+                                         "prompt.", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "Text models with --guidance: guide away from this prompt "
+                                                 "(it replaces the null text).", flag_values=fv)
+    flags.DEFINE_string("source_prompt", None, "Prompt-to-prompt editing with --invert: DDIM inversion runs under "
+                                               "this prompt (what the --init_images show), sampling under --prompt.",
+                        flag_values=fv)
+    flags.DEFINE_string("prompt_embedding", None, "Models with model.text_encoder='precomputed': a .npz with "
+                                                  "'text_emb' [L, D] or [P, L, D] and optionally 'text_mask'.",
+                        flag_values=fv)
     flags.DEFINE_string("init_images", None, "Image-to-image / inpainting input: a PNG or a folder of them.",
                         flag_values=fv)
     flags.DEFINE_bool("invert", False, "Image-to-image: reach t by DDIM inversion instead of adding noise.",
                       flag_values=fv)
+    flags.DEFINE_string("low_res", None, "Super-resolution models: the low-resolution input, a PNG or a folder "
+                        "of them at the model's model.low_res_size.", flag_values=fv)
     flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep.",
                         flag_values=fv)
     flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png.", flag_values=fv)
@@ -41,8 +56,10 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     cli.no_arguments(args)
     config = cli.apply_flags(checkpoints.load_config(fv.workdir), fv, cli.SAMPLE_FLAGS)
     generation.sample_workdir(
-        fv.workdir, config, out=fv.out, label=fv.label, init_images=fv.init_images, mask=fv.mask,
-        invert=fv.invert, ema=fv.ema, individual=fv.individual, figures=fv.figures,
+        fv.workdir, config, out=fv.out, label=fv.label, prompt=fv.prompt, prompts_file=fv.prompts,
+        prompt_embedding=fv.prompt_embedding, negative_prompt=fv.negative_prompt, source_prompt=fv.source_prompt,
+        init_images=fv.init_images, mask=fv.mask, low_res=fv.low_res, invert=fv.invert, ema=fv.ema,
+        individual=fv.individual, figures=fv.figures,
         given=frozenset(name for name in cli.SAMPLE_FLAGS if fv[name].present))
 
 

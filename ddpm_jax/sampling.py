@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion as D
+from ddpm_jax import superres
 from ddpm_jax.diffusion import ModelFn, Schedule
 
 
@@ -272,38 +273,48 @@ def network_evaluations(name: str, steps: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: a network (and labels, guidance) -> model_fn(x_t, t).
+# Models: a network (and its conditioning, guidance) -> model_fn(x_t, t).
 
 
-def guided_model_fn(apply_fn: Callable, labels: jax.Array, null_label: int, guidance) -> ModelFn:
-    """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, y) - w out(x, null).
+def null_condition(cond: dict) -> dict:
+    """The null condition of classifier-free guidance for `cond`: every row dropped (the model then
+    uses the null class or the learned null text, whatever else `cond` holds)."""
+    return {**cond, "drop": jnp.ones_like(cond["drop"])}
 
-    `apply_fn(x [2B, ...], t [2B], y [2B])` is called once on the conditional and unconditional
-    halves stacked. Combining raw outputs equals combining eps for every parameterisation: eps is
-    affine in the output (`diffusion.predict_eps`) and the weights 1 + w, -w sum to 1. A network
-    with twice the input's channels (`diffusion.variance='learned_range'`) has its mean half guided
-    and its variance half taken from the conditional pass.
+
+def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, cond) - w out(x, null_cond).
+
+    `apply_fn(x [2B, ...], t [2B], cond [2B])` is called once on the conditional and unconditional
+    halves stacked. `null_cond` is `null_condition(cond)`, or a negative prompt's condition (it
+    then replaces the null text). Combining raw outputs equals combining eps for every
+    parameterisation: eps is affine in the output (`diffusion.predict_eps`) and the weights 1 + w,
+    -w sum to 1. A network with twice the input's channels (`diffusion.variance='learned_range'`)
+    has its mean half guided and its variance half taken from the conditional pass.
     """
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond)
+
     def model_fn(x, t):
-        y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-        cond, uncond = jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y), 2)
-        if cond.shape[-1] == 2 * x.shape[-1]:
-            (cond, var), (uncond, _) = jnp.split(cond, 2, axis=-1), jnp.split(uncond, 2, axis=-1)
-            return jnp.concatenate([(1.0 + guidance) * cond - guidance * uncond, var], axis=-1)
-        return (1.0 + guidance) * cond - guidance * uncond
+        out_cond, out_uncond = jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+        if out_cond.shape[-1] == 2 * x.shape[-1]:
+            (out_cond, var), (out_uncond, _) = jnp.split(out_cond, 2, axis=-1), jnp.split(out_uncond, 2, axis=-1)
+            return jnp.concatenate([(1.0 + guidance) * out_cond - guidance * out_uncond, var], axis=-1)
+        return (1.0 + guidance) * out_cond - guidance * out_uncond
 
     return model_fn
 
 
-def unet_model_fn(model, params, labels: jax.Array | None = None, guidance: float = 0.0) -> ModelFn:
-    """model_fn for a `UNet` in inference mode. labels `[B]` (class-conditional models only; index
-    `model.num_classes` is the null class); guidance w != 0 uses `guided_model_fn`."""
-    apply_fn = lambda x, t, y=None: model.apply({"params": params}, x, t, y)
-    if labels is None:
+def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0,
+                  null_cond: dict | None = None) -> ModelFn:
+    """model_fn for a `UNet` in inference mode, conditioned on `cond` (see `UNet`; None for
+    unconditional models). guidance w != 0 uses `guided_model_fn` against `null_cond` (default
+    `null_condition(cond)`)."""
+    apply_fn = lambda x, t, c=None: model.apply({"params": params}, x, t, c)
+    if cond is None:
         return apply_fn
     if not guidance:
-        return lambda x, t: apply_fn(x, t, labels)
-    return guided_model_fn(apply_fn, labels, model.num_classes, guidance)
+        return lambda x, t: apply_fn(x, t, cond)
+    return guided_model_fn(apply_fn, cond, null_condition(cond) if null_cond is None else null_cond, guidance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,17 +384,18 @@ def ddim_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level:
 
 def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.Array, level: int, *,
             sampler: str = "ancestral", opts: StepOptions = StepOptions(), invert: bool = False,
-            num_frames: int = 0):
+            num_frames: int = 0, invert_model_fn: ModelFn | None = None):
     """SDEdit (Meng et al. 2022): noise `x0` to `level` (see `strength_to_level`) and denoise it.
 
-    The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert`; any
-    sampler denoises (heun from the level's noise, in at most `level` evaluations). Level 0
-    returns `x0` unchanged. Returns x_0 `[B, ...]` [, frames].
+    The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert` under
+    `invert_model_fn` (default `model_fn`; prompt-to-prompt editing inverts under the source
+    prompt and denoises under the target); any sampler denoises (heun from the level's noise, in at
+    most `level` evaluations). Level 0 returns `x0` unchanged. Returns x_0 `[B, ...]` [, frames].
     """
     if level == 0:
         return (x0, x0[None]) if num_frames else x0
     if invert:
-        x = ddim_invert(s, kind, model_fn, x0, level, variance=opts.variance)
+        x = ddim_invert(s, kind, invert_model_fn or model_fn, x0, level, variance=opts.variance)
     else:
         t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
         x = D.q_sample(s, x0, t, jax.random.normal(jax.random.fold_in(key, s.num_timesteps), x0.shape))
@@ -487,23 +499,43 @@ class SampleSpec(NamedTuple):
     num_frames: int = 0
 
 
+# fold_in tag of the low-resolution input's augmentation noise (samplers use tags 0 .. S).
+AUG_NOISE_TAG = 2 ** 31 - 1
+
+
+def augment_low_res(s: Schedule, batch: dict, key: jax.Array) -> dict:
+    """Super-resolution: every condition's 'low_res' noised to its 'aug_level' by
+    `superres.augment` (one noise draw, so guidance's two halves see the same input)."""
+    c = batch["cond"]
+    z = superres.augment(s, c["low_res"], c["aug_level"], jax.random.normal(key, c["low_res"].shape))
+    return {k: {**v, "low_res": z} if k.endswith("cond") else v for k, v in batch.items()}
+
+
 def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, params, key: jax.Array,
                  batch: dict) -> dict:
-    """One device's images. batch: 'labels' int `[b]` (read by class-conditional models only),
-    for editing 'x0' `[b, H, W, C]` in [-1, 1], for inpainting 'mask' bool `[b, H, W, 1]`.
+    """One device's images. batch: 'cond' (the U-Net's conditioning, `[b, ...]` leaves; 'drop'
+    always, which gives the batch size; unconditional models ignore it), optionally 'null_cond'
+    (a negative prompt: guidance's unconditional half) and 'source_cond' (prompt-to-prompt: DDIM
+    inversion runs unguided under it), for editing 'x0' `[b, H, W, C]` in [-1, 1], for inpainting
+    'mask' bool `[b, H, W, 1]`.
 
     Returns {'images': `[b, H, W, C]`} and with `spec.num_frames` 'frames' `[b, F, H, W, C]`.
     """
-    labels = batch["labels"] if model.num_classes else None
-    model_fn = unet_model_fn(model, params, labels, spec.guidance)
+    conditional = model.num_classes or model.text_encoder != "none" or model.low_res_size
+    if model.low_res_size:
+        batch = augment_low_res(s, batch, jax.random.fold_in(key, AUG_NOISE_TAG))
+    cond = batch["cond"] if conditional else None
+    model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"))
     kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
     if spec.inpaint:
         out = inpaint(s, kind, model_fn, key, batch["x0"], batch["mask"], jump_length=spec.jump_length,
                       jump_n_sample=spec.jump_n_sample, **kw)
     elif spec.level is not None:
-        out = img2img(s, kind, model_fn, key, batch["x0"], spec.level, invert=spec.invert, **kw)
+        source = batch.get("source_cond")
+        out = img2img(s, kind, model_fn, key, batch["x0"], spec.level, invert=spec.invert, **kw,
+                      invert_model_fn=None if source is None else unet_model_fn(model, params, source))
     else:
-        out = generate(s, kind, model_fn, key, (batch["labels"].shape[0],) + tuple(image_shape), **kw)
+        out = generate(s, kind, model_fn, key, (batch["cond"]["drop"].shape[0],) + tuple(image_shape), **kw)
     if not spec.num_frames:
         return {"images": out}
     return {"images": out[0], "frames": jnp.swapaxes(out[1], 0, 1)}

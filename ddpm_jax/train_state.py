@@ -42,14 +42,32 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
 
 
+def example_cond(config: ConfigDict, n: int) -> dict:
+    """A conditioning pytree of `n` rows of the kind `config.model` takes (zeros, one real token,
+    nothing dropped): what the U-Net is traced with."""
+    m, length = config.model, config.data.max_text_len
+    cond = {"drop": jnp.zeros((n,), bool)}
+    if m.num_classes:
+        cond["label"] = jnp.zeros((n,), jnp.int32)
+    if m.text_encoder != "none":
+        cond["mask"] = jnp.zeros((n, length), bool).at[:, 0].set(True)
+    if m.text_encoder == "trained":
+        cond["tokens"] = jnp.zeros((n, length), jnp.int32)
+    elif m.text_encoder == "precomputed":
+        cond["text_emb"] = jnp.zeros((n, length, m.text_emb_dim), jnp.float32)
+    if m.low_res_size:
+        cond["low_res"] = jnp.zeros((n, m.low_res_size, m.low_res_size, config.data.channels), jnp.float32)
+        cond["aug_level"] = jnp.zeros((n,), jnp.float32)
+    return cond
+
+
 def init_params(config: ConfigDict, key: jax.Array):
     """Float32 U-Net params for `config` (traced with a batch of one image)."""
     d = config.data
     x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
     # Jitted: op-by-op initialisation of a U-Net is many times slower, bfloat16 on CPU above all.
-    return jax.jit(unet_from_config(config).init)({"params": key}, x, t, y)["params"]
+    return jax.jit(unet_from_config(config).init)({"params": key}, x, t, example_cond(config, 1))["params"]
 
 
 def create_train_state(config: ConfigDict, key_or_seed: int | jax.Array) -> TrainState:

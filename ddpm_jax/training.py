@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 from ml_collections import ConfigDict
 
-from ddpm_jax import checkpoints, diffusion, generation, image_utils, locking, parallel
+from ddpm_jax import checkpoints, diffusion, generation, image_utils, locking, parallel, superres
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.parallel import AXIS_NAME
 from ddpm_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
@@ -49,12 +49,38 @@ def _example_keys(key: jax.Array, first: jax.Array, num: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(num))
 
 
+def conditioning(config: ConfigDict, batch: dict, keys: jax.Array) -> dict:
+    """The U-Net's `cond` for a batch: its labels or text, and 'drop' (the null condition) drawn per
+    example from its key `keys[i]` with probability `training.label_dropout` (labels) or
+    `training.text_dropout` (text); unconditional models get 'drop' too and ignore it.
+    Super-resolution models get 'low_res' (the image area-downsampled, then noised to a level
+    'aug_level' ~ U[0, diffusion.low_res_aug_max] by `superres.augment`; never dropped)."""
+    m, t = config.model, config.training
+    rate = t.label_dropout if m.num_classes else t.text_dropout if m.text_encoder != "none" else 0.0
+    cond = {"drop": jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)}
+    if m.num_classes:
+        cond["label"] = batch["label"]
+    if m.text_encoder == "trained":
+        cond.update(tokens=batch["tokens"], mask=batch["mask"])
+    elif m.text_encoder == "precomputed":
+        cond.update(text_emb=batch["text_emb"], mask=batch["mask"])
+    if m.low_res_size:
+        low_res = superres.downsample(batch["image"], m.low_res_size)
+        uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+        level = config.diffusion.low_res_aug_max * uniform
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), low_res.shape[1:]))(keys)
+        schedule = diffusion.schedule_from_config(config.diffusion)
+        cond.update(low_res=superres.augment(schedule, low_res, level, noise), aug_level=level)
+    return cond
+
+
 def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
     """One Adam step on this device's share of the batch, under pmap with axis `AXIS_NAME`.
 
-    batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], 'label': int32 `[B_dev]`} ('label' read
-    only when `model.num_classes > 0`: each is replaced by the null class `num_classes` with
-    probability `training.label_dropout`). Gradients, loss and metrics are averaged over devices; the
+    batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], and what `config.model` is conditioned
+    on: 'label' int32 `[B_dev]`, or the text: 'tokens' int32 + 'mask' bool `[B_dev, L]`, or
+    'text_emb' `[B_dev, L, D]` + 'mask'}; `conditioning` drops each example's condition with the
+    configured probability. Gradients, loss and metrics are averaged over devices; the
     EMA of the params is updated here. A step whose loss or gradient norm is not finite changes
     nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
     'learning_rate'}).
@@ -72,16 +98,12 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     t = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, schedule.num_timesteps)[0])(
         _example_keys(t_key, first, n))
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
-    y = None
-    if config.model.num_classes:
-        drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.training.label_dropout))(
-            _example_keys(label_key, first, n))
-        y = jnp.where(drop, config.model.num_classes, batch["label"])
+    cond = conditioning(config, batch, _example_keys(label_key, first, n))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     rngs = {"dropout": jax.random.fold_in(dropout_key, device)}
 
     def loss_fn(params):
-        out = model.apply({"params": params}, x_t, t, y, train=True, rngs=rngs)
+        out = model.apply({"params": params}, x_t, t, cond, train=True, rngs=rngs)
         return diffusion.training_loss(schedule, kind, out, x0, x_t, noise, t, variance=config.diffusion.variance,
                                        vlb_weight=config.diffusion.vlb_weight).mean()
 

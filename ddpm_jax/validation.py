@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, sampling, superres
+from ddpm_jax.models.unet import TEXT_ENCODERS
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,6 +74,8 @@ def validate_data_and_model(config: ConfigDict):
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout!r}: must be in [0, 1).")
     _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
              f"model.num_classes={m.num_classes!r}: must be 0 (unconditional) or the number of classes.")
+    validate_text(config)
+    validate_low_res(config)
     _one_of(m.dtype, "model.dtype", DTYPES)
     _one_of(m.attention, "model.attention", ATTENTION_KERNELS)
     if m.attention == "cudnn":
@@ -87,6 +90,44 @@ def validate_data_and_model(config: ConfigDict):
             f"model.ch={m.ch}, model.ch_mult={tuple(m.ch_mult)}: the U-Net cannot be built ({e}). Its "
             f"GroupNorm takes 32 groups, so every channel count, skip concatenations included, must be "
             f"below 32 or a multiple of 32: a model.ch that is a multiple of 32 always works.") from None
+
+
+def validate_text(config: ConfigDict):
+    """The text-conditioning fields (`model.text_*`, `data.max_text_len`, `data.random_flip`)."""
+    d, m = config.data, config.model
+    _one_of(m.text_encoder, "model.text_encoder", TEXT_ENCODERS)
+    if m.text_encoder == "none":
+        return
+    _require(not m.num_classes, f"model.num_classes={m.num_classes} and model.text_encoder={m.text_encoder!r}: "
+                                "a model is conditioned on labels or on text, not both; set one to 0/'none'.")
+    _require(m.attention == "xla", f"model.attention={m.attention!r}: text models mask padded tokens, which "
+                                   "only model.attention='xla' takes.")
+    for name in ("text_width", "text_depth", "text_heads"):
+        _positive_int(config, f"model.{name}")
+    _require(isinstance(d.max_text_len, int) and d.max_text_len >= 2,
+             f"data.max_text_len={d.max_text_len!r}: must be an integer >= 2 (BOS and at least one byte).")
+    if m.text_encoder == "trained":
+        _require(m.text_width % m.text_heads == 0, f"model.text_width={m.text_width} does not split into "
+                                                   f"model.text_heads={m.text_heads} heads.")
+    else:
+        _positive_int(config, "model.text_emb_dim")
+    # Flipping an image swaps left and right but not the words: the caption would lie.
+    _require(not (d.random_flip and d.dataset == "shapes"),
+             "data.random_flip=True with a text model on 'shapes': flips swap left and right in the image "
+             "but not in the caption; set data.random_flip=False.")
+
+
+def validate_low_res(config: ConfigDict):
+    """The super-resolution fields (`model.low_res_size`, `model.low_res_resize`,
+    `diffusion.low_res_aug_max`)."""
+    m, size = config.model, config.data.image_size
+    _require(isinstance(m.low_res_size, int) and not isinstance(m.low_res_size, bool) and 0 <= m.low_res_size < size,
+             f"model.low_res_size={m.low_res_size!r}: must be 0 (no low-resolution input) or an integer below "
+             f"data.image_size={size}, the size of the low-resolution input.")
+    _one_of(m.low_res_resize, "model.low_res_resize", superres.RESIZE_METHODS)
+    a = config.diffusion.low_res_aug_max
+    _require(_is_number(a) and 0.0 <= a <= 1.0, f"diffusion.low_res_aug_max={a!r}: must be in [0, 1] (the largest "
+                                                "noise-augmentation level of the low-resolution input).")
 
 
 def validate_diffusion(config: ConfigDict):
@@ -124,12 +165,18 @@ def validate_training(config: ConfigDict, num_devices: int):
              f"training.steps_per_call={k}.")
     if t.sample_every:
         _positive_int(config, "training.num_sample_images")
+    lr = config.model.low_res_size
+    for field, value in (("training.sample_every", t.sample_every), ("eval.eval_every", config.eval.eval_every)):
+        _require(not (lr and value), f"{field}={value}: a super-resolution model (model.low_res_size={lr}) "
+                                     "has no in-training samples or evaluation; set it to 0 and use `python -m "
+                                     "ddpm_jax.evaluate sr` or `sample --low_res` on its checkpoints.")
     _positive_int(config, "training.keep_checkpoints")
     _positive_int(config, "training.stop_check_every")
     _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
              f"training.profile_steps={t.profile_steps!r}: must be 0 (no profile) or a number of steps.")
     _one_of(t.nonfinite, "training.nonfinite", ("stop", "skip"))
     _require(0.0 <= t.label_dropout <= 1.0, f"training.label_dropout={t.label_dropout!r}: must be in [0, 1].")
+    _require(0.0 <= t.text_dropout <= 1.0, f"training.text_dropout={t.text_dropout!r}: must be in [0, 1].")
     _require(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate!r}: must be positive.")
     _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
              f"optim.warmup_steps={o.warmup_steps!r}: must be a non-negative integer.")
@@ -170,11 +217,13 @@ def validate_sampling(config: ConfigDict):
              f"sampling.s_tmax={sp.s_tmax!r}: must be a number >= sampling.s_tmin={sp.s_tmin!r} (inf: no upper "
              f"bound).")
     _require(_is_number(sp.guidance) and sp.guidance >= 0, f"sampling.guidance={sp.guidance!r}: must be >= 0.")
-    _require(not sp.guidance or config.model.num_classes,
-             f"sampling.guidance={sp.guidance} needs a class-conditional model; this one has "
-             "model.num_classes=0 (train one with e.g. configs/digits_cond.py).")
+    _require(not sp.guidance or config.model.num_classes or config.model.text_encoder != "none",
+             f"sampling.guidance={sp.guidance} needs a class- or text-conditional model; this one has "
+             "model.num_classes=0 and model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
     _require(_is_number(sp.strength) and 0.0 <= sp.strength <= 1.0,
              f"sampling.strength={sp.strength!r}: must be in [0, 1].")
+    _require(_is_number(sp.aug_level) and 0.0 <= sp.aug_level <= 1.0,
+             f"sampling.aug_level={sp.aug_level!r}: must be in [0, 1] (0: the low-resolution input as it is).")
     _non_negative_int(sp.jump_length, "sampling.jump_length")
     _require(sp.jump_length <= sp.steps,
              f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")

@@ -17,13 +17,17 @@ from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
+SHAPES_T2I = os.path.join(ROOT, "configs", "shapes_t2i.py")
 
 
-def _config(num_classes):
+def _config(num_classes, text_encoder="none"):
     c = tiny.get_config()
     c.data.dataset, c.data.image_size, c.data.channels = "digits", 8, 1
     c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 32, (1,), ()
     c.model.num_classes = num_classes
+    c.model.text_encoder, c.model.text_width, c.model.text_depth, c.model.text_heads = text_encoder, 32, 1, 2
+    c.model.text_emb_dim = 8 if text_encoder == "precomputed" else 0
+    c.data.max_text_len = 16
     c.diffusion.num_timesteps = 20
     c.sampling.steps = 5
     return c
@@ -42,7 +46,11 @@ def _run(path, config):
 def files(tmp_path_factory):
     """Saved runs (conditional, unconditional, corrupt config.json) and input files of every kind."""
     d = tmp_path_factory.mktemp("bad_inputs")
-    f = {"cond": _run(d / "cond", _config(3)), "uncond": _run(d / "uncond", _config(0))}
+    f = {"cond": _run(d / "cond", _config(3)), "uncond": _run(d / "uncond", _config(0)),
+         "text": _run(d / "text", _config(0, "trained")), "emb": _run(d / "emb", _config(0, "precomputed"))}
+    (d / "empty.txt").write_text("\n  \n")
+    np.savez(d / "emb4.npz", text_emb=np.zeros((3, 4), np.float32))
+    f.update(empty_txt=str(d / "empty.txt"), emb4_npz=str(d / "emb4.npz"))
     os.makedirs(d / "corrupt")
     (d / "corrupt" / "config.json").write_text("{not json")
     f["corrupt"] = str(d / "corrupt")
@@ -122,8 +130,34 @@ CASES = [
             "--config.data.split=test"], "data.split='test'"),
     (main, [f"--config={DIGITS}", "--workdir={empty}", "--config.data.data_dir={tfds}",
             "--config.data.channels=3"], "data.channels=3"),
+    (main, [f"--config={DIGITS}", "--workdir={empty}", "--config.model.text_encoder=clip"], "model.text_encoder"),
+    (main, [f"--config={DIGITS}", "--workdir={empty}", "--config.training.text_dropout=2"], "training.text_dropout"),
+    (main, [f"--config={SHAPES_T2I}", "--workdir={empty}", "--config.data.random_flip=True"],
+     "data.random_flip=True with a text model"),
+    (main, [f"--config={SHAPES_T2I}", "--workdir={empty}", "--config.model.num_classes=3"],
+     "labels or on text, not both"),
+    (main, [f"--config={SHAPES_T2I}", "--workdir={empty}", "--config.model.text_heads=3"], "model.text_heads=3"),
+    (main, [f"--config={SHAPES_T2I}", "--workdir={empty}", "--config.data.max_text_len=1"], "data.max_text_len=1"),
+    (main, [f"--config={SHAPES_T2I}", "--workdir={empty}", "--config.model.text_encoder=precomputed"],
+     "model.text_emb_dim=0"),
     # --- python -m ddpm_jax.sample
     (sample, [], "--workdir"),
+    (sample, ["--workdir={uncond}", "--prompt=a red circle"], "--prompt: this run's model takes no text"),
+    (sample, ["--workdir={cond}", "--prompts={empty_txt}"], "--prompts: this run's model takes no text"),
+    (sample, ["--workdir={text}", "--prompts=nowhere.txt"], "--prompts=nowhere.txt: no such file"),
+    (sample, ["--workdir={text}", "--prompts={empty_txt}"], "the file has no prompts"),
+    (sample, ["--workdir={text}", "--prompt=a", "--prompts={empty_txt}"], "not both"),
+    (sample, ["--workdir={text}", "--prompt=a", "--negative_prompt=b"], "set --guidance > 0"),
+    (sample, ["--workdir={text}", "--prompt=" + "x" * 16], "16 bytes; this model reads at most 15"),
+    (sample, ["--workdir={text}", "--prompt=a", "--guidance=1", "--negative_prompt=" + "y" * 20],
+     "--negative_prompt='yyyy"),
+    (sample, ["--workdir={text}", "--label=1"], "--label=1: this run's model is conditioned on text"),
+    (sample, ["--workdir={text}", "--prompt=a", "--source_prompt=b"], "give --invert"),
+    (sample, ["--workdir={text}", "--prompt_embedding={emb4_npz}"], "encodes text itself"),
+    (sample, ["--workdir={emb}", "--prompt=a"], "give --prompt_embedding"),
+    (sample, ["--workdir={emb}", "--prompt_embedding=nowhere.npz"], "--prompt_embedding='nowhere.npz': no such file"),
+    (sample, ["--workdir={emb}", "--prompt_embedding={emb4_npz}"], "model.text_emb_dim=8"),
+    (sample, ["--workdir={emb}", "--prompt_embedding={good_npz}"], "expected arrays named 'text_emb'"),
     (sample, ["--workdir={empty}"], "config.json"),
     (sample, ["--workdir={corrupt}"], "config.json"),
     (sample, ["--workdir={cond}", "--sampler=plms"], "sampling.sampler='plms'"),
@@ -133,7 +167,7 @@ CASES = [
     (sample, ["--workdir={cond}", "--eta=0.5"], "sampling.eta=0.5 applies to sampling.sampler='ddim'"),
     (sample, ["--workdir={cond}", "--sampler=ddim", "--eta=2"], "sampling.eta=2.0"),
     (sample, ["--workdir={cond}", "--guidance=-1"], "sampling.guidance=-1.0"),
-    (sample, ["--workdir={uncond}", "--guidance=2"], "needs a class-conditional model"),
+    (sample, ["--workdir={uncond}", "--guidance=2"], "needs a class- or text-conditional model"),
     (sample, ["--workdir={cond}", "--label=3"], "--label=3"),
     (sample, ["--workdir={cond}", "--label=dog"], "--label=dog"),
     (sample, ["--workdir={uncond}", "--label=1"], "--label=1: this run's model is unconditional"),
@@ -191,6 +225,7 @@ CASES = [
     (evaluate, ["accuracy", "--workdir={uncond}"], "class-conditional digits run"),
     (evaluate, ["accuracy", "--workdir={cond}", "--settings=ddim"], "--settings: 'ddim'"),
     (evaluate, ["accuracy", "--workdir={cond}", "--settings=plms:10"], "sampling.sampler='plms'"),
+    (evaluate, ["shapes", "--workdir={cond}"], "shapes evaluates a text-to-image run"),
     (evaluate, ["reference_stats", "--out=x.npz"], "--config is required"),
     (evaluate, ["reference_stats", f"--config={DIGITS}"], "--out is required"),
     (evaluate, ["reference_stats", f"--config={DIGITS}", "--out={empty}"], "is a folder"),
@@ -229,7 +264,7 @@ def test_table_is_large_enough():
                          ids=[f"{m.__name__.split('.')[-1]}-{i}" for i, (m, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line(files, tmp_path, monkeypatch, module, args, message):
     monkeypatch.chdir(tmp_path)  # relative outputs (x.npz) would land here
-    runs = [files["cond"], files["uncond"], files["corrupt"], files["empty"]]
+    runs = [files["cond"], files["uncond"], files["text"], files["emb"], files["corrupt"], files["empty"]]
     before = _snapshot(runs)
     if module is main:  # keep JAX's compilation cache setting of this test process as it is
         args = [*args, "--compilation_cache="]

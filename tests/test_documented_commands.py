@@ -7,12 +7,13 @@ import glob
 import os
 import re
 import shlex
+import shutil
 
 import numpy as np
 import pytest
 from cli_helpers import run_command
 
-from ddpm_jax import evaluate, image_utils, main, sample
+from ddpm_jax import cascade, evaluate, image_utils, main, sample, scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
@@ -20,12 +21,13 @@ SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.
                "--config.training.log_every=1", "--config.training.sample_every=0",
                "--config.training.profile_steps=0", "--compilation_cache="]
 SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
-           evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"]}
-OFFLINE = ("runs/digits ", "runs/digits_cond ")  # the runs the tests make
+           evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"],
+           cascade: ["--num_samples=2"]}
+OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr")  # the runs the tests make
 
 
 def documented_commands() -> list[str]:
-    """`python -m ddpm_jax.sample/evaluate ...` lines of the README and docs/, continuations joined."""
+    """`python -m ddpm_jax.sample/evaluate/cascade ...` lines of the README and docs/, continuations joined."""
     commands = []
     for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
         with open(path) as f:
@@ -33,13 +35,17 @@ def documented_commands() -> list[str]:
         for block in re.findall(r"```bash\n(.*?)```", text, re.S):
             for line in block.splitlines():
                 line = line.split("  #")[0].strip()
-                if re.match(r"python -m ddpm_jax\.(sample|evaluate)\b", line):
+                if re.match(r"python -m ddpm_jax\.(sample|evaluate|cascade)\b", line):
                     commands.append(line)
     return list(dict.fromkeys(commands))  # README and docs repeat some
 
 
 def runnable(command: str) -> bool:
-    return any(run in command + " " for run in (f"--workdir={r}" for r in OFFLINE))
+    """The command reads only the runs the tests make (--workdir, or every run of --stages)."""
+    stages = re.search(r"--stages=(\S+)", command)
+    if stages:
+        return all(run in OFFLINE for run in stages.group(1).split(","))
+    return any(run in command + " " for run in (f"--workdir={r} " for r in OFFLINE))
 
 
 def test_docs_have_commands_and_most_run_offline():
@@ -50,16 +56,37 @@ def test_docs_have_commands_and_most_run_offline():
 
 @pytest.fixture(scope="module")
 def cwd_with_runs(tmp_path_factory):
-    """runs/digits and runs/digits_cond trained by the documented command (a smaller model, 2 steps),
-    inputs/ with two digits and mask.png, as the docs' commands expect them."""
+    """runs/digits, runs/digits_cond, runs/shapes_t2i and runs/shapes_sr trained by the documented
+    command (a smaller model, 2 steps; shapes with 40 train / 20 test scenes), inputs/ with two digits
+    and mask.png, shapes_inputs/ and shapes_mask.png, shapes_low_res/ (16x16 scenes),
+    docs/shapes_prompts.txt, as the docs' commands expect them."""
+    from ddpm_jax.datasets import shapes as shapes_ds
+
     d = tmp_path_factory.mktemp("docs")
     old = os.getcwd()
     os.chdir(d)
     try:
-        for name in ("digits", "digits_cond"):
-            status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
-                                         f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
-            assert status == 0, err[-2000:]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(shapes_ds, "SPLITS", {"train": (40, 0), "test": (20, 1)})
+            for name in ("digits", "digits_cond", "shapes_t2i", "shapes_sr"):
+                status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
+                                             f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
+                assert status == 0, err[-2000:]
+        os.makedirs("docs")
+        shutil.copy(os.path.join(ROOT, "docs", "shapes_prompts.txt"), "docs/")
+        os.makedirs("shapes_inputs")
+        for i, objects in enumerate([[scenes.SceneObject("circle", "red", (8, 8, 20, 20))],
+                                     [scenes.SceneObject("square", "blue", (4, 14, 16, 26))]]):
+            name = "red_circle.png" if i == 0 else "blue_square.png"
+            image_utils.save_png(f"shapes_inputs/{name}", scenes.render(objects))
+        os.makedirs("shapes_low_res")
+        for name in os.listdir("shapes_inputs"):
+            scene = image_utils.load_images(f"shapes_inputs/{name}", channels=3)
+            low_res = scene[0].reshape(16, 2, 16, 2, 3).mean((1, 3)).astype(np.uint8)
+            image_utils.save_png(f"shapes_low_res/{name}", low_res)
+        shapes_mask = np.zeros((16, 16, 1), np.uint8)
+        shapes_mask[4:12, 4:12] = 255
+        image_utils.save_png("shapes_mask.png", shapes_mask)
         os.makedirs("inputs")
         rng = np.random.default_rng(0)
         for i in range(2):
@@ -76,10 +103,12 @@ def cwd_with_runs(tmp_path_factory):
 def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
     monkeypatch.chdir(cwd_with_runs)
     words = shlex.split(command)
-    module = {"ddpm_jax.sample": sample, "ddpm_jax.evaluate": evaluate}[words[2]]
+    module = {"ddpm_jax.sample": sample, "ddpm_jax.evaluate": evaluate, "ddpm_jax.cascade": cascade}[words[2]]
     status, out, err = run_command(module, *words[3:], *SMALLER[module])
     assert status == 0, (command, err[-3000:])
     if module is sample:
         assert "samples.png" in out and "samples.npz" in out
+    elif module is cascade:
+        assert "cascade.png" in out
     else:
         assert "{" in out or "| setting |" in out  # the metrics as JSON, or the accuracy table

@@ -277,3 +277,136 @@ def test_training_on_a_folder_resumes_exactly(mixed, tmp_path, _compile_once):
     resumed = training.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
     chex.assert_trees_all_equal(straight, resumed)
+
+
+# Captions (NAME.txt) and precomputed embeddings (NAME.npz) beside the images.
+L, DIM = 6, 12  # data.max_text_len and model.text_emb_dim of the text configs below
+
+
+def write_text_folder(root) -> dict:
+    """Four random 8x8 images (PNG and lossless WebP, one in a sub-folder), each with a caption and an
+    .npz of random embeddings of its own length <= L; returns {relpath: (image, caption, emb, mask)}."""
+    os.makedirs(os.path.join(root, "more"), exist_ok=True)
+    rng = _rng(10)
+    files = {}
+    for name, length in (("a.png", 3), ("b.webp", L), ("c.png", 1), ("more/d.png", 4)):
+        image = rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+        Image.fromarray(image).save(os.path.join(root, name), lossless=True)
+        stem = os.path.join(root, os.path.splitext(name)[0])
+        caption = f"  caption of {name}, é \n"
+        pathlib.Path(stem + ".txt").write_text(caption, encoding="utf-8")
+        emb = rng.normal(size=(length, DIM)).astype(np.float32)
+        mask = np.arange(length) < max(1, length - 1)
+        if name == "c.png":  # no text_mask: all True
+            np.savez(stem + ".npz", text_emb=emb)
+        else:
+            np.savez(stem + ".npz", text_emb=emb, text_mask=mask)
+        files[name] = (image, caption.strip(), emb, mask)
+    return files
+
+
+def text_folder_config(root, encoder, **data):
+    """folder_config with a trained byte-level text encoder or precomputed embeddings [L, DIM]."""
+    c = folder_config(root, max_text_len=L, **data)
+    c.model.text_encoder, c.model.text_width, c.model.text_depth, c.model.text_heads = encoder, 32, 1, 2
+    c.model.text_emb_dim = DIM if encoder == "precomputed" else 0
+    return c
+
+
+def _by_file(builder, files) -> dict:
+    """{relpath: example} of the prepared copy, each example matched to its file by its image."""
+    examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    found = {next(f for f, v in files.items() if np.array_equal(v[0], ex["image"])): ex for ex in examples}
+    assert sorted(found) == sorted(files)
+    return found
+
+
+def test_captions_and_embeddings_beside_each_image_are_prepared(tmp_path):
+    files = write_text_folder(str(tmp_path))
+    captions = text_folder_config(tmp_path, "trained")
+    input_pipeline.check_dataset(captions)
+    builder = input_pipeline.get_builder(captions.data, captions.model)
+    assert isinstance(builder.info.features["caption"], tfds.features.Text) and "text_emb" not in builder.info.features
+    assert builder.listing.num_ignored == 4  # the .npz files; the captions read are not "ignored"
+    for f, ex in _by_file(builder, files).items():
+        assert ex["caption"].decode("utf-8") == files[f][1]
+    batch = next(iter(tfds.as_numpy(input_pipeline.create_dataset(captions))))
+    assert batch["tokens"].shape == batch["mask"].shape == (8, 2, L) and "text_emb" not in batch
+
+    embeddings = text_folder_config(tmp_path, "precomputed")
+    input_pipeline.check_dataset(embeddings)
+    builder = input_pipeline.get_builder(embeddings.data, embeddings.model)
+    assert builder.info.features["text_emb"].shape == (L, DIM) and builder.info.features["text_mask"].shape == (L,)
+    for f, ex in _by_file(builder, files).items():
+        _, _, emb, mask = files[f]
+        np.testing.assert_array_equal(ex["text_emb"], np.pad(emb, ((0, L - len(emb)), (0, 0))))  # zero-padded to L
+        np.testing.assert_array_equal(ex["text_mask"], np.pad(mask, (0, L - len(mask))))
+    batch = next(iter(tfds.as_numpy(input_pipeline.create_dataset(embeddings))))
+    assert batch["text_emb"].shape == (8, 2, L, DIM) and batch["mask"].shape == (8, 2, L) and "tokens" not in batch
+    # Three copies: images only (no model config), with captions, with embeddings.
+    dirs = {input_pipeline.get_builder(c.data, m).data_dir for c, m in
+            ((captions, None), (captions, captions.model), (embeddings, embeddings.model))}
+    assert len(dirs) == 3
+
+
+def test_an_edited_caption_prepares_a_new_copy(tmp_path):
+    files = write_text_folder(str(tmp_path))
+    config = text_folder_config(tmp_path, "trained")
+    input_pipeline.check_dataset(config)
+    before = input_pipeline.get_builder(config.data, config.model).data_dir
+    images_only = input_pipeline.get_builder(config.data).data_dir
+    (tmp_path / "more" / "d.txt").write_text("an edited caption")
+    input_pipeline.check_dataset(config)
+    after = input_pipeline.get_builder(config.data, config.model)
+    assert after.data_dir != before and input_pipeline.get_builder(config.data).data_dir == images_only
+    assert _by_file(after, files)["more/d.png"]["caption"] == b"an edited caption"
+
+
+def test_missing_and_bad_text_files_are_one_line_errors_naming_the_file(tmp_path):
+    root = str(tmp_path)
+    write_text_folder(root)
+    (tmp_path / "b.txt").unlink()
+    (tmp_path / "more" / "d.txt").unlink()
+    assert _error(text_folder_config(tmp_path, "trained")) == (
+        f"data.data_dir={root!r}: 2 of its 4 images have no caption file beside them, the first 'b.txt' (for "
+        f"'b.webp'); model.text_encoder='trained' reads NAME.txt beside each image NAME.png.")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe not UTF-8")
+    (tmp_path / "more" / "d.txt").write_text("fine")
+    assert _error(text_folder_config(tmp_path, "trained")) == (
+        f"data.data_dir={root!r}: b.txt cannot be read as UTF-8 text (UnicodeDecodeError).")
+
+    config = text_folder_config(tmp_path, "precomputed")
+    good = np.zeros((2, DIM), np.float32)
+    bad = {  # what b.npz holds -> the error (a.npz, sorted first, is fine)
+        "junk": "is not an .npz file (empty, truncated or another format).",
+        "no_emb": "has no 'text_emb' array (it has ['emb']).",
+        "rank": "'text_emb' must be float [L, 12] (model.text_emb_dim=12), got float32 (1, 2, 12).",
+        "dim": "'text_emb' must be float [L, 12] (model.text_emb_dim=12), got float32 (2, 8).",
+        "long": f"'text_emb' has {L + 1} tokens, more than data.max_text_len={L}; raise data.max_text_len.",
+        "mask": "'text_mask' must be bool [2] (one per token of 'text_emb') with at least one True, got bool (3,) "
+                "with 3 True.",
+    }
+    for case, message in bad.items():
+        path = tmp_path / "b.npz"
+        if case == "junk":
+            path.write_bytes(b"not a zip")
+        else:
+            arrays = {"no_emb": {"emb": good}, "rank": {"text_emb": good[None]}, "dim": {"text_emb": good[:, :8]},
+                      "long": {"text_emb": np.zeros((L + 1, DIM), np.float32)},
+                      "mask": {"text_emb": good, "text_mask": np.ones(3, bool)}}[case]
+            np.savez(path, **arrays)
+        error = _error(config)
+        sep = " " if case in ("junk", "no_emb") else ": "
+        assert error == f"data.data_dir={root!r}: b.npz{sep}{message}", case
+    path.unlink()
+    assert "have no embedding file beside them, the first 'b.npz' (for 'b.webp')" in _error(config)
+    assert not (tmp_path / ".ddpm_jax_cache").exists()  # nothing was prepared
+
+
+def test_training_on_precomputed_embeddings_in_a_folder(tmp_path, _compile_once):
+    write_text_folder(str(tmp_path / "images"))
+    config = text_folder_config(tmp_path / "images", "precomputed")
+    config.training.num_train_steps = 2
+    state = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 2 and state.params["text_proj"]["kernel"].shape == (DIM, 32)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

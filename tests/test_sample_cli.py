@@ -110,7 +110,7 @@ def test_editing_keeps_what_it_must(cond_run, images_dir):
 
 def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
     config = _config(num_classes=0)
-    with pytest.raises(UserError, match=r"sampling.guidance=2.0 needs a class-conditional model.*num_classes=0"):
+    with pytest.raises(UserError, match=r"guidance=2.0 needs a class- or text-conditional model.*num_classes=0"):
         _request(config, guidance=2.0)
     with pytest.raises(UserError, match=r"--label=1: this run's model is unconditional"):
         _request(config, label="1")
@@ -122,8 +122,9 @@ def test_per_class_accuracy_table():
     labels = np.array([0, 0, 1, 1, 2, 2])
     acc = ca.per_class_accuracy(np.array([0, 1, 1, 1, 0, 0]), labels, 3)
     np.testing.assert_allclose(acc, [0.5, 1.0, 0.0])
-    table = ca.markdown_table([("ddim 10", {"per_class": acc, "accuracy": 0.5, "seconds": 12.3})], 3)
-    assert table.splitlines()[2] == "| ddim 10 | 50 | 100 | 0 | 50.0 | 12 |"
+    table = ca.markdown_table([("ddim 10", {"per_class": acc, "accuracy": 0.5, "digits_fd": 1.234,
+                                              "seconds": 12.3})], 3)
+    assert table.splitlines()[2] == "| ddim 10 | 50 | 100 | 0 | 50.0 | 1.23 | 12 |"
 
 
 def test_relative_workdir_loads(cond_run, monkeypatch):

@@ -1,5 +1,6 @@
 """Samplers, guidance and editing against exact answers: the analytic Gaussian denoiser, whose
 sampler chains have a closed-form law (tests/gaussian_helpers.py), and identities between samplers."""
+import dataclasses
 import functools
 
 import jax
@@ -258,17 +259,20 @@ def test_step_options_from_config():
 
 def test_guidance_with_a_learned_variance_guides_the_mean_half_only():
     # A stand-in network with 2C = 4 output channels for C = 2: [mean half, variance half], each
-    # depending on the label, so conditional and unconditional halves differ.
-    apply_fn = lambda x, t, y: jnp.concatenate([x * y[:, None] + t[:, None], jnp.tanh(x - y[:, None])], -1)
-    x, t, y = jnp.ones((3, 2)) * 0.3, jnp.array([1.0, 2.0, 3.0]), jnp.array([0, 1, 2])
-    out = S.guided_model_fn(apply_fn, y, 5, 2.0)(x, t)
-    cond, uncond = apply_fn(x, t, y), apply_fn(x, t, jnp.full_like(y, 5))
-    np.testing.assert_allclose(out[:, :2], 3 * cond[:, :2] - 2 * uncond[:, :2], rtol=1e-6)
-    np.testing.assert_array_equal(out[:, 2:], cond[:, 2:])
+    # depending on the label (5 when dropped), so conditional and unconditional halves differ.
+    label = lambda c: jnp.where(c["drop"], 5, c["label"])[:, None]
+    apply_fn = lambda x, t, c: jnp.concatenate([x * label(c) + t[:, None], jnp.tanh(x - label(c))], -1)
+    x, t = jnp.ones((3, 2)) * 0.3, jnp.array([1.0, 2.0, 3.0])
+    cond = {"label": jnp.array([0, 1, 2]), "drop": jnp.zeros(3, bool)}
+    null = S.null_condition(cond)
+    out = S.guided_model_fn(apply_fn, cond, null, 2.0)(x, t)
+    c_out, u_out = apply_fn(x, t, cond), apply_fn(x, t, null)
+    np.testing.assert_allclose(out[:, :2], 3 * c_out[:, :2] - 2 * u_out[:, :2], rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 2:], c_out[:, 2:])
     # With C output channels (fixed variance) everything is guided, as before.
-    plain = lambda x, t, y: x * y[:, None] + t[:, None]
-    np.testing.assert_allclose(S.guided_model_fn(plain, y, 5, 2.0)(x, t),
-                               3 * plain(x, t, y) - 2 * plain(x, t, 0 * y + 5), rtol=1e-6)
+    plain = lambda x, t, c: x * label(c) + t[:, None]
+    np.testing.assert_allclose(S.guided_model_fn(plain, cond, null, 2.0)(x, t),
+                               3 * plain(x, t, cond) - 2 * plain(x, t, null), rtol=1e-6)
 
 
 def test_learned_range_ancestral_interpolates_the_respaced_variances():
@@ -371,8 +375,8 @@ def _cond_unet():
     # ch=64: with one channel per GroupNorm group (ch=32) the norm would erase the time and label embedding.
     model = UNet(ch=64, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                  num_classes=3)
-    x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, {"label": t, "drop": t > 0})["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return model, tree.unflatten([0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
@@ -382,15 +386,17 @@ def test_classifier_free_guidance():
     model, params = _cond_unet()
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t, y = jnp.array([3, 50, 200, 900]), jnp.array([0, 1, 2, 1])
+    cond = {"label": y, "drop": jnp.zeros(4, bool)}
     calls = []
     apply_fn = lambda *a: calls.append(a[0].shape) or model.apply({"params": params}, *a)
 
     @jax.jit
     def outputs(w):
-        return dict(cond=apply_fn(x, t, y), uncond=apply_fn(x, t, jnp.full_like(y, 3)),
-                    guided=S.guided_model_fn(apply_fn, y, 3, w)(x, t),
-                    unet=S.unet_model_fn(model, params, y, 2.0)(x, t),
-                    unet_cond=S.unet_model_fn(model, params, y)(x, t))
+        # The null class as a label and as 'drop' are the same condition.
+        return dict(cond=apply_fn(x, t, cond), uncond=apply_fn(x, t, {"label": jnp.full_like(y, 3)}),
+                    guided=S.guided_model_fn(apply_fn, cond, S.null_condition(cond), w)(x, t),
+                    unet=S.unet_model_fn(model, params, cond, 2.0)(x, t),
+                    unet_cond=S.unet_model_fn(model, params, cond)(x, t))
 
     o, o2 = outputs(0.0), outputs(2.0)
     assert calls == [(4, 8, 8, 1), (4, 8, 8, 1), (8, 8, 8, 1)]  # guidance: one pass on the 2B stacked batch
@@ -407,7 +413,7 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     s = _respaced(8)
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
     mask = jnp.zeros((4, 8, 8, 1), bool).at[:, 2:6, 2:6].set(True)
-    model_fn = S.unet_model_fn(model, params, jnp.array([0, 1, 2, 0]), 1.5)
+    model_fn = S.unet_model_fn(model, params, {"label": jnp.array([0, 1, 2, 0]), "drop": jnp.zeros(4, bool)}, 1.5)
     for sampler in ("ancestral", "ddim", "dpm_solver++"):
         x = jax.jit(lambda k: S.inpaint(s, "eps", model_fn, k, x0, mask, sampler=sampler, jump_length=2,
                                         jump_n_sample=2))(jax.random.key(0))
@@ -453,8 +459,7 @@ def test_generation_run_keys_frames_and_one_compiled_sampler():
     assert len({img.tobytes() for img in out["images"]}) == 10  # no two rows share noise
     np.testing.assert_array_equal(generation.run(config, params, req)["images"], out["images"])
     req = generation.make_request(config, label="all")
-    framed = generation.run(config, params, generation.Request(10, req.spec._replace(num_frames=3), req.labels,
-                                                               req.label))
+    framed = generation.run(config, params, dataclasses.replace(req, spec=req.spec._replace(num_frames=3)))
     assert framed["frames"].shape == (10, 3, 8, 8, 1)
     np.testing.assert_array_equal(framed["frames"][:, -1], framed["images"])
     assert generation.pmapped_sampler(config, req.spec) is generation.pmapped_sampler(config, req.spec)

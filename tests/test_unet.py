@@ -67,13 +67,15 @@ def test_dropout_only_in_training_and_determinism():
 
 def test_class_conditioning_uses_labels():
     model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=10)
-    params = _perturbed(_init(model, (2, 8, 8, 3), jnp.zeros((2,), jnp.int32)))
+    params = _perturbed(_init(model, (2, 8, 8, 3), {"label": jnp.zeros((2,), jnp.int32)}))
     assert params["label_emb"]["embedding"].shape == (11, 128)  # 10 classes + the null class
     x, t = jnp.ones((2, 8, 8, 3)), jnp.array([5, 5])
-    a = model.apply({"params": params}, x, t, jnp.array([1, 1]))
-    b = model.apply({"params": params}, x, t, jnp.array([1, 2]))
+    apply = lambda y, drop=(False, False): model.apply({"params": params}, x, t,
+                                                       {"label": jnp.array(y), "drop": jnp.array(drop)})
+    a, b = apply([1, 1]), apply([1, 2])
     np.testing.assert_array_equal(a[0], b[0])
     assert not np.allclose(a[1], b[1])
+    np.testing.assert_array_equal(apply([1, 2], (True, False)), apply([10, 2]))  # drop = the null class
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it

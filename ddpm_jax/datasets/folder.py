@@ -7,10 +7,18 @@ converted to RGB or greyscale (16-bit greyscale scaled to 8 bits), centre-croppe
 resized to S with the input pipeline's `to_square`, and stored as PNG. When every image lies in a
 sub-folder, the sorted sub-folder names are the class labels 0..K-1.
 
-The prepared copy goes to `CACHE_ROOT/<S>px_<C>ch_<fingerprint>/folder/<version>/`, where CACHE_ROOT is
-`cache_dir` or `PATH/.ddpm_jax_cache` and the fingerprint hashes every image's path, size and mtime:
-adding, removing or touching a file prepares a new copy, and an unchanged folder is never decoded
-again. Files that cannot be decoded are skipped and named in the log and in the copy's metadata.
+With `captions=True` (the input pipeline's choice for model.text_encoder='trained') each image NAME.png
+needs NAME.txt beside it, its caption (UTF-8, surrounding whitespace dropped), stored as the Text
+feature 'caption'. With `embedding_shape=(L, D)` ('precomputed') it needs NAME.npz holding 'text_emb'
+float [l, D] with l <= L and optionally 'text_mask' bool [l] (default all True), stored as 'text_emb'
+float32 [L, D] and 'text_mask' bool [L], zero- and False-padded to L. A missing or malformed file is a
+UserError naming it, from `check_images`, before anything is prepared.
+
+The prepared copy goes to `CACHE_ROOT/<S>px_<C>ch[_captions|_emb<L>x<D>]_<fingerprint>/folder/<version>/`,
+where CACHE_ROOT is `cache_dir` or `PATH/.ddpm_jax_cache` and the fingerprint hashes every image's path,
+size and mtime (and those of the captions or embeddings read): adding, removing or touching a file
+prepares a new copy, and an unchanged folder is never decoded again. Files that cannot be decoded are
+skipped and named in the log and in the copy's metadata.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,6 +38,7 @@ from PIL import Image, ImageOps
 from ddpm_jax.validation import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_EXTENSION, EMBEDDING_EXTENSION = ".txt", ".npz"  # NAME.txt / NAME.npz beside NAME.png
 CACHE_DIRNAME = ".ddpm_jax_cache"  # starts with '.', so the scan never reads the cache as images
 _CHUNK = 256  # files decoded concurrently; bounds the decoded images held in memory
 
@@ -42,15 +52,23 @@ class Listing:
     class_names: tuple[str, ...] | None  # sorted sub-folder names when every image is in one
     labels: tuple[int, ...] | None
     fingerprint: str
-    num_ignored: int  # files that are not images by their extension
+    num_ignored: int  # files that are not images by their extension, nor a sidecar read
+    sidecar: str  # the extension of the file read beside each image ('' for none)
+    missing: tuple[str, ...]  # the images without that file
 
     @property
     def root_images(self) -> list[str]:
         return [f for f in self.files if "/" not in f]
 
 
-def scan(root: str) -> Listing:
-    """Lists the images under `root`; a UserError naming data.data_dir if there are none."""
+def sidecar_path(relpath: str, extension: str) -> str:
+    """The file beside the image `relpath` with the same name and `extension` (a.png -> a.txt)."""
+    return os.path.splitext(relpath)[0] + extension
+
+
+def scan(root: str, sidecar: str = "") -> Listing:
+    """Lists the images under `root` and, when `sidecar` is an extension, the file of that extension
+    beside each; a UserError naming data.data_dir if there are no images."""
     if not os.path.isdir(root):
         raise UserError(f"data.data_dir={root!r}: no such folder (data.dataset='folder' reads the images in it).")
     files, stats, ignored, seen = [], [], 0, set()
@@ -83,8 +101,23 @@ def scan(root: str) -> Listing:
         class_names = tuple(sorted(set(tops)))
         index = {name: i for i, name in enumerate(class_names)}
         labels = tuple(index[t] for t in tops)
-    digest = hashlib.sha256(json.dumps([files, stats]).encode()).hexdigest()
-    return Listing(root, tuple(files), class_names, labels, digest, ignored)
+    key = [files, stats]
+    missing, found = [], set()
+    if sidecar:
+        sidecar_stats = []
+        for f in files:
+            side = sidecar_path(f, sidecar)
+            try:
+                st = os.stat(os.path.join(root, side))
+            except OSError:
+                missing.append(f)
+                sidecar_stats.append(None)
+                continue
+            found.add(side)
+            sidecar_stats.append((st.st_size, st.st_mtime_ns))
+        key += [sidecar, sidecar_stats]  # only then: image-only copies keep their fingerprint
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+    return Listing(root, tuple(files), class_names, labels, digest, ignored - len(found), sidecar, tuple(missing))
 
 
 def check_classes(listing: Listing, num_classes: int) -> None:
@@ -122,6 +155,50 @@ def load_image(path: str, channels: int) -> np.ndarray:
     return array.reshape(array.shape[:2] + (channels,))
 
 
+def read_caption(root: str, relpath: str) -> str:
+    """The caption in the text file `relpath` under `root`, surrounding whitespace dropped."""
+    try:
+        # utf-8-sig: also drops the byte-order mark some Windows editors write first.
+        with open(os.path.join(root, relpath), encoding="utf-8-sig") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data.data_dir={root!r}: {relpath} cannot be read as UTF-8 text "
+                        f"({type(e).__name__}).") from None
+
+
+def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(text_emb float32 [L, D], text_mask bool [L]) from the .npz `relpath` under `root`, padded from
+    its own length l <= L = shape[0]; a UserError naming the file if it is not such an .npz."""
+    length, dim = shape
+    where = f"data.data_dir={root!r}: {relpath}"
+    path = os.path.join(root, relpath)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{where} is not an .npz file (empty, truncated or another format).")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        reason = "holds pickled objects, which are not read" if "pickle" in str(e) else f"cannot be read ({e})"
+        raise UserError(f"{where} {reason}.") from None
+    if "text_emb" not in arrays:
+        raise UserError(f"{where} has no 'text_emb' array (it has {sorted(arrays)}).")
+    emb = arrays["text_emb"]
+    if emb.ndim != 2 or emb.shape[1] != dim or not len(emb) or not np.issubdtype(emb.dtype, np.floating):
+        raise UserError(f"{where}: 'text_emb' must be float [L, {dim}] (model.text_emb_dim={dim}), got "
+                        f"{emb.dtype} {emb.shape}.")
+    if len(emb) > length:
+        raise UserError(f"{where}: 'text_emb' has {len(emb)} tokens, more than data.max_text_len={length}; "
+                        f"raise data.max_text_len.")
+    if not np.isfinite(emb).all():
+        raise UserError(f"{where}: 'text_emb' has NaN or infinite values.")
+    mask = arrays.get("text_mask", np.ones(len(emb), bool))
+    if mask.shape != emb.shape[:1] or not mask.any():
+        raise UserError(f"{where}: 'text_mask' must be bool [{len(emb)}] (one per token of 'text_emb') with at "
+                        f"least one True, got {mask.dtype} {mask.shape} with {int(np.count_nonzero(mask))} True.")
+    pad = length - len(emb)
+    return np.pad(emb.astype(np.float32), ((0, pad), (0, 0))), np.pad(mask.astype(bool), (0, pad))
+
+
 def _header_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the file's header, None if unreadable (then skipped when decoding)."""
     try:
@@ -137,11 +214,16 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-    def __init__(self, *, folder: str, image_size: int, channels: int, cache_dir: str | None = None, **kwargs):
-        self.listing = scan(folder)
+    def __init__(self, *, folder: str, image_size: int, channels: int, cache_dir: str | None = None,
+                 captions: bool = False, embedding_shape: tuple[int, int] | None = None, **kwargs):
+        if captions and embedding_shape:
+            raise ValueError("Folder reads captions or embeddings, not both.")
+        self.captions, self.embedding_shape = captions, embedding_shape
+        self.listing = scan(folder, CAPTION_EXTENSION if captions else EMBEDDING_EXTENSION if embedding_shape else "")
         self.image_size, self.channels = image_size, channels
         cache_root = cache_dir or os.path.join(folder, CACHE_DIRNAME)
-        self.variant = f"{image_size}px_{channels}ch"
+        text = "_captions" if captions else f"_emb{embedding_shape[0]}x{embedding_shape[1]}" if embedding_shape else ""
+        self.variant = f"{image_size}px_{channels}ch{text}"
         self._images_checked = False
         data_dir = os.path.join(cache_root, f"{self.variant}_{self.listing.fingerprint[:16]}")
         super().__init__(data_dir=data_dir, **kwargs)
@@ -151,6 +233,11 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         features = {"image": tfds.features.Image(shape=(s, s, c))}
         if self.listing.class_names:
             features["label"] = tfds.features.ClassLabel(names=list(self.listing.class_names))
+        if self.captions:
+            features["caption"] = tfds.features.Text()
+        if self.embedding_shape:
+            features["text_emb"] = tfds.features.Tensor(shape=self.embedding_shape, dtype=np.float32)
+            features["text_mask"] = tfds.features.Tensor(shape=self.embedding_shape[:1], dtype=np.bool_)
         return self.dataset_info_from_configs(
             description=f"The images in {self.listing.root}, centre-cropped and resized to {s}x{s}x{c}.",
             features=tfds.features.FeaturesDict(features),
@@ -158,8 +245,16 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         )
 
     def check_images(self) -> None:
-        """UserError if no image header can be read or an image is smaller than `image_size`."""
+        """UserError if an image lacks its caption or embedding file, no image header can be read, an
+        image is smaller than `image_size`, or a caption or embedding file is malformed."""
         s, listing = self.image_size, self.listing
+        if listing.missing:
+            first = listing.missing[0]
+            kind, reader = ("caption", "trained") if self.captions else ("embedding", "precomputed")
+            raise UserError(f"data.data_dir={listing.root!r}: {len(listing.missing)} of its {len(listing.files)} "
+                            f"images have no {kind} file beside them, the first "
+                            f"{sidecar_path(first, listing.sidecar)!r} (for {first!r}); model.text_encoder="
+                            f"{reader!r} reads NAME{listing.sidecar} beside each image NAME.png.")
         paths = [os.path.join(listing.root, f) for f in listing.files]
         with concurrent.futures.ThreadPoolExecutor() as pool:
             sizes = list(pool.map(_header_size, paths))
@@ -171,6 +266,10 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             raise UserError(f"data.image_size={s}: {len(small)} of the {len(paths)} images in data.data_dir="
                             f"{listing.root!r} are smaller than {s}x{s}: {shown}. Remove them or lower "
                             f"data.image_size.")
+        if listing.sidecar:
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                for _ in pool.map(self._text_features, listing.files):  # raises the first bad file's error
+                    pass
         self._images_checked = True
 
     def _split_generators(self, dl_manager):
@@ -178,6 +277,16 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         if not self._images_checked:
             self.check_images()
         return {"train": self._generate_examples()}
+
+    def _text_features(self, relpath: str) -> dict:
+        """The features read beside the image `relpath`: {'caption'}, {'text_emb', 'text_mask'} or {}."""
+        side = sidecar_path(relpath, self.listing.sidecar)
+        if self.captions:
+            return {"caption": read_caption(self.listing.root, side)}
+        if self.embedding_shape:
+            emb, mask = read_embedding(self.listing.root, side, self.embedding_shape)
+            return {"text_emb": emb, "text_mask": mask}
+        return {}
 
     def _encode(self, relpath: str) -> bytes | str:
         """The PNG of one prepared image, or why the file could not be read."""
@@ -200,14 +309,15 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         with concurrent.futures.ThreadPoolExecutor() as pool:
             for start in range(0, len(listing.files), _CHUNK):
                 chunk = listing.files[start:start + _CHUNK]
-                for i, result in enumerate(pool.map(self._encode, chunk), start):
+                texts = pool.map(self._text_features, chunk)
+                for i, (result, text) in enumerate(zip(pool.map(self._encode, chunk), texts), start):
                     relpath = listing.files[i]
                     if isinstance(result, str):
                         logging.warning("data.data_dir=%s: skipping %s (%s)", listing.root, relpath, result)
                         skipped[relpath] = result
                         continue
                     kept += 1
-                    example = {"image": result}
+                    example = {"image": result, **text}
                     if listing.labels is not None:
                         example["label"] = listing.labels[i]
                     yield relpath, example

@@ -53,7 +53,8 @@ def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray, num_classes: i
 
 def evaluate(config: ConfigDict, params, classifier, num_per_class: int) -> dict:
     """Samples `num_per_class` of every class with `config.sampling` and classifies them: {'per_class'
-    `[K]`, 'accuracy', 'seconds' (sampling wall time, compilation included), 'images' uint8, 'labels'}."""
+    `[K]`, 'accuracy', 'digits_fd' (against all real digits), 'seconds' (sampling wall time,
+    compilation included), 'images' uint8, 'labels'}."""
     from ddpm_jax.evaluation import digits_classifier
 
     K = config.model.num_classes
@@ -64,18 +65,19 @@ def evaluate(config: ConfigDict, params, classifier, num_per_class: int) -> dict
     images = image_utils.to_uint8(generation.run(config, params, req)["images"])
     seconds = time.time() - start
     predicted = digits_classifier.features_and_logits(classifier, images)[1].argmax(-1)
+    fd = digits_classifier.digits_metrics(classifier, images)["digits_fd"]
     return {"per_class": per_class_accuracy(predicted, req.labels, K),
-            "accuracy": float(np.mean(predicted == req.labels)), "seconds": seconds, "images": images,
-            "labels": req.labels}
+            "accuracy": float(np.mean(predicted == req.labels)), "digits_fd": fd, "seconds": seconds,
+            "images": images, "labels": req.labels}
 
 
 def markdown_table(rows: list[tuple[str, dict]], num_classes: int) -> str:
-    """One row per setting: per-class accuracy in %, overall, sampling seconds."""
-    head = "| setting | " + " | ".join(str(k) for k in range(num_classes)) + " | all | seconds |"
-    lines = [head, "|---" * (num_classes + 3) + "|"]
+    """One row per setting: per-class accuracy in %, overall, digits_fd, sampling seconds."""
+    head = "| setting | " + " | ".join(str(k) for k in range(num_classes)) + " | all | digits_fd | seconds |"
+    lines = [head, "|---" * (num_classes + 4) + "|"]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.0f}" for a in r["per_class"])
-                     + f" | {100 * r['accuracy']:.1f} | {r['seconds']:.0f} |")
+                     + f" | {100 * r['accuracy']:.1f} | {r['digits_fd']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

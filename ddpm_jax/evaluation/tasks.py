@@ -14,12 +14,12 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import diffusion, generation, image_utils, parallel, sampling
-from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics
+from ddpm_jax import diffusion, generation, image_utils, parallel, sampling, superres
+from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics, shapes_checker
 from ddpm_jax.models import unet_from_config
-from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval
+from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval, validate_sampling
 
-COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy")
+COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy", "shapes", "sr", "cascade")
 WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
 STATS_FIELD = "--reference_stats / eval.reference_stats"
 
@@ -33,7 +33,7 @@ def eval_split(config: ConfigDict) -> str:
     if config.eval.split:
         return config.eval.split
     from ddpm_jax import input_pipeline
-    splits = input_pipeline.get_builder(config.data).info.splits
+    splits = input_pipeline.get_builder(config.data, config.model).info.splits
     return "test" if "test" in splits else config.data.split
 
 
@@ -47,7 +47,7 @@ def real_images(config: ConfigDict, split: str,
     from ddpm_jax import input_pipeline  # TensorFlow is only needed here
 
     d = config.data
-    builder = input_pipeline.prepared_builder(d)
+    builder = input_pipeline.prepared_builder(d, config.model)
     if split not in builder.info.splits:
         raise UserError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
                         "(set eval.split or --split).")
@@ -156,11 +156,16 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
 
     Returns bits/dim: 'bpd' (total), 'bpd_prior' (L_T), 'bpd_decoder' (L_0), 'bpd_kl' (sum of the KL
     terms L_1..L_{T-1}) and 'bpd_terms' `[T]` (mean of each term; [0] is L_0). Class-conditional
-    models are evaluated with the null label: the unconditional likelihood.
+    models are evaluated with the null label (text models with the null text): the unconditional
+    likelihood; super-resolution models given each image's own low-resolution version (level 0).
     """
     fn = parallel.built_once(("bpd", config.to_json_best_effort(sort_keys=True)), lambda: _pmapped_bpd(config))
     key = jax.random.key(config.eval.seed)
-    inputs = {"x0": image_utils.from_uint8(images), "labels": np.full(len(images), config.model.num_classes, np.int32)}
+    x0 = image_utils.from_uint8(images)
+    cond = generation.unconditional(config, len(images))
+    if config.model.low_res_size:
+        cond["low_res"] = np.asarray(superres.downsample(x0, config.model.low_res_size))
+    inputs = {"x0": x0, "cond": cond}
     out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
                                    config.eval.batch_size)
     terms = out["terms"].mean(0)
@@ -175,10 +180,67 @@ def _pmapped_bpd(config: ConfigDict):
 
     def device_fn(params, key, batch):
         key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
-        model_fn = sampling.unet_model_fn(model, params, batch["labels"] if model.num_classes else None)
+        model_fn = sampling.unet_model_fn(model, params, batch["cond"])
         return likelihood.bpd(s, c.model_output, model_fn, batch["x0"], key, variance=c.variance, clip_x0=c.clip_x0)
 
     return jax.pmap(device_fn, parallel.AXIS_NAME, in_axes=(None, None, 0))
+
+
+def captions(config: ConfigDict, split: str, max_examples: int) -> list[str]:
+    """The first `max_examples` captions (`data.text_feature`, its first caption if it holds several)
+    of `split`, in split order."""
+    import tensorflow_datasets as tfds
+
+    from ddpm_jax import input_pipeline  # TensorFlow is only needed here
+
+    d = config.data
+    builder = input_pipeline.prepared_builder(d, config.model)
+    if split not in builder.info.splits:
+        raise UserError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
+                        "(set eval.split or --split).")
+    ds = builder.as_dataset(split=split, shuffle_files=False).take(max_examples)
+    texts = [np.asarray(t).reshape(-1)[0].decode("utf-8") for t in
+             tfds.as_numpy(ds.map(lambda ex: input_pipeline.text_feature(ex, d.text_feature)))]
+    if not texts:
+        raise UserError(f"split {split!r} of {d.dataset!r} is empty.")
+    return texts
+
+
+def check_shapes(config: ConfigDict) -> None:
+    """UserError unless `config` is a text-to-image run on RGB `shapes` with valid sampling settings."""
+    d, m = config.data, config.model
+    if d.dataset != "shapes" or m.text_encoder != "trained" or d.channels != 3:
+        raise UserError(f"shapes evaluates a text-to-image run on the shapes dataset (this one has "
+                        f"data.dataset={d.dataset!r}, model.text_encoder={m.text_encoder!r}, "
+                        f"data.channels={d.channels}).")
+    validate_sampling(sampling_config(config))
+
+
+def shapes(config: ConfigDict, params) -> dict:
+    """Text-to-image on `shapes`: one sample (see `sampling_config`; guidance `sampling.guidance`) for
+    each of the first `eval.num_samples` captions of the held-out split, checked by
+    `shapes_checker` at the model's resolution. Rates over all images ('colour', 'count', 'shape',
+    'all'), over two-object captions ('relation'), and split by one/two objects ('*_one', '*_two')."""
+    check_shapes(config)
+    split = eval_split(config)
+    texts = captions(config, split, config.eval.num_samples)
+    config = sampling_config(config)
+    config.sampling.num_samples = 1  # per caption
+    req = generation.make_request(config, prompts=texts)
+    images = generation.run(config, params, req)["images"]
+    if not np.isfinite(images).all():
+        raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
+    v = shapes_checker.per_image(image_utils.to_uint8(images), texts)
+    two = v["two_objects"]
+    rate = lambda x: float(x.mean()) if x.size else float("nan")
+    result = {k: rate(v[k]) for k in ("colour", "count", "shape", "all")}
+    result["relation"] = rate(v["relation"][two])
+    for k in ("colour", "count", "shape", "all"):
+        result[f"{k}_one"], result[f"{k}_two"] = rate(v[k][~two]), rate(v[k][two])
+    sp = config.sampling
+    result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
+                  steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
+    return result
 
 
 def digits(images: np.ndarray, labels: np.ndarray | None, classifier_path: str | None = None,
@@ -223,16 +285,31 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
               f"({stats['mu'].shape[0]}-d)")
 
 
+def cascade_command(workdirs: list[str] | None, num_samples: int | None = None, split: str | None = None) -> dict:
+    """`evaluate cascade --stages=...`: `super_resolution.cascade`, written to the base run's
+    eval/cascade_step_S0_S1....json."""
+    from ddpm_jax.evaluation import super_resolution
+
+    if not workdirs:
+        raise UserError("cascade needs --stages=BASE_RUN,SR_RUN,... (the cascade's runs, base first).")
+    result = super_resolution.cascade(workdirs, num_samples, split)
+    write_result(workdirs[0], "cascade_step_" + "_".join(str(st["step"]) for st in result["stages"]), result)
+    return result
+
+
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100) -> dict:
-    """`fid`, `bpd`, `digits` or `accuracy` on the run in `workdir` (with `config`, its config.json and
+    """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
-    read; writes WORKDIR/eval/COMMAND_step_N.json. Returns the result."""
+    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_wG.json, G the guidance).
+    Returns the result."""
     from ddpm_jax import checkpoints
 
     validate_eval(config)
-    if command not in COMMANDS[2:]:
+    from ddpm_jax.evaluation import super_resolution
+
+    if command not in COMMANDS[2:-1]:
         raise UserError(f"{command!r}: COMMAND is one of {COMMANDS}.")
     if samples is not None and command in ("bpd", "accuracy"):
         raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
@@ -254,6 +331,13 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         reference = metrics.load_statistics(stats, STATS_FIELD)
     if command == "accuracy":
         plans = conditional_accuracy.parse_settings(config, settings)
+    if command == "shapes":
+        check_shapes(config)
+    if command == "sr":
+        super_resolution.check_sr(config)
+    elif config.model.low_res_size and command != "bpd":
+        raise UserError(f"{command} samples from noise; this run is a super-resolution model "
+                        f"(model.low_res_size={config.model.low_res_size}): use `evaluate sr` or `evaluate cascade`.")
     images = labels = step = None
     if samples is not None:
         images, labels = load_samples(samples)
@@ -268,7 +352,13 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
             print(table)
         return {"table": table}
-    if command == "bpd":
+    if command == "shapes":
+        result = shapes(config, params)
+        name = f"{name}_w{config.sampling.guidance:g}"
+    elif command == "sr":
+        result = super_resolution.sr(config, params)
+        name = f"{name}_aug{config.sampling.aug_level:g}"
+    elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
         result = bits_per_dim(config, params, images)

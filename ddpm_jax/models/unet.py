@@ -3,9 +3,16 @@
 Images are NHWC. Params are float32 (`param_dtype`); activations use `dtype` (bfloat16 on
 accelerators). With the CIFAR-10 settings (ch=128, ch_mult=(1, 2, 2, 2), 2 blocks, attention at
 16x16) it has 35,746,307 parameters.
+
+Conditioning is one pytree `cond` (see `UNet`); each kind has one method: `label_embedding` (class
+labels, added to the timestep embedding), `text_context` (text, Imagen-style (Saharia et al.
+2022): pooled into the timestep embedding and attended to by every attention block, its keys and
+values appended to the image's own) and `low_res_input` (super-resolution, SR3: the low-resolution
+image resized and concatenated to x_t, its augmentation level embedded like the timestep).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +22,10 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from ddpm_jax import superres, text
+
 Dtype = Any
+TEXT_ENCODERS = ("none", "trained", "precomputed")
 
 # The official code's default_init: variance scaling, fan_avg, uniform (biases zero).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -75,25 +85,41 @@ class AttnBlock(nn.Module):
 
     `attention` picks `jax.nn.dot_product_attention`'s kernel: 'xla' anywhere, 'cudnn' (fused flash
     attention) on NVIDIA GPUs with bf16/fp16 compute and head dim C <= 256 on Hopper (<= 128 before).
+
+    With a `context` (text tokens float `[B, L, D]`, mask bool `[B, L]`) their keys and values (own
+    projections `k_text`, `v_text`) are appended to the image's: one softmax over the pixels and the
+    real tokens, padding masked out. Without one, the block and its params are as before.
     """
 
     dtype: Dtype = jnp.float32
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, context=None):
         B, H, W, C = x.shape
         h = GroupNorm(self.dtype, name="norm")(x)
         q, k, v = (_dense(C, self.dtype, name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
-        h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention).reshape(B, H, W, C)
+        mask = None
+        if context is not None:
+            ctx, ctx_mask = context
+            kt, vt = (_dense(C, self.dtype, name=f"{n}_text")(ctx.astype(self.dtype))[:, :, None, :] for n in "kv")
+            k, v = jnp.concatenate([k, kt], axis=1), jnp.concatenate([v, vt], axis=1)
+            mask = jnp.concatenate([jnp.ones((B, H * W), bool), ctx_mask], axis=1)[:, None, None, :]
+        h = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention).reshape(B, H, W, C)
         return x + _dense(C, self.dtype, zero=True, name="proj_out")(h)
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t[, y]). `x`: `[B, H, W, C]`, `t`: int `[B]`, `y`: int `[B]` labels or None.
+    """eps_theta(x_t, t[, cond]). `x`: `[B, H, W, C]`, `t`: int `[B]`, `cond`: a dict or None.
 
-    With `num_classes > 0`, a learned embedding of the label (index `num_classes` is the null class
-    used for classifier-free guidance) is added to the timestep embedding.
+    cond: 'label' int `[B]` (`num_classes > 0`; index `num_classes` is the null class); 'tokens'
+    int32 `[B, L]` + 'mask' bool `[B, L]` (`text_encoder='trained'`: byte tokens of `ddpm_jax.text`);
+    'text_emb' float `[B, L, D]` + 'mask' (`text_encoder='precomputed'`); 'low_res' float
+    `[B, low_res_size, low_res_size, C]` in [-1, 1] (already noise-augmented, `superres.augment`) +
+    'aug_level' float `[B]` (`low_res_size > 0`); 'drop' bool `[B]`: use the
+    null condition (the null class, or the learned null text token) instead, as in training's
+    condition dropout and the unconditional half of classifier-free guidance. Unconditional models
+    ignore `cond`.
     """
 
     ch: int = 128
@@ -106,23 +132,71 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "xla"  # AttnBlock's kernel: xla | cudnn
     remat: bool = False  # recompute blocks in the backward pass instead of keeping their activations
+    text_encoder: str = "none"  # none | trained (text.TextEncoder, trained jointly) | precomputed
+    text_width: int = 256  # width of the text tokens the image attends to
+    text_depth: int = 4  # trained encoder: Transformer blocks
+    text_heads: int = 4  # trained encoder: attention heads
+    max_text_len: int = 64  # trained encoder: most tokens per text (BOS included)
+    low_res_size: int = 0  # > 0: a super-resolution model conditioned on cond['low_res'] of this size
+    low_res_resize: str = "bicubic"  # how the low-res image is resized to x's size: superres.RESIZE_METHODS
+
+    def label_embedding(self, cond) -> jax.Array:
+        """`[B, 4 ch]`: the embedding of cond['label'], the null class where cond['drop']."""
+        y = jnp.where(cond["drop"], self.num_classes, cond["label"]) if "drop" in cond else cond["label"]
+        return nn.Embed(self.num_classes + 1, self.ch * 4, dtype=self.dtype, name="label_emb")(y)
+
+    def text_context(self, cond) -> tuple[jax.Array, jax.Array]:
+        """(tokens float32 `[B, L, text_width]`, mask bool `[B, L]`) of the text in `cond`; rows with
+        cond['drop'] are one learned null token (`null_text`) followed by masked positions."""
+        if self.text_encoder == "trained":
+            ctx, mask = text.TextEncoder(width=self.text_width, depth=self.text_depth, heads=self.text_heads,
+                                         max_len=self.max_text_len, dtype=self.dtype, name="text_encoder")(
+                cond["tokens"], cond["mask"])
+        else:  # precomputed embeddings of any width, projected to text_width
+            ctx = _dense(self.text_width, self.dtype, name="text_proj")(cond["text_emb"]).astype(jnp.float32)
+            mask = cond["mask"].astype(bool)
+        null = self.param("null_text", nn.initializers.normal(0.02), (self.text_width,), jnp.float32)
+        first = jnp.arange(ctx.shape[1]) == 0  # the null token sits at position 0, the rest is masked
+        drop = cond["drop"][:, None]
+        ctx = jnp.where((drop & first)[..., None], null, jnp.where(drop[..., None], 0.0, ctx))
+        return ctx, jnp.where(drop, first, mask)
+
+    def low_res_input(self, x, cond) -> tuple[jax.Array, jax.Array]:
+        """(x `[B, H, W, 2C]`: x_t and cond['low_res'] resized to H x W, on channels; the embedding
+        `[B, 4 ch]` of cond['aug_level'], added to the timestep embedding). Guidance's null
+        condition keeps the image (only text or labels are dropped)."""
+        up = superres.upsample(cond["low_res"].astype(jnp.float32), x.shape[1], self.low_res_resize)
+        level = timestep_embedding(cond["aug_level"] * superres.LEVEL_EMBEDDING_SCALE, self.ch)
+        return jnp.concatenate([x, up.astype(x.dtype)], axis=-1), _dense(self.ch * 4, self.dtype, name="aug_emb")(level)
 
     @nn.compact
-    def __call__(self, x, t, y=None, *, train: bool = False):
+    def __call__(self, x, t, cond=None, *, train: bool = False):
         dt = self.dtype
         # nn.remat keeps only each block's inputs for the backward pass; params and outputs are the
         # same. static_argnums counts self: 3 is ResnetBlock's `train`, a Python bool.
         resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
         attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+        context = None
+        if self.text_encoder != "none":
+            if cond is None:
+                raise ValueError(f"text_encoder={self.text_encoder!r}: the model needs cond (text and 'drop').")
+            context = self.text_context(cond)
         block = lambda out_ch, name: resnet_cls(out_ch, self.dropout, dt, name=name)
-        attn = lambda name: attn_cls(dt, self.attention, name=name)
+        attn = lambda name: functools.partial(attn_cls(dt, self.attention, name=name), context=context)
         temb = timestep_embedding(t, self.ch)
         temb = _dense(self.ch * 4, dt, name="temb_dense0")(temb)
         temb = _dense(self.ch * 4, dt, name="temb_dense1")(nn.swish(temb))
         if self.num_classes:
-            if y is None:
-                raise ValueError("model.num_classes > 0: the model needs labels y.")
-            temb = temb + nn.Embed(self.num_classes + 1, self.ch * 4, dtype=dt, name="label_emb")(y)
+            if cond is None or "label" not in cond:
+                raise ValueError("model.num_classes > 0: the model needs cond['label'].")
+            temb = temb + self.label_embedding(cond)
+        if self.low_res_size:
+            if cond is None or "low_res" not in cond:
+                raise ValueError("model.low_res_size > 0: the model needs cond['low_res'] and cond['aug_level'].")
+            x, aug_emb = self.low_res_input(x, cond)
+            temb = temb + aug_emb
+        if context is not None:
+            temb = temb + _dense(self.ch * 4, dt, name="text_pool")(text.pooled(*context))
 
         hs = [_conv(self.ch, dt, name="conv_in")(x.astype(dt))]
         for level, mult in enumerate(self.ch_mult):
@@ -162,4 +236,6 @@ def unet_from_config(config: ConfigDict) -> UNet:
                 ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
-                attention=m.attention, remat=m.remat)
+                attention=m.attention, remat=m.remat, text_encoder=m.text_encoder, text_width=m.text_width,
+                text_depth=m.text_depth, text_heads=m.text_heads, max_text_len=config.data.max_text_len,
+                low_res_size=m.low_res_size, low_res_resize=m.low_res_resize)

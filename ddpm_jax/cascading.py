@@ -1,0 +1,143 @@
+"""Cascades (Ho et al. 2022; Imagen, Saharia et al. 2022): a base model, then super-resolution stages.
+
+Stage 0 samples from noise (under the prompts or labels); stage k > 0 is a super-resolution model
+(`model.low_res_size` equal to stage k-1's `data.image_size`) that upscales stage k-1's images, row
+by row, under the same prompts. Every stage uses its own run's `sampling` section, with any of the
+per-stage overrides of `STAGE_FIELDS`; all stages run on all local devices through
+`generation.run`.
+
+    from ddpm_jax import cascading
+    stages = cascading.load_stages(["runs/shapes_t2i", "runs/shapes_sr"], {"guidance": [3.0, 0.0]})
+    images = cascading.run(stages, prompts=["a red circle"], num_samples=4)  # one array per stage
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from ddpm_jax import generation, image_utils
+from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
+
+# flag -> (sampling field, type): a value per stage, or one for all (aug_level: SR stages only).
+STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "eta": float, "aug_level": float}
+
+
+@dataclasses.dataclass
+class Stage:
+    workdir: str
+    config: ConfigDict
+    params: object = None
+    step: int | None = None
+
+
+def per_stage(name: str, values, num_stages: int) -> list:
+    """`values` (one, or one per stage) of the --`name` flag as a list of `num_stages` typed values."""
+    kind = STAGE_FIELDS[name]
+    if len(values) not in (1, num_stages):
+        raise UserError(f"--{name}={','.join(map(str, values))}: give one value, or one per stage ({num_stages}).")
+    try:
+        typed = [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name}={','.join(map(str, values))}: each value must be a {kind.__name__}.") from None
+    return typed * num_stages if len(typed) == 1 else typed
+
+
+def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_samples: int | None = None,
+                seed: int | None = None) -> list[Stage]:
+    """The stages' configs (each run's config.json with `overrides` {field: [value per stage or one]}
+    written into `sampling`), checked as a chain; no checkpoint is read yet."""
+    from ddpm_jax import checkpoints
+
+    if len(workdirs) < 1:
+        raise UserError("--stages: give the runs of the cascade, base first (e.g. runs/base,runs/sr).")
+    stages = []
+    for workdir in workdirs:
+        if not os.path.isfile(os.path.join(workdir, "config.json")):
+            raise UserError(f"--stages: {workdir} is not a training run (no config.json there).")
+        stages.append(Stage(workdir, checkpoints.load_config(workdir)))
+    for name, values in (overrides or {}).items():
+        for stage, value in zip(stages, per_stage(name, values, len(stages))):
+            stage.config.sampling[name] = value
+    for k, stage in enumerate(stages):
+        c = stage.config
+        if num_samples is not None:
+            c.sampling.num_samples = num_samples
+        if seed is not None:
+            c.sampling.seed = seed + k
+        validate_sampling(c)
+        if k == 0 and c.model.low_res_size:
+            raise UserError(f"--stages: the first stage ({stage.workdir}) is a super-resolution model "
+                            f"(model.low_res_size={c.model.low_res_size}); the cascade starts with a base model.")
+        if k > 0:
+            prev = stages[k - 1].config.data
+            if c.model.low_res_size != prev.image_size or c.data.channels != prev.channels:
+                raise UserError(f"--stages: {stage.workdir} upscales {c.model.low_res_size}x{c.model.low_res_size} "
+                                f"(model.low_res_size) but {stages[k - 1].workdir} makes {prev.image_size}x"
+                                f"{prev.image_size} images with {prev.channels} channels; each stage must "
+                                "upscale the previous one's images.")
+    return stages
+
+
+def _stage_request(stage: Stage, previous: np.ndarray | None, prompts, label) -> generation.Request:
+    """Stage 0's request, or a later stage's: one row per image of the previous stage."""
+    c = stage.config
+    text = prompts if c.model.text_encoder != "none" else None
+    lab = label if c.model.num_classes else None
+    if previous is None:
+        return generation.make_request(c, label=lab, prompts=text)
+    return generation.paired_request(c, previous, prompts=text, label=lab)
+
+
+def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | None = None,
+        progress=None) -> list[np.ndarray]:
+    """Runs the cascade: uint8 `[N, S_k, S_k, C]` per stage, the rows of every stage in the same
+    order (prompt by prompt, `sampling.num_samples` of stage 0 each). Reads each stage's EMA
+    params on first use."""
+    from ddpm_jax import checkpoints
+
+    outputs = []
+    for k, stage in enumerate(stages):
+        req = _stage_request(stage, outputs[-1] if outputs else None, prompts, label)
+        if stage.params is None:
+            stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config)
+        images = generation.run(stage.config, stage.params, req, progress=progress)["images"]
+        if not np.isfinite(images).all():
+            raise UserError(f"stage {k} ({stage.workdir}): the samples are not finite (a diverged run?).")
+        outputs.append(image_utils.to_uint8(images))
+    return outputs
+
+
+def side_by_side(outputs: list[np.ndarray], rows: int = 8) -> np.ndarray:
+    """uint8 grid: up to `rows` rows, one column per stage, each stage resized (nearest) to the last one's size."""
+    size = outputs[-1].shape[1]
+    pick = np.unique(np.linspace(0, len(outputs[-1]) - 1, min(rows, len(outputs[-1]))).round().astype(int))
+    cells = [np.repeat(np.repeat(o[pick], size // o.shape[1], axis=1), size // o.shape[2], axis=2) for o in outputs]
+    return image_utils.make_grid(np.stack(cells, axis=1).reshape((-1,) + cells[-1].shape[1:]), nrow=len(outputs))
+
+
+def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: list[str] | None = None,
+                    label: str | None = None, num_samples: int | None = None, seed: int | None = None,
+                    individual: bool = False) -> list[str]:
+    """`python -m ddpm_jax.cascade`: runs the stages and writes OUT/stage_K/ (each stage's grid and
+    .npz, as `python -m ddpm_jax.sample` writes them) and OUT/cascade.png (the stages side by side).
+    Returns the paths written."""
+    stages = load_stages(workdirs, overrides, num_samples=num_samples, seed=seed)
+    first = _stage_request(stages[0], None, prompts, label)  # checks the prompts/label now
+    check_output_dir(out)
+    outputs = run(stages, prompts=prompts, label=label, progress=generation.ProgressBar())
+    paths = []
+    for k, (stage, images) in enumerate(zip(stages, outputs)):
+        print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
+              f"{stage.config.sampling.sampler} {stage.config.sampling.steps} steps, guidance "
+              f"{stage.config.sampling.guidance:g}", file=sys.stderr)
+        paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), image_utils.from_uint8(images),
+                                          first, stages[0].config.model.num_classes,
+                                          individual=individual and k == len(stages) - 1)
+    paths.append(os.path.join(out, "cascade.png"))
+    image_utils.save_png(paths[-1], side_by_side(outputs), scale=max(1, 64 // outputs[-1].shape[1]))
+    print("\n".join(p for p in paths if "/images/" not in p))
+    return paths
