@@ -84,3 +84,17 @@ def test_256_configs_have_the_official_settings_and_parameter_count(name):
     count = sum(p.size for p in jax.tree.leaves(shapes))
     assert count == official_unet_params(ch, (1, 1, 2, 2, 4, 4), 2, (16,), 256)
     assert round(count / 1e6) == {128: 114, 192: 256}[ch]  # the paper: 114M, and ~256M for the larger bedroom
+
+
+def test_sr_64_256_has_the_upsampler_sizes_and_validates():
+    c = defaults.load_config_file("configs/sr_64_256.py")
+    m = c.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (192, (1, 1, 2, 2, 4, 4), 2,
+                                                                                     (32, 16, 8))
+    assert (m.low_res_size, c.data.image_size, m.text_encoder, c.diffusion.variance) == (
+        64, 256, "precomputed", "learned_range")
+    c.data.data_dir = "/data/captioned"
+    validation.validate_config(c, num_devices=16)
+    shapes = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
+    assert shapes["conv_in"]["kernel"].shape == (3, 3, 6, 192)  # x_t and the upsampled input, on channels
+    assert shapes["conv_out"]["kernel"].shape[-1] == 6  # eps and the variance interpolation
