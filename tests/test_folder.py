@@ -264,6 +264,7 @@ def _compile_once(tmp_path_factory):
         yield
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_training_on_a_folder_resumes_exactly(mixed, tmp_path, _compile_once):
     root, _, config = mixed
     config = config.copy_and_resolve_references()
@@ -403,6 +404,7 @@ def test_missing_and_bad_text_files_are_one_line_errors_naming_the_file(tmp_path
     assert not (tmp_path / ".ddpm_jax_cache").exists()  # nothing was prepared
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_training_on_precomputed_embeddings_in_a_folder(tmp_path, _compile_once):
     write_text_folder(str(tmp_path / "images"))
     config = text_folder_config(tmp_path / "images", "precomputed")

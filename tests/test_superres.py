@@ -196,6 +196,7 @@ def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
         cascading.load_stages([base, sr], {"guidance": ["x"]})
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_a_super_resolution_model_trains_and_samples(tmp_path):
     config = small_digits_config(prepare_digits(str(tmp_path / "tfds")))
     config.model.low_res_size = 4
