@@ -82,6 +82,15 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
     return stages
 
 
+def check_conditioning(stages: list[Stage], prompts, label) -> None:
+    """UserError if the prompts or the label reach no stage (each stage takes what its model reads)."""
+    if prompts is not None and all(st.config.model.text_encoder == "none" for st in stages):
+        raise UserError("--prompt/--prompts: no stage of this cascade takes text (model.text_encoder='none' in "
+                        "every run).")
+    if label is not None and not any(st.config.model.num_classes for st in stages):
+        raise UserError(f"--label={label}: no stage of this cascade is class-conditional (model.num_classes=0).")
+
+
 def _stage_request(stage: Stage, previous: np.ndarray | None, prompts, label) -> generation.Request:
     """Stage 0's request, or a later stage's: one row per image of the previous stage."""
     c = stage.config
@@ -99,6 +108,7 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
     params on first use."""
     from ddpm_jax import checkpoints
 
+    check_conditioning(stages, prompts, label)
     outputs = []
     for k, stage in enumerate(stages):
         req = _stage_request(stage, outputs[-1] if outputs else None, prompts, label)
@@ -126,7 +136,8 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
     .npz, as `python -m ddpm_jax.sample` writes them) and OUT/cascade.png (the stages side by side).
     Returns the paths written."""
     stages = load_stages(workdirs, overrides, num_samples=num_samples, seed=seed)
-    first = _stage_request(stages[0], None, prompts, label)  # checks the prompts/label now
+    check_conditioning(stages, prompts, label)
+    first = _stage_request(stages[0], None, prompts, label)  # checks the base's prompts/label now
     check_output_dir(out)
     outputs = run(stages, prompts=prompts, label=label, progress=generation.ProgressBar())
     paths = []

@@ -44,7 +44,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
-    flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write.", flag_values=fv)
+    flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write; accuracy: the folder "
+                        "of its grids (default WORKDIR/accuracy).", flag_values=fv)
     cli.define_config_flags(fv, cli.EVAL_FLAGS)
     flags.DEFINE_bool("keep_features", False, "reference_stats: also store the features, which KID needs.",
                       flag_values=fv)
@@ -84,7 +85,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,
                               reference_split=fv.reference_split, num_examples=fv.num_examples,
                               per_device_batch=fv.per_device_batch, settings=fv.settings,
-                              num_per_class=fv.num_per_class)
+                              num_per_class=fv.num_per_class, out=fv.out)
 
 
 if __name__ == "__main__":

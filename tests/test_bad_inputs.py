@@ -12,7 +12,7 @@ from cli_helpers import run_command
 from PIL import Image
 
 from configs import tiny
-from ddpm_jax import benchmark, checkpoints, evaluate, image_utils, main, sample
+from ddpm_jax import benchmark, cascade, checkpoints, evaluate, image_utils, main, sample
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,6 +218,8 @@ CASES = [
     (evaluate, ["digits"], "--workdir"),
     (evaluate, ["bpd", "--samples={good_npz}", "--workdir={cond}"], "--samples applies to fid and digits"),
     (evaluate, ["digits", "--workdir={cond}", "--num_samples=1"], "eval.num_samples=1"),
+    (evaluate, ["bpd", "--workdir={cond}", "--out={empty}"], "--out applies to accuracy"),
+    (evaluate, ["cascade"], "cascade needs --stages"),
     (evaluate, ["digits", "--workdir={cond}", "--steps=99"], "eval.steps=99"),
     (evaluate, ["digits", "--workdir={cond}", "--batch_size=0"], "eval.batch_size=0"),
     (evaluate, ["digits", "--workdir={cond}", "--per_device_batch=0"], "--per_device_batch"),
@@ -233,6 +235,15 @@ CASES = [
                 "--samples={good_npz}", "--reference_split=train"], "not the FID Inception-v3 weights"),
     (evaluate, ["convert_inception", "--out=x.npz"], "--pth is required"),
     (evaluate, ["convert_inception", "--pth=nowhere.pth", "--out=x.npz"], "--pth=nowhere.pth"),
+    # --- python -m ddpm_jax.cascade
+    (cascade, [], "--stages"),
+    (cascade, ["--stages=nowhere"], "nowhere is not a training run"),
+    (cascade, ["--stages={cond},{cond}"], "each stage must upscale"),
+    (cascade, ["--stages={cond}", "--steps=1,2"], "--steps=1,2: give one value, or one per stage (1)"),
+    (cascade, ["--stages={cond}", "--guidance=x"], "--guidance=x: each value must be a float"),
+    (cascade, ["--stages={cond}", "--prompt=a red circle"], "no stage of this cascade takes text"),
+    (cascade, ["--stages={cond}", "--label=12"], "--label=12"),
+    (cascade, ["--stages={cond}", "extra"], "unexpected arguments"),
     # --- python -m ddpm_jax.benchmark
     (benchmark, [], "--config"),
     (benchmark, ["--config=nowhere.py"], "no such file"),
@@ -257,7 +268,7 @@ def _snapshot(paths) -> dict:
 
 def test_table_is_large_enough():
     assert len(CASES) >= 60
-    assert {m for m, _, _ in CASES} == {main, sample, evaluate, benchmark}
+    assert {m for m, _, _ in CASES} == {main, sample, evaluate, cascade, benchmark}
 
 
 @pytest.mark.parametrize("module, args, message", CASES,

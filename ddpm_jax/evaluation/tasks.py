@@ -299,7 +299,8 @@ def cascade_command(workdirs: list[str] | None, num_samples: int | None = None, 
 
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
-                    per_device_batch: int = 50, settings=(), num_per_class: int = 100) -> dict:
+                    per_device_batch: int = 50, settings=(), num_per_class: int = 100,
+                    out: str | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
     read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_wG.json, G the guidance).
@@ -311,6 +312,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
 
     if command not in COMMANDS[2:-1]:
         raise UserError(f"{command!r}: COMMAND is one of {COMMANDS}.")
+    if out is not None and command != "accuracy":
+        raise UserError(f"--out={out}: {command} writes WORKDIR/eval/; --out applies to accuracy (its grids), "
+                        "convert_inception and reference_stats.")
     if samples is not None and command in ("bpd", "accuracy"):
         raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
     if samples is None and not workdir:
@@ -346,7 +350,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     name = command if step is None else f"{command}_step_{step}"
 
     if command == "accuracy":
-        out = os.path.join(workdir, "accuracy")
+        out = out or os.path.join(workdir, "accuracy")
         table = conditional_accuracy.run(config, params, plans, num_per_class=num_per_class, out=out)
         if not jax.process_index():
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
