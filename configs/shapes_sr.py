@@ -2,7 +2,7 @@
 
 The U-Net generates the 32x32 scene given its caption and the scene area-downsampled to 16x16,
 resized back bicubically and concatenated to x_t; in training the 16x16 input is noised to a random
-level in [0, 0.5] (noise-conditioning augmentation, `ddpm_jax.superres`), at sampling to
+level in [0, 0.15] (noise-conditioning augmentation, `ddpm_jax.superres`), at sampling to
 `sampling.aug_level`. It is the second stage of the cascade after configs/shapes_t2i.py:
     python -m ddpm_jax.main --config=configs/shapes_sr.py --workdir=runs/shapes_sr
     python -m ddpm_jax.sample --workdir=runs/shapes_sr --low_res=LOW_RES_PNG_OR_FOLDER --prompt="a red circle"
@@ -17,7 +17,7 @@ def get_config():
     c.data.image_size = 32
     c.model.low_res_size = 16  # the base model's U-Net (ch 32, ch_mult (1, 2, 2), text at 8x8) at 32x32
     c.model.low_res_resize = "bicubic"
-    c.diffusion.low_res_aug_max = 0.5
+    c.diffusion.low_res_aug_max = 0.15
     c.training.num_train_steps = 1500
     c.training.sample_every = 0  # no in-training grid for super-resolution models
     c.sampling.steps = 25
