@@ -4,9 +4,9 @@ Captions such as "a red circle left of a blue square" are byte tokens (`ddpm_jax
 adds the pooled text to its timestep embedding and attends to the tokens (their keys and values
 appended to self-attention's) at 8x8 and 4x4. 10% of the captions are replaced by the null text,
 so one network also samples unconditionally, for classifier-free guidance. No flips: they would
-swap left and right in the image but not in the caption. Sized for a 2-core CPU: 4,000 steps of 32
-took 43 minutes on a busy one (1.4-2.6 steps/s) and are still short of good samples; the measured
-rates are in docs/text_to_image.md. Samples with 50 DDIM steps and guidance w = 3:
+swap left and right in the image but not in the caption. 8,000 steps of 32: on a busy 2-core CPU
+(1.4-3 steps/s) 43 minutes for the first 4,000 and 37 for the next; the measured rates (colour 87%,
+all-correct 50% at w = 3) are in docs/text_to_image.md. Samples with 50 DDIM steps and guidance w = 3:
     python -m ddpm_jax.main --config=configs/shapes_t2i.py --workdir=runs/shapes_t2i
     python -m ddpm_jax.sample --workdir=runs/shapes_t2i --prompt="a red circle above a blue square"
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i
@@ -36,7 +36,7 @@ def get_config():
     c.optim.warmup_steps = 100
     c.optim.ema_decay = 0.995
     c.training.batch_size = 32
-    c.training.num_train_steps = 4000
+    c.training.num_train_steps = 8000
     c.training.text_dropout = 0.1
     c.training.log_every = 100
     c.training.checkpoint_every = 250
