@@ -62,8 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.model_output = "eps"  # eps | x0 | v
     c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall | learned_range (2C outputs, L_hybrid)
     c.diffusion.vlb_weight = 0.001  # learned_range: lambda of L_hybrid = L_simple + lambda L_vlb
-    # Super-resolution: training noises the low-res image to a level ~ U[0, this] (superres.augment).
-    c.diffusion.low_res_aug_max = 0.5
+    # Super-resolution: training noises the low-res image to a level ~ U[0, this] (superres.augment;
+    # on the linear schedule 0.15 is abar 0.79, 0.5 is 0.08: docs/super_resolution.md).
+    c.diffusion.low_res_aug_max = 0.15
     c.diffusion.clip_x0 = True  # clip x0 predictions to [-1, 1] (bits/dim; sampling unless sampling.threshold)
 
     c.optim = ml_collections.ConfigDict()
