@@ -279,6 +279,7 @@ training.train_and_evaluate(config, sys.argv[2])
 """
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_kill_9_during_saves_resumes_bitwise(data_dir, tmp_path):
     """SIGKILL while a checkpoint is saved every step: the rerun cleans the unfinished save, takes
     over the dead process's lock, resumes from the last finished checkpoint and ends bitwise where an
