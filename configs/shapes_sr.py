@@ -23,4 +23,5 @@ def get_config():
     c.sampling.steps = 25
     c.sampling.guidance = 0.0
     c.sampling.aug_level = 0.1
+    c.sampling.sr_strength = 0.3  # from the upsampled input noised to 0.3 T: see docs/super_resolution.md
     return c

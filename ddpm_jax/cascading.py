@@ -23,7 +23,8 @@ from ddpm_jax import generation, image_utils
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # flag -> (sampling field, type): a value per stage, or one for all (aug_level: SR stages only).
-STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "eta": float, "aug_level": float}
+STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "eta": float, "aug_level": float,
+                "sr_strength": float}
 
 
 @dataclasses.dataclass

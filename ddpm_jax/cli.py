@@ -44,6 +44,8 @@ SAMPLE_FLAGS = {
     "jump_length": ("sampling.jump_length", "Inpainting: RePaint resampling jump length (0: no jumps)."),
     "jump_n_sample": ("sampling.jump_n_sample", "Inpainting: times each jump stretch is sampled."),
     "aug_level": ("sampling.aug_level", "Super-resolution: noise the --low_res input to this level in [0, 1]."),
+    "sr_strength": ("sampling.sr_strength", "Super-resolution: 1 starts from noise; below 1 from the upsampled "
+                                            "input noised to t = sr_strength * T."),
     "seed": ("sampling.seed", "Base random seed."),
 }
 EVAL_FLAGS = {
@@ -52,6 +54,8 @@ EVAL_FLAGS = {
     "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
+    "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "
+                                            "to t = sr_strength * T."),
     "seed": ("eval.seed", "Seed of the sampling and bound noise."),
     "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),
     "inception_weights": ("eval.inception_weights", "The converted Inception .npz; a .pth is converted "

@@ -108,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.s_noise = 1.0  # heun: scale of the churn noise
     c.sampling.guidance = 0.0  # classifier-free guidance weight w (class- or text-conditional models)
     c.sampling.aug_level = 0.1  # super-resolution: the level the low-res input is noised to (0: none)
+    # super-resolution: 1 starts from pure noise (SR3); below 1, from the input upsampled and noised to
+    # t = sr_strength * T (SDEdit), which the CPU-trained shapes_sr needs (docs/super_resolution.md)
+    c.sampling.sr_strength = 1.0
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled

@@ -24,7 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import image_utils, parallel, text
+from ddpm_jax import image_utils, parallel, superres, text
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.train_state import example_cond
@@ -212,6 +212,9 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                             f"{lr.shape[2]}x{lr.shape[1]}; this model upscales {size}x{size} (model.low_res_size).")
         per_prompt = sp.num_samples if "num_samples" in given else len(lr)
         low_res_rows = image_utils.from_uint8(lr[np.arange(per_prompt) % len(lr)])
+        if sp.sr_strength < 1.0:  # SDEdit from the upsampled input instead of pure noise
+            x0 = upsampled(config, low_res_rows)
+            level = S.strength_to_level(sp.sr_strength, sp.steps)
     elif low_res is not None:
         raise UserError("--low_res: this run's model is not a super-resolution model (model.low_res_size=0).")
     if init_images is not None:
@@ -260,7 +263,13 @@ def paired_request(config: ConfigDict, low_res: np.ndarray, *, prompts: list[str
     rows = image_utils.from_uint8(low_res)
     replace = lambda cond: None if cond is None else {**cond, "low_res": rows}
     return dataclasses.replace(req, cond=replace(req.cond), null_cond=replace(req.null_cond),
-                               source_cond=replace(req.source_cond))
+                               source_cond=replace(req.source_cond),
+                               x0=None if req.x0 is None else upsampled(config, rows))
+
+
+def upsampled(config: ConfigDict, low_res: np.ndarray) -> np.ndarray:
+    """float `[N, h, h, C]` low-res inputs resized to `data.image_size` as the model resizes them."""
+    return np.asarray(superres.upsample(low_res, config.data.image_size, config.model.low_res_resize))
 
 
 def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec):

@@ -224,6 +224,9 @@ def validate_sampling(config: ConfigDict):
              f"sampling.strength={sp.strength!r}: must be in [0, 1].")
     _require(_is_number(sp.aug_level) and 0.0 <= sp.aug_level <= 1.0,
              f"sampling.aug_level={sp.aug_level!r}: must be in [0, 1] (0: the low-resolution input as it is).")
+    _require(_is_number(sp.sr_strength) and 0.0 <= sp.sr_strength <= 1.0,
+             f"sampling.sr_strength={sp.sr_strength!r}: must be in [0, 1] (1: from pure noise; below 1: from the "
+             "upsampled input noised to t = sr_strength * T).")
     _non_negative_int(sp.jump_length, "sampling.jump_length")
     _require(sp.jump_length <= sp.steps,
              f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")

@@ -155,10 +155,27 @@ def test_sample_command_upscales_low_res_inputs(sr_run, tmp_path):
     image_utils.save_png(str(tmp_path / "big.png"), rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
     for args, needle in (((), "--low_res: this run's model is a super-resolution model"),
                          ((f"--low_res={tmp_path / 'big.png'}",), "this model upscales 4x4"),
-                         ((f"--low_res={tmp_path / 'in'}", "--aug_level=1.5"), "sampling.aug_level=1.5")):
+                         ((f"--low_res={tmp_path / 'in'}", "--aug_level=1.5"), "sampling.aug_level=1.5"),
+                         ((f"--low_res={tmp_path / 'in'}", "--sr_strength=2"), "sampling.sr_strength=2")):
         status, _, err = run_command(sample, f"--workdir={sr_run}", *args, f"--out={tmp_path / 'bad'}")
         assert status == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sr_strength_starts_from_the_upsampled_input(sr_run):
+    config = checkpoints.load_config(sr_run)
+    params, _ = checkpoints.load_params(sr_run, config)
+    low = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+    up = generation.upsampled(config, image_utils.from_uint8(low))
+    config.sampling.steps, config.sampling.sr_strength = 3, 0.0
+    out = generation.run(config, params, generation.make_request(config, low_res=low))["images"]
+    np.testing.assert_allclose(out, up, atol=1e-6)  # level 0: the upsampled input itself
+    config.sampling.sr_strength = 0.5
+    req = generation.make_request(config, low_res=low)
+    assert req.spec.level == S.strength_to_level(0.5, 3) and not req.spec.invert
+    np.testing.assert_array_equal(generation.paired_request(config, low).x0, up)
+    config.sampling.sr_strength = 1.0  # SR3: from pure noise
+    assert generation.make_request(config, low_res=low).x0 is None
 
 
 def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
