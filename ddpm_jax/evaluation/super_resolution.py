@@ -93,6 +93,7 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
     result["stages"] = [{"workdir": st.workdir, "step": st.step, "sampler": st.config.sampling.sampler,
                          "steps": st.config.sampling.steps, "guidance": st.config.sampling.guidance,
-                         "aug_level": st.config.sampling.aug_level} for st in stages]
+                         "aug_level": st.config.sampling.aug_level, "sr_strength": st.config.sampling.sr_strength}
+                        for st in stages]
     result.update(split=split, num_samples=len(texts))
     return result
