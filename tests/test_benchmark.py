@@ -35,6 +35,7 @@ def result(tmp_path_factory):
         return json.load(f), out
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_benchmark_reports_consistent_figures(result):
     res, _ = result
     assert res["num_devices"] == 2 and res["platform"] == "cpu"
@@ -60,6 +61,7 @@ def test_benchmark_reports_consistent_figures(result):
     assert "floors per step: compute" in text and "| nodrop |" in text
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_benchmark_profile_holds_the_profiled_steps(result):
     _, out = result
     summary = trace_summary.summarize(trace_summary.load_events(str(out / "profile")))

@@ -118,6 +118,7 @@ def stopped_and_resumed(data_dir, tmp_path_factory):
     return str(workdir), stopped, saved, _run("ddpm_jax.main", flags, tmp / "rerun")
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_sigterm_to_one_process_stops_both_after_the_same_step(stopped_and_resumed):
     _, ((rc0, log0), (rc1, log1)), saved, _ = stopped_and_resumed
     assert (rc0, rc1) == (0, 0), log0[-3000:] + log1[-3000:]
@@ -128,6 +129,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(stopped_and_resum
     assert saved == [4, stopped]  # a save is collective: it completes only if both save that step
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_two_processes_of_4_devices_stopped_and_resumed_train_as_one_of_8_in_one_go(stopped_and_resumed, data_dir,
                                                                                   tmp_path):
     workdir, _, _, ((_, log0), (_, log1)) = stopped_and_resumed
@@ -146,6 +148,7 @@ def test_two_processes_of_4_devices_stopped_and_resumed_train_as_one_of_8_in_one
     assert os.listdir(os.path.join(workdir, "samples")) == ["step_00000012.png"]
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_sample_command_on_two_processes_writes_one_grid_of_the_same_images(stopped_and_resumed, tmp_path):
     workdir = stopped_and_resumed[0]
     flags = [f"--workdir={workdir}", "--num_samples=20"]  # 20: padded to 24 over 8 devices

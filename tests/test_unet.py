@@ -31,6 +31,7 @@ def test_cifar10_parameter_count_is_the_papers():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_shapes_dtypes_and_float32_params_under_bfloat16():
     cfg = tiny.get_config()
     cfg.model.dtype = "bfloat16"
