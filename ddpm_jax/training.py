@@ -49,12 +49,13 @@ def _example_keys(key: jax.Array, first: jax.Array, num: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(num))
 
 
-def conditioning(config: ConfigDict, batch: dict, keys: jax.Array) -> dict:
+def conditioning(config: ConfigDict, batch: dict, keys: jax.Array, schedule=None) -> dict:
     """The U-Net's `cond` for a batch: its labels or text, and 'drop' (the null condition) drawn per
     example from its key `keys[i]` with probability `training.label_dropout` (labels) or
     `training.text_dropout` (text); unconditional models get 'drop' too and ignore it.
     Super-resolution models get 'low_res' (the image area-downsampled, then noised to a level
-    'aug_level' ~ U[0, diffusion.low_res_aug_max] by `superres.augment`; never dropped)."""
+    'aug_level' ~ U[0, diffusion.low_res_aug_max] by `superres.augment` on `schedule`, default
+    the config's; never dropped)."""
     m, t = config.model, config.training
     rate = t.label_dropout if m.num_classes else t.text_dropout if m.text_encoder != "none" else 0.0
     cond = {"drop": jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)}
@@ -69,7 +70,7 @@ def conditioning(config: ConfigDict, batch: dict, keys: jax.Array) -> dict:
         uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
         level = config.diffusion.low_res_aug_max * uniform
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), low_res.shape[1:]))(keys)
-        schedule = diffusion.schedule_from_config(config.diffusion)
+        schedule = schedule or diffusion.schedule_from_config(config.diffusion)
         cond.update(low_res=superres.augment(schedule, low_res, level, noise), aug_level=level)
     return cond
 
@@ -98,7 +99,7 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     t = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, schedule.num_timesteps)[0])(
         _example_keys(t_key, first, n))
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
-    cond = conditioning(config, batch, _example_keys(label_key, first, n))
+    cond = conditioning(config, batch, _example_keys(label_key, first, n), schedule)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     rngs = {"dropout": jax.random.fold_in(dropout_key, device)}
 

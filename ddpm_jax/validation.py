@@ -260,22 +260,24 @@ def validate_config(config: ConfigDict, num_devices: int | None = None):
     validate_eval(config, in_loop=True)
 
 
-def load_npz(path: str | None, field: str, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def load_npz(path: str | None, field: str, keys: tuple[str, ...] = (),
+             where: str | None = None) -> dict[str, np.ndarray]:
     """The arrays of a user's `.npz` (no pickles), or a UserError naming `field`, the path and what is
-    wrong: missing, not an .npz (random bytes, truncated, empty), pickled objects, or none of `keys`."""
+    wrong: missing, not an .npz (random bytes, truncated, empty), pickled objects, or none of `keys`.
+    `where`: how messages name the file (default `field=path`)."""
     if not path or not os.path.isfile(path):
         raise UserError(f"{field}={path!r}: no such file.")
+    where = where or f"{field}={path}"
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{field}={path}: not an .npz file (empty, truncated or another format).")
+        raise UserError(f"{where}: not an .npz file (empty, truncated or another format).")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         reason = "it holds pickled objects, which are not read" if "pickle" in str(e) else f"unreadable ({e})"
-        raise UserError(f"{field}={path}: {reason}.") from None
+        raise UserError(f"{where}: {reason}.") from None
     if keys and not set(keys) & set(arrays):
-        raise UserError(f"{field}={path}: expected arrays named {' or '.join(map(repr, keys))}, found "
-                        f"{sorted(arrays)}.")
+        raise UserError(f"{where}: expected arrays named {' or '.join(map(repr, keys))}, found {sorted(arrays)}.")
     return arrays
 
 

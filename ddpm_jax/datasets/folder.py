@@ -28,14 +28,13 @@ import hashlib
 import io
 import json
 import os
-import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image, ImageOps
 
-from ddpm_jax.validation import UserError
+from ddpm_jax.validation import UserError, load_npz
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXTENSION, EMBEDDING_EXTENSION = ".txt", ".npz"  # NAME.txt / NAME.npz beside NAME.png
@@ -171,17 +170,7 @@ def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.
     its own length l <= L = shape[0]; a UserError naming the file if it is not such an .npz."""
     length, dim = shape
     where = f"data.data_dir={root!r}: {relpath}"
-    path = os.path.join(root, relpath)
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{where} is not an .npz file (empty, truncated or another format).")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        reason = "holds pickled objects, which are not read" if "pickle" in str(e) else f"cannot be read ({e})"
-        raise UserError(f"{where} {reason}.") from None
-    if "text_emb" not in arrays:
-        raise UserError(f"{where} has no 'text_emb' array (it has {sorted(arrays)}).")
+    arrays = load_npz(os.path.join(root, relpath), "data.data_dir", ("text_emb",), where=where)
     emb = arrays["text_emb"]
     if emb.ndim != 2 or emb.shape[1] != dim or not len(emb) or not np.issubdtype(emb.dtype, np.floating):
         raise UserError(f"{where}: 'text_emb' must be float [L, {dim}] (model.text_emb_dim={dim}), got "

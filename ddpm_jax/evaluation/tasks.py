@@ -310,7 +310,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     validate_eval(config)
     from ddpm_jax.evaluation import super_resolution
 
-    if command not in COMMANDS[2:-1]:
+    if command not in COMMANDS or command in ("convert_inception", "reference_stats", "cascade"):
         raise UserError(f"{command!r}: COMMAND is one of {COMMANDS}.")
     if out is not None and command != "accuracy":
         raise UserError(f"--out={out}: {command} writes WORKDIR/eval/; --out applies to accuracy (its grids), "
