@@ -1,12 +1,14 @@
 """Text-guided recolouring by image-to-image, measured on runs/shapes_t2i (docs/text_to_image.md).
 
 The first 200 one-object scenes of the held-out split, image i under "a <next colour> <its shape>"
-(red -> green -> blue -> yellow -> red), by SDEdit (noise to strength s) or DDIM inversion under the
-image's own caption, then 50 DDIM steps at the run's guidance. Reported: the share of outputs with
-exactly one object, of the target colour (shapes_checker), and the share whose object's centre is
-also within 2 pixels (of 16) of the input's.
-    python benchmarks/shapes_recolour.py
+(red -> green -> blue -> yellow -> red), by SDEdit (noise to strength s), DDIM inversion under the
+image's own caption, or DiffEdit (that inversion, decoded only inside the mask where the target
+prompt and the caption disagree: `--mask=auto`), then 50 DDIM steps (eta 0 unless --eta) at the run's guidance.
+Reported: the share of outputs with exactly one object, of the target colour (shapes_checker), and
+the share whose object's centre is also within 2 pixels (of 16) of the input's.
+    python benchmarks/shapes_recolour.py [--workdir=runs/shapes_t2i] [--edits=sdedit,invert,diffedit]
 """
+import argparse
 import dataclasses
 import os
 import tempfile
@@ -16,8 +18,17 @@ import numpy as np
 from ddpm_jax import checkpoints, generation, image_utils, scenes
 from ddpm_jax.evaluation import shapes_checker, tasks
 
-config = checkpoints.load_config("runs/shapes_t2i")
-params, step = checkpoints.load_params("runs/shapes_t2i", config)
+parser = argparse.ArgumentParser()
+parser.add_argument("--workdir", default="runs/shapes_t2i")
+parser.add_argument("--edits", default="sdedit,invert,diffedit")
+parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise of the decoding (0: deterministic)")
+parser.add_argument("--mask_threshold", type=float, default=0.5, help="DiffEdit: sampling.mask_threshold")
+args = parser.parse_args()
+EDITS = {"sdedit": [(s, False, False) for s in (0.3, 0.4, 0.5, 0.6, 0.7)],  # (strength, invert, auto mask)
+         "invert": [(0.5, True, False), (0.7, True, False)],
+         "diffedit": [(0.5, True, True), (0.7, True, True), (1.0, True, True)]}
+config = checkpoints.load_config(args.workdir)
+params, step = checkpoints.load_params(args.workdir, config)
 captions = tasks.captions(config, "test", 500)
 real, _ = tasks.real_images(config, "test", 500)
 single = [i for i, c in enumerate(captions) if scenes.parse_caption(c)[1] is None][:200]
@@ -26,11 +37,12 @@ objects = [scenes.parse_caption(captions[i])[0][0] for i in single]  # (colour, 
 targets = [f"a {names[(names.index(c) + 1) % 4]} {s}" for c, s in objects]
 first = os.path.join(tempfile.mkdtemp(), "in.png")
 image_utils.save_png(first, real[single[0]])
-for strength, invert in ((0.3, False), (0.4, False), (0.5, False), (0.6, False), (0.7, False), (0.5, True),
-                         (0.7, True)):
-    config.sampling.update(num_samples=1, strength=strength)
-    req = generation.make_request(config, prompts=targets, init_images=first, given=frozenset({"num_samples"}),
-                                  invert=invert, source_prompt="a red circle" if invert else None)
+for strength, invert, auto_mask in (e for name in args.edits.split(",") for e in EDITS[name]):
+    config.sampling.update(num_samples=1, strength=strength, sampler="ddim", eta=args.eta,
+                           mask_threshold=args.mask_threshold)
+    req = generation.make_request(config, prompts=targets, init_images=first, invert=invert,
+                                  given=frozenset({"num_samples", "strength"}), mask="auto" if auto_mask else None,
+                                  source_prompt="a red circle" if invert else None)
     source = generation.text_cond(config, [captions[i] for i in single], "--source_prompt") if invert else None
     req = dataclasses.replace(req, x0=image_utils.from_uint8(real[single]),  # image i under prompt i
                               source_cond=None if source is None else {**req.cond, **source})
@@ -46,5 +58,7 @@ for strength, invert in ((0.3, False), (0.4, False), (0.5, False), (0.6, False),
             near.append(np.abs(np.subtract(found[0].centre, src[0].centre)).max() <= 2)
         else:
             near.append(False)
-    print(f"strength {strength}, invert {invert}: target colour (one object of it, nothing else) "
-          f"{np.mean(colour_ok):.1%}, and centre within 2 px {np.mean(near):.1%} of {len(single)}", flush=True)
+    what = f", mask threshold {args.mask_threshold}" if auto_mask else ""
+    print(f"strength {strength}, invert {invert}, DiffEdit mask {auto_mask}{what}: target colour (one object of it, "
+          f"nothing else) {np.mean(colour_ok):.1%}, and centre within 2 px {np.mean(near):.1%} of {len(single)}",
+          flush=True)

@@ -40,7 +40,13 @@ SAMPLE_FLAGS = {
     "steps": ("sampling.steps", "Sampler steps; fewer than diffusion.num_timesteps respaces."),
     "eta": ("sampling.eta", "DDIM noise: 0 deterministic, 1 as ancestral (ddim only)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
-    "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1]."),
+    "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1] (with "
+                                      "--mask: edit the masked part from there instead of from noise)."),
+    "mask_strength": ("sampling.mask_strength", "--mask=auto (DiffEdit): compare the prompts' noise predictions "
+                                                "on the inputs noised to t = mask_strength * T."),
+    "mask_threshold": ("sampling.mask_threshold", "--mask=auto: the mask is where the difference is at least "
+                                                  "this fraction of its maximum."),
+    "mask_draws": ("sampling.mask_draws", "--mask=auto: noise draws averaged."),
     "jump_length": ("sampling.jump_length", "Inpainting: RePaint resampling jump length (0: no jumps)."),
     "jump_n_sample": ("sampling.jump_n_sample", "Inpainting: times each jump stretch is sampled."),
     "aug_level": ("sampling.aug_level", "Super-resolution: noise the --low_res input to this level in [0, 1]."),
@@ -52,6 +58,8 @@ EVAL_FLAGS = {
     "num_samples": ("eval.num_samples", "Samples to generate and score."),
     "batch_size": ("eval.batch_size", "Images per device call over all devices (sampling and bpd)."),
     "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
+    "sampler": ("sampling.sampler", "The sampler of the samples (a name in sampling.SAMPLERS)."),
+    "eta": ("sampling.eta", "DDIM noise of the samples: 0 deterministic, 1 as ancestral (ddim only)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
     "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "

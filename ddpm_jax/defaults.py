@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0: unconditional; >0: class-conditional with a null class
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
+    c.model.attn_position = False  # 2D position embedding on attention queries and keys (text: relations)
     c.model.remat = False  # recompute each block's activations in the backward pass: less memory, more time
     # Text conditioning: none | trained (ddpm_jax.text.TextEncoder on byte tokens, trained with the
     # U-Net) | precomputed (the dataset's 'text_emb' [L, D] and 'text_mask' [L], any frozen encoder).
@@ -48,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text_width = 256  # width of the text tokens the U-Net attends to
     c.model.text_depth = 4  # trained encoder: Transformer blocks
     c.model.text_heads = 4  # trained encoder: attention heads
+    c.model.text_attention = "fused"  # fused: text keys/values appended to self-attention's; cross: separate
     c.model.text_emb_dim = 0  # precomputed: D of the dataset's embeddings (projected to text_width)
     # Super-resolution (ddpm_jax.superres): > 0 conditions on the image downsampled to this size,
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
@@ -112,6 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
     # t = sr_strength * T (SDEdit), which the CPU-trained shapes_sr needs (docs/super_resolution.md)
     c.sampling.sr_strength = 1.0
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
+    # --mask=auto, DiffEdit (Couairon et al. 2022): |eps(target) - eps(reference)| of the inputs noised
+    # to t = mask_strength * T, averaged over mask_draws draws, >= mask_threshold of its maximum
+    c.sampling.mask_strength = 0.5
+    c.sampling.mask_draws = 10
+    c.sampling.mask_threshold = 0.5
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
     c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures

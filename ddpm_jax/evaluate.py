@@ -19,9 +19,10 @@
     python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500]
 
 Workdir commands read the run's config.json and its latest checkpoint (EMA params), print the
-metrics and write them to WORKDIR/eval/{command}_step_{step}.json (shapes: ..._w{guidance}.json).
+metrics and write them to WORKDIR/eval/{command}_step_{step}.json (shapes:
+..._{sampler}{steps}[_eta{eta}]_w{guidance}.json; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
-(`cli.EVAL_FLAGS`; --guidance sets sampling.guidance); unset, the run's values hold. The logic is
+(`cli.EVAL_FLAGS`; --guidance, --sampler and --eta set sampling's); unset, the run's values hold. The logic is
 in `ddpm_jax.evaluation.tasks`.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ from ddpm_jax.train_state import example_cond
 from ddpm_jax.validation import UserError, check_output_dir, load_npz, validate_sampling
 
 FIGURE_ROWS = 8  # images in each process figure
+AUTO_MASK = "auto"  # --mask=auto: DiffEdit's mask, computed from the prompts
 _FORWARD = 2 ** 31 - 1  # fold_in tag of the forward-process figure's noise; no batch index reaches it
 
 
@@ -179,17 +180,24 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     row per input, each upscaled under every prompt, as --init_images."""
     validate_sampling(config)
     d, sp = config.data, config.sampling
+    auto_mask = mask == AUTO_MASK
     if init_images is None and ("strength" in given or mask is not None):
         raise UserError(f"--{'mask' if mask is not None else 'strength'} edits the --init_images; give "
                         "--init_images too.")
-    if invert and (init_images is None or mask is not None):
-        raise UserError("--invert applies to image-to-image: give --init_images without --mask.")
-    if source_prompt is not None and not invert:
-        raise UserError("--source_prompt is the prompt DDIM inversion runs under: give --invert (and "
-                        "--init_images) too.")
-    if mask is not None and "strength" in given:
-        raise UserError("--strength applies to image-to-image; with --mask the masked part is generated "
-                        "from noise (drop one of the two).")
+    if invert and init_images is None:
+        raise UserError("--invert applies to editing: give --init_images too.")
+    if invert and mask is not None and "strength" not in given:
+        raise UserError("--invert with --mask needs --strength, the level the inputs are inverted to (without it "
+                        "the masked part is generated from noise).")
+    if source_prompt is not None and not (invert or auto_mask):
+        raise UserError("--source_prompt is the prompt DDIM inversion runs under, or the reference of "
+                        f"--mask={AUTO_MASK}: give --invert (and --init_images) or --mask={AUTO_MASK} too.")
+    if auto_mask and not (config.model.num_classes or config.model.text_encoder != "none"):
+        raise UserError(f"--mask={AUTO_MASK} (DiffEdit) compares two conditions of the model; this run's model is "
+                        "unconditional: give a mask image.")
+    if auto_mask and config.model.text_encoder != "none" and prompts is None and prompt_embedding is None:
+        raise UserError(f"--mask={AUTO_MASK} (DiffEdit) finds where the --prompt and the --source_prompt (default: "
+                        "the null text) disagree: give --prompt.")
     if mask is None and {"jump_length", "jump_n_sample"} & given:
         raise UserError("--jump_length/--jump_n_sample apply to inpainting: give --mask too.")
     cond, null_cond, source_cond, label = conditioning(
@@ -221,9 +229,9 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
         images = _load("init_images", init_images, image_size=d.image_size, channels=d.channels)
         per_prompt = sp.num_samples if "num_samples" in given else len(images)
         x0 = image_utils.from_uint8(images[np.arange(per_prompt) % len(images)])
-        if mask is None:
+        if mask is None or "strength" in given:
             level = S.strength_to_level(sp.strength, sp.steps)
-        else:
+        if mask is not None and not auto_mask:
             m = _load("mask", mask, channels=1)
             if m.shape[1:3] != (d.image_size, d.image_size):
                 raise UserError(f"--mask={mask}: the mask is {m.shape[2]}x{m.shape[1]}; it must be "
@@ -245,8 +253,10 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     # A negative or source prompt replaces the text only; the rows keep their labels and images.
     rows = lambda c: None if c is None else {**cond, **jax.tree.map(lambda a: np.repeat(a, n, axis=0), c)}
     spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config),
-                        guidance=sp.guidance, level=level, invert=invert, inpaint=mask_arr is not None,
-                        jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample)
+                        guidance=sp.guidance, level=level, invert=invert, inpaint=mask is not None,
+                        jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample,
+                        mask_level=max(1, S.strength_to_level(sp.mask_strength, sp.steps)) if auto_mask else 0,
+                        mask_draws=sp.mask_draws, mask_threshold=sp.mask_threshold)
     return Request(n, spec, cond, label if config.model.num_classes else None, x0, mask_arr, rows(null_cond),
                    rows(source_cond),
                    list(prompts) if prompts is not None else None)
@@ -329,8 +339,9 @@ def process_figures(config: ConfigDict, params, req: Request) -> tuple[np.ndarra
 
 
 def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, *, individual=False,
-                  figures=None) -> list[str]:
-    """Writes the grid, the .npz, optionally each image and the figures; returns the paths written.
+                  figures=None, masks=None) -> list[str]:
+    """Writes the grid, the .npz, optionally each image, the figures and DiffEdit's masks (bool
+    `[N, H, W, 1]`, as masks.png and in the .npz); returns the paths written.
 
     Non-finite samples (a diverged model) are a UserError rather than images of garbage.
     """
@@ -348,6 +359,11 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
     extra = {"labels": req.labels} if num_classes else {}
     if req.prompts:  # each image's prompt, as unicode (readable without pickles)
         extra["prompts"] = np.repeat(np.asarray(req.prompts), req.num_samples // len(req.prompts))
+    if masks is not None:
+        extra["masks"] = masks
+        paths.append(os.path.join(out, "masks.png"))
+        image_utils.save_png(paths[-1], image_utils.make_grid(masks.astype(np.uint8) * 255, nrow=nrow, pad_value=128),
+                              scale)
     np.savez(paths[1], arr_0=u8, **extra)
     if individual:
         for i, img in enumerate(u8):
@@ -387,11 +403,12 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     if is_main:
         print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
               f"{sp.guidance}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
-    images = run(config, params, req, progress=ProgressBar() if is_main else None)["images"]
+    result = run(config, params, req, progress=ProgressBar() if is_main else None)
     grids = process_figures(config, params, req) if figures else None
     if not is_main:
         return []
-    paths = write_outputs(out, images, req, config.model.num_classes, individual=individual, figures=grids)
+    paths = write_outputs(out, result["images"], req, config.model.num_classes, individual=individual, figures=grids,
+                          masks=result.get("masks"))
     print("\n".join(p for p in paths if "/images/" not in p))
     return paths
 

@@ -44,7 +44,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_string("low_res", None, "Super-resolution models: the low-resolution input, a PNG or a folder "
                         "of them at the model's model.low_res_size.", flag_values=fv)
-    flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep.",
+    flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep; "
+                        "'auto': DiffEdit's mask, where --prompt and --source_prompt (or the null text) disagree.",
                         flag_values=fv)
     flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png.", flag_values=fv)
     flags.DEFINE_bool("figures", False, "Also draw the forward and reverse process figures.", flag_values=fv)

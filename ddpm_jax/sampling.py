@@ -382,6 +382,16 @@ def ddim_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level:
     return D.reverse_scan(body, x0, np.arange(level), num_frames)
 
 
+def noised_to(s: Schedule, kind: str, key: jax.Array, x0: jax.Array, level: int, *, invert: bool = False,
+              invert_model_fn: ModelFn | None = None, variance: str = "fixedlarge") -> jax.Array:
+    """`x0` taken to `level`: by q(x_t | x_0) (Eq. 4) with the noise of `key`, or with `invert` by
+    the deterministic `ddim_invert` under `invert_model_fn`."""
+    if invert:
+        return ddim_invert(s, kind, invert_model_fn, x0, level, variance=variance)
+    t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
+    return D.q_sample(s, x0, t, jax.random.normal(key, x0.shape))
+
+
 def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.Array, level: int, *,
             sampler: str = "ancestral", opts: StepOptions = StepOptions(), invert: bool = False,
             num_frames: int = 0, invert_model_fn: ModelFn | None = None):
@@ -394,11 +404,8 @@ def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
     """
     if level == 0:
         return (x0, x0[None]) if num_frames else x0
-    if invert:
-        x = ddim_invert(s, kind, invert_model_fn or model_fn, x0, level, variance=opts.variance)
-    else:
-        t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
-        x = D.q_sample(s, x0, t, jax.random.normal(jax.random.fold_in(key, s.num_timesteps), x0.shape))
+    x = noised_to(s, kind, jax.random.fold_in(key, s.num_timesteps), x0, level, invert=invert,
+                  invert_model_fn=invert_model_fn or model_fn, variance=opts.variance)
     return denoise(s, kind, model_fn, key, x, level, sampler=sampler, opts=opts, num_frames=num_frames)
 
 
@@ -428,8 +435,13 @@ def repaint_schedule(num_steps: int, jump_length: int = 0, jump_n_sample: int = 
 
 def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.Array, mask: jax.Array, *,
             sampler: str = "ancestral", opts: StepOptions = StepOptions(), jump_length: int = 0,
-            jump_n_sample: int = 1, num_frames: int = 0):
+            jump_n_sample: int = 1, num_frames: int = 0, level: int | None = None, invert: bool = False,
+            invert_model_fn: ModelFn | None = None):
     """RePaint (Lugmayr et al. 2022): generates where `mask` is true, keeps `x0` elsewhere.
+
+    From pure noise at the top level, or from `x0` taken to `level` (`noised_to`, with `invert`
+    under `invert_model_fn`): the masked part is then edited rather than made anew (DiffEdit's
+    decoding, Couairon et al. 2022, with the known part noised by q instead of inverted).
 
     After every reverse step to level i the known region is replaced by x0 noised to level i
     (q(x_i | x_0), Eq. 4; x0 itself at level 0, so known pixels come back exactly as given);
@@ -443,7 +455,10 @@ def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
         raise ValueError(f"sampler={sampler!r} cannot inpaint: RePaint replaces the known region at the "
                          f"schedule's levels, and this sampler steps between its own noise levels; use one of "
                          f"{sorted(k for k, v in SAMPLERS.items() if v.on_levels)}.")
-    ops = repaint_schedule(s.num_timesteps, jump_length, jump_n_sample)
+    top = s.num_timesteps if level is None else level
+    if top == 0:
+        return (x0, x0[None]) if num_frames else x0
+    ops = repaint_schedule(top, jump_length, jump_n_sample)
     abar = jnp.concatenate([jnp.ones((1,)), s.alphas_cumprod])  # per level
 
     def body(x, row, state):
@@ -466,8 +481,34 @@ def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
         return jax.lax.cond(up > 0, jump, down, (x, state))
 
     rows = np.concatenate([np.arange(len(ops), dtype=np.int32)[:, None], ops], axis=1)
-    x_T = jax.random.normal(jax.random.fold_in(key, len(ops)), x0.shape, jnp.float32)
-    return D.reverse_scan(body, x_T, rows, num_frames, state=m.init(x_T))
+    start_key = jax.random.fold_in(key, len(ops))  # op n uses fold_in(key, n), n < len(ops)
+    if level is None:
+        x = jax.random.normal(start_key, x0.shape, jnp.float32)
+    else:
+        x = noised_to(s, kind, start_key, x0, level, invert=invert, invert_model_fn=invert_model_fn or model_fn,
+                      variance=opts.variance)
+    return D.reverse_scan(body, x, rows, num_frames, state=m.init(x))
+
+
+def diffedit_mask(s: Schedule, kind: str, model_fn: ModelFn, ref_model_fn: ModelFn, key: jax.Array,
+                  x0: jax.Array, level: int, *, num_draws: int = 10, threshold: float = 0.5,
+                  variance: str = "fixedlarge") -> jax.Array:
+    """DiffEdit's mask (Couairon et al. 2022, Sec. 3.2): where the target and the reference condition
+    disagree about the noise. x0 `[B, H, W, C]` is noised to `level` by q (Eq. 4) `num_draws` times;
+    |eps(x_t | target) - eps(x_t | reference)|, averaged over draws and channels, is scaled to
+    [0, 1] by its maximum per image and thresholded. Returns bool `[B, H, W, 1]`."""
+    t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
+
+    def eps(fn, x):
+        out, _ = D.split_output(fn(x, s.timesteps[t]).astype(jnp.float32), variance)
+        return D.predict_eps(s, kind, out, x, t)
+
+    def body(total, n):
+        x = D.q_sample(s, x0, t, jax.random.normal(jax.random.fold_in(key, n), x0.shape))
+        return total + jnp.abs(eps(model_fn, x) - eps(ref_model_fn, x)).mean(-1, keepdims=True), None
+
+    diff, _ = jax.lax.scan(body, jnp.zeros(x0.shape[:-1] + (1,), jnp.float32), jnp.arange(num_draws))
+    return diff >= threshold * diff.max(axis=(1, 2, 3), keepdims=True)
 
 
 def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: int) -> jax.Array:
@@ -486,7 +527,8 @@ def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: i
 
 class SampleSpec(NamedTuple):
     """What one run does (static). level: None generates; an int edits from that level (SDEdit), or
-    with `inpaint` fills the mask (RePaint). guidance 0: no classifier-free guidance."""
+    with `inpaint` fills the mask (RePaint) from there. guidance 0: no classifier-free guidance.
+    mask_level > 0: inpainting with DiffEdit's mask (`diffedit_mask` at that level)."""
 
     sampler: str = "ancestral"
     opts: StepOptions = StepOptions()
@@ -497,10 +539,15 @@ class SampleSpec(NamedTuple):
     jump_length: int = 0
     jump_n_sample: int = 1
     num_frames: int = 0
+    mask_level: int = 0
+    mask_draws: int = 10
+    mask_threshold: float = 0.5
 
 
-# fold_in tag of the low-resolution input's augmentation noise (samplers use tags 0 .. S).
+# fold_in tags of the low-resolution input's augmentation noise and of DiffEdit's mask noise
+# (samplers use tags from 0 to their number of steps).
 AUG_NOISE_TAG = 2 ** 31 - 1
+MASK_NOISE_TAG = 2 ** 31 - 2
 
 
 def augment_low_res(s: Schedule, batch: dict, key: jax.Array) -> dict:
@@ -517,9 +564,11 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     always, which gives the batch size; unconditional models ignore it), optionally 'null_cond'
     (a negative prompt: guidance's unconditional half) and 'source_cond' (prompt-to-prompt: DDIM
     inversion runs unguided under it), for editing 'x0' `[b, H, W, C]` in [-1, 1], for inpainting
-    'mask' bool `[b, H, W, 1]`.
+    'mask' bool `[b, H, W, 1]` (with `spec.mask_level`: none, DiffEdit's mask of the prompt against
+    'source_cond', or the null text, is made here).
 
-    Returns {'images': `[b, H, W, C]`} and with `spec.num_frames` 'frames' `[b, F, H, W, C]`.
+    Returns {'images': `[b, H, W, C]`}, with `spec.num_frames` 'frames' `[b, F, H, W, C]`, with
+    `spec.mask_level` 'masks' `[b, H, W, 1]`.
     """
     conditional = model.num_classes or model.text_encoder != "none" or model.low_res_size
     if model.low_res_size:
@@ -527,15 +576,25 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     cond = batch["cond"] if conditional else None
     model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"))
     kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
+    source = batch.get("source_cond")
+    invert_model_fn = None if source is None else unet_model_fn(model, params, source)
+    extra = {}
     if spec.inpaint:
-        out = inpaint(s, kind, model_fn, key, batch["x0"], batch["mask"], jump_length=spec.jump_length,
-                      jump_n_sample=spec.jump_n_sample, **kw)
+        mask = batch.get("mask")
+        if spec.mask_level:
+            reference = unet_model_fn(model, params, null_condition(cond) if source is None else source)
+            mask = extra["masks"] = diffedit_mask(
+                s, kind, unet_model_fn(model, params, cond), reference, jax.random.fold_in(key, MASK_NOISE_TAG),
+                batch["x0"], spec.mask_level, num_draws=spec.mask_draws, threshold=spec.mask_threshold,
+                variance=spec.opts.variance)
+        out = inpaint(s, kind, model_fn, key, batch["x0"], mask, jump_length=spec.jump_length,
+                      jump_n_sample=spec.jump_n_sample, level=spec.level, invert=spec.invert,
+                      invert_model_fn=invert_model_fn, **kw)
     elif spec.level is not None:
-        source = batch.get("source_cond")
         out = img2img(s, kind, model_fn, key, batch["x0"], spec.level, invert=spec.invert, **kw,
-                      invert_model_fn=None if source is None else unet_model_fn(model, params, source))
+                      invert_model_fn=invert_model_fn)
     else:
         out = generate(s, kind, model_fn, key, (batch["cond"]["drop"].shape[0],) + tuple(image_shape), **kw)
     if not spec.num_frames:
-        return {"images": out}
-    return {"images": out[0], "frames": jnp.swapaxes(out[1], 0, 1)}
+        return {"images": out, **extra}
+    return {"images": out[0], "frames": jnp.swapaxes(out[1], 0, 1), **extra}

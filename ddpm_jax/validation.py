@@ -15,7 +15,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion, sampling, superres
-from ddpm_jax.models.unet import TEXT_ENCODERS
+from ddpm_jax.models.unet import TEXT_ATTENTION, TEXT_ENCODERS
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,6 +96,7 @@ def validate_text(config: ConfigDict):
     """The text-conditioning fields (`model.text_*`, `data.max_text_len`, `data.random_flip`)."""
     d, m = config.data, config.model
     _one_of(m.text_encoder, "model.text_encoder", TEXT_ENCODERS)
+    _one_of(m.text_attention, "model.text_attention", TEXT_ATTENTION)
     if m.text_encoder == "none":
         return
     _require(not m.num_classes, f"model.num_classes={m.num_classes} and model.text_encoder={m.text_encoder!r}: "
@@ -227,6 +228,9 @@ def validate_sampling(config: ConfigDict):
     _require(_is_number(sp.sr_strength) and 0.0 <= sp.sr_strength <= 1.0,
              f"sampling.sr_strength={sp.sr_strength!r}: must be in [0, 1] (1: from pure noise; below 1: from the "
              "upsampled input noised to t = sr_strength * T).")
+    for name in ("mask_strength", "mask_threshold"):
+        _require(_is_number(sp[name]) and 0.0 < sp[name] <= 1.0, f"sampling.{name}={sp[name]!r}: must be in (0, 1].")
+    _positive_int(config, "sampling.mask_draws")
     _non_negative_int(sp.jump_length, "sampling.jump_length")
     _require(sp.jump_length <= sp.steps,
              f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")

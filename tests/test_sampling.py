@@ -425,6 +425,46 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     np.testing.assert_array_equal(S.img2img(s, "eps", model_fn, jax.random.key(0), x0, 0), x0)
 
 
+def test_masked_img2img_keeps_known_pixels_and_is_img2img_under_a_full_mask():
+    model, params = _cond_unet()
+    s = _respaced(8)
+    x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+    model_fn = S.unet_model_fn(model, params, {"label": jnp.array([0, 1, 2, 0]), "drop": jnp.zeros(4, bool)}, 1.5)
+    source_fn = S.unet_model_fn(model, params, {"label": jnp.array([2, 0, 1, 1]), "drop": jnp.zeros(4, bool)})
+    edit = lambda mask, **kw: np.asarray(jax.jit(lambda k: S.inpaint(
+        s, "eps", model_fn, k, x0, mask, sampler="ddim", level=4, **kw))(jax.random.key(0)))
+    # Under a mask of everything, DiffEdit's decoding from an inverted start is DDIM image-to-image.
+    full = jnp.ones((4, 8, 8, 1), bool)
+    want = jax.jit(lambda k: S.img2img(s, "eps", model_fn, k, x0, 4, sampler="ddim", invert=True,
+                                       invert_model_fn=source_fn))(jax.random.key(0))
+    np.testing.assert_allclose(edit(full, invert=True, invert_model_fn=source_fn), want, atol=3e-4)  # XLA round-off
+    mask = jnp.zeros((4, 8, 8, 1), bool).at[:, 1:5, 3:7].set(True)
+    for kw in ({}, {"invert": True}):
+        x = edit(mask, **kw)
+        np.testing.assert_array_equal(np.where(mask, 0, x), np.where(mask, 0, x0))
+        assert np.abs(x - np.asarray(x0))[np.asarray(mask)[..., 0]].max() > 0.05  # the masked part was edited
+    np.testing.assert_array_equal(S.inpaint(s, "eps", model_fn, jax.random.key(0), x0, mask, level=0), x0)
+
+
+def test_diffedit_mask_thresholds_the_eps_difference():
+    # eps_ref = eps_target + 0.8 on `strong` (two of three channels: mean 0.533) and + 0.3 on `weak`
+    # (all channels), for every x_t: the mask is where that mean difference >= threshold * its max.
+    s = _respaced(10)
+    strong = jnp.zeros((2, 6, 6, 1), bool).at[0, 1:3, 1:4].set(True).at[1, 4:, :2].set(True)
+    weak = jnp.zeros((2, 6, 6, 1), bool).at[:, 5, 4:].set(True)
+    offset = jnp.where(strong, jnp.array([0.8, 0.8, 0.0]), 0.0) + jnp.where(weak, 0.3, 0.0)
+    target = lambda x, t: jnp.sin(3 * x) + t[:, None, None, None] / 1000
+    ref = lambda x, t: target(x, t) + offset
+    x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 6, 6, 3)), jnp.float32)
+    mask = lambda th: np.asarray(S.diffedit_mask(s, "eps", target, ref, jax.random.key(0), x0, 5, num_draws=3,
+                                                 threshold=th))
+    assert mask(0.5).shape == (2, 6, 6, 1)
+    np.testing.assert_array_equal(mask(0.5), strong | weak)  # weak: 0.3 / 0.5333 = 0.5625 of the max
+    np.testing.assert_array_equal(mask(0.55), strong | weak)
+    np.testing.assert_array_equal(mask(0.6), strong)
+    np.testing.assert_array_equal(mask(0.9), strong)
+
+
 def test_pad_shard_unpad_pads_orders_and_chunks():
     n_dev = jax.local_device_count()
     assert n_dev == 8  # tests/conftest.py

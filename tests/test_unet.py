@@ -55,6 +55,25 @@ def test_zero_init_output_and_attention_at_16():
     assert "down_1_attn_0" in params and "down_0_attn_0" not in params and "mid_attn_1" in params
 
 
+def test_attention_sees_positions_only_with_the_position_embedding():
+    from ddpm_jax.models.unet import AttnBlock, position_embedding, timestep_embedding
+
+    pos = np.asarray(position_embedding(3, 4, 10))
+    assert pos.shape == (12, 10)
+    np.testing.assert_allclose(pos[4 * 2 + 1, :5], timestep_embedding(jnp.array([2]), 5)[0])  # row 2
+    np.testing.assert_allclose(pos[4 * 2 + 1, 5:], timestep_embedding(jnp.array([1]), 5)[0])  # column 1
+    # Self-attention without positions commutes with any permutation of the pixels; with them, not.
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    perm = np.random.default_rng(0).permutation(16)
+    shuffle = lambda a: a.reshape(2, 16, 8)[:, perm].reshape(2, 4, 4, 8)
+    for position in (False, True):
+        block = AttnBlock(position=position)
+        params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape),
+                              block.init(jax.random.key(2), x))
+        out, out_shuffled = block.apply(params, x), block.apply(params, shuffle(x))
+        assert np.allclose(shuffle(out), out_shuffled, atol=1e-5) == (not position)
+
+
 def test_dropout_only_in_training_and_determinism():
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.5)
     params = _perturbed(_init(model))

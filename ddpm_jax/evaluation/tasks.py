@@ -303,7 +303,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
                     out: str | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
-    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_wG.json, G the guidance).
+    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_{sampler}{steps}[_eta{eta}]_wG.json,
+    G the guidance; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json).
     Returns the result."""
     from ddpm_jax import checkpoints
 
@@ -356,12 +357,14 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
             print(table)
         return {"table": table}
+    sp = sampling_config(config).sampling  # what names the result: sampler, steps, eta, guidance
+    how = f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
     if command == "shapes":
         result = shapes(config, params)
-        name = f"{name}_w{config.sampling.guidance:g}"
+        name = f"{name}_{how}"
     elif command == "sr":
         result = super_resolution.sr(config, params)
-        name = f"{name}_aug{config.sampling.aug_level:g}"
+        name = f"{name}_aug{sp.aug_level:g}_s{sp.sr_strength:g}_{how}"
     elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)

@@ -26,6 +26,7 @@ from ddpm_jax import superres, text
 
 Dtype = Any
 TEXT_ENCODERS = ("none", "trained", "precomputed")
+TEXT_ATTENTION = ("fused", "cross")
 
 # The official code's default_init: variance scaling, fan_avg, uniform (biases zero).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -39,6 +40,14 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def position_embedding(height: int, width: int, dim: int) -> jax.Array:
+    """Fixed 2D sinusoidal embedding of the pixel positions -> `[H * W, dim]` float32: the
+    `timestep_embedding` of the row in the first dim // 2 channels, of the column in the rest."""
+    rows = timestep_embedding(jnp.arange(height), dim // 2)
+    cols = timestep_embedding(jnp.arange(width), dim - dim // 2)
+    return jnp.concatenate([jnp.repeat(rows, width, axis=0), jnp.tile(cols, (height, 1))], axis=1)
 
 
 class GroupNorm(nn.Module):
@@ -86,27 +95,45 @@ class AttnBlock(nn.Module):
     `attention` picks `jax.nn.dot_product_attention`'s kernel: 'xla' anywhere, 'cudnn' (fused flash
     attention) on NVIDIA GPUs with bf16/fp16 compute and head dim C <= 256 on Hopper (<= 128 before).
 
-    With a `context` (text tokens float `[B, L, D]`, mask bool `[B, L]`) their keys and values (own
-    projections `k_text`, `v_text`) are appended to the image's: one softmax over the pixels and the
-    real tokens, padding masked out. Without one, the block and its params are as before.
+    With a `context` (text tokens float `[B, L, D]`, mask bool `[B, L]`), `text_attention` 'fused':
+    their keys and values (own projections `k_text`, `v_text`) are appended to the image's, one
+    softmax over the pixels and the real tokens, padding masked out (Imagen's base model); 'cross':
+    self-attention as without text, then a separate cross-attention of the pixels to the tokens
+    (`norm_cross`, `q_cross`, `k_text`, `v_text`, zero-init `proj_cross`; Stable Diffusion's
+    layout). Without a context, the block and its params are as before.
+
+    `position`: the pixels' `position_embedding` is added to the input of their queries and keys
+    (not values), so where a pixel attends, e.g. which of two named objects it draws, can depend on
+    where it is; attention alone is blind to it (the convolutions see it only near the borders).
     """
 
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    position: bool = False
+    text_attention: str = "fused"
 
     @nn.compact
     def __call__(self, x, context=None):
         B, H, W, C = x.shape
-        h = GroupNorm(self.dtype, name="norm")(x)
-        q, k, v = (_dense(C, self.dtype, name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
+        dt = self.dtype
+        pos = position_embedding(H, W, C).reshape(H, W, C).astype(dt) if self.position else 0.0
+        h = GroupNorm(dt, name="norm")(x)
+        q, k, v = (_dense(C, dt, name=n)(h + pos if n != "v" else h).reshape(B, H * W, 1, C) for n in "qkv")
         mask = None
         if context is not None:
             ctx, ctx_mask = context
-            kt, vt = (_dense(C, self.dtype, name=f"{n}_text")(ctx.astype(self.dtype))[:, :, None, :] for n in "kv")
-            k, v = jnp.concatenate([k, kt], axis=1), jnp.concatenate([v, vt], axis=1)
-            mask = jnp.concatenate([jnp.ones((B, H * W), bool), ctx_mask], axis=1)[:, None, None, :]
+            kt, vt = (_dense(C, dt, name=f"{n}_text")(ctx.astype(dt))[:, :, None, :] for n in "kv")
+            if self.text_attention == "fused":
+                k, v = jnp.concatenate([k, kt], axis=1), jnp.concatenate([v, vt], axis=1)
+                mask = jnp.concatenate([jnp.ones((B, H * W), bool), ctx_mask], axis=1)[:, None, None, :]
         h = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention).reshape(B, H, W, C)
-        return x + _dense(C, self.dtype, zero=True, name="proj_out")(h)
+        x = x + _dense(C, dt, zero=True, name="proj_out")(h)
+        if context is None or self.text_attention == "fused":
+            return x
+        h = GroupNorm(dt, name="norm_cross")(x)
+        qc = _dense(C, dt, name="q_cross")(h + pos).reshape(B, H * W, 1, C)
+        h = jax.nn.dot_product_attention(qc, kt, vt, mask=ctx_mask[:, None, None, :], implementation=self.attention)
+        return x + _dense(C, dt, zero=True, name="proj_cross")(h.reshape(B, H, W, C))
 
 
 class UNet(nn.Module):
@@ -132,6 +159,8 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "xla"  # AttnBlock's kernel: xla | cudnn
     remat: bool = False  # recompute blocks in the backward pass instead of keeping their activations
+    attn_position: bool = False  # AttnBlock.position: 2D position embedding on queries and keys
+    text_attention: str = "fused"  # AttnBlock.text_attention: fused | cross
     text_encoder: str = "none"  # none | trained (text.TextEncoder, trained jointly) | precomputed
     text_width: int = 256  # width of the text tokens the image attends to
     text_depth: int = 4  # trained encoder: Transformer blocks
@@ -182,7 +211,8 @@ class UNet(nn.Module):
                 raise ValueError(f"text_encoder={self.text_encoder!r}: the model needs cond (text and 'drop').")
             context = self.text_context(cond)
         block = lambda out_ch, name: resnet_cls(out_ch, self.dropout, dt, name=name)
-        attn = lambda name: functools.partial(attn_cls(dt, self.attention, name=name), context=context)
+        attn = lambda name: functools.partial(
+            attn_cls(dt, self.attention, self.attn_position, self.text_attention, name=name), context=context)
         temb = timestep_embedding(t, self.ch)
         temb = _dense(self.ch * 4, dt, name="temb_dense0")(temb)
         temb = _dense(self.ch * 4, dt, name="temb_dense1")(nn.swish(temb))
@@ -236,6 +266,8 @@ def unet_from_config(config: ConfigDict) -> UNet:
                 ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
-                attention=m.attention, remat=m.remat, text_encoder=m.text_encoder, text_width=m.text_width,
+                attention=m.attention, remat=m.remat, attn_position=m.attn_position,
+                text_attention=m.text_attention,
+                text_encoder=m.text_encoder, text_width=m.text_width,
                 text_depth=m.text_depth, text_heads=m.text_heads, max_text_len=config.data.max_text_len,
                 low_res_size=m.low_res_size, low_res_resize=m.low_res_resize)
