@@ -7,6 +7,8 @@ prompt and the caption disagree: `--mask=auto`), then 50 DDIM steps (eta 0 unles
 Reported: the share of outputs with exactly one object, of the target colour (shapes_checker), and
 the share whose object's centre is also within 2 pixels (of 16) of the input's.
     python benchmarks/shapes_recolour.py [--workdir=runs/shapes_t2i] [--edits=sdedit,invert,diffedit]
+        [--strengths=0.3,0.5] [--mask_strength=0.5] [--mask_threshold=0.5] [--mask_dilation=0] [--eta=0]
+        [--guidance=3]
 """
 import argparse
 import dataclasses
@@ -23,6 +25,10 @@ parser.add_argument("--workdir", default="runs/shapes_t2i")
 parser.add_argument("--edits", default="sdedit,invert,diffedit")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise of the decoding (0: deterministic)")
 parser.add_argument("--mask_threshold", type=float, default=0.5, help="DiffEdit: sampling.mask_threshold")
+parser.add_argument("--mask_dilation", type=int, default=0, help="DiffEdit: sampling.mask_dilation")
+parser.add_argument("--mask_strength", type=float, default=0.5, help="DiffEdit: sampling.mask_strength")
+parser.add_argument("--guidance", type=float, default=None, help="guidance w (default: the run's)")
+parser.add_argument("--strengths", default=None, help="comma-separated strengths instead of each edit's own")
 args = parser.parse_args()
 EDITS = {"sdedit": [(s, False, False) for s in (0.3, 0.4, 0.5, 0.6, 0.7)],  # (strength, invert, auto mask)
          "invert": [(0.5, True, False), (0.7, True, False)],
@@ -37,9 +43,16 @@ objects = [scenes.parse_caption(captions[i])[0][0] for i in single]  # (colour, 
 targets = [f"a {names[(names.index(c) + 1) % 4]} {s}" for c, s in objects]
 first = os.path.join(tempfile.mkdtemp(), "in.png")
 image_utils.save_png(first, real[single[0]])
-for strength, invert, auto_mask in (e for name in args.edits.split(",") for e in EDITS[name]):
+settings = [e for name in args.edits.split(",") for e in EDITS[name]]
+if args.strengths:
+    strengths = [float(s) for s in args.strengths.split(",")]
+    settings = list(dict.fromkeys((s, inv, auto) for _, inv, auto in settings for s in strengths))
+for strength, invert, auto_mask in settings:
     config.sampling.update(num_samples=1, strength=strength, sampler="ddim", eta=args.eta,
-                           mask_threshold=args.mask_threshold)
+                           mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation,
+                           mask_strength=args.mask_strength)
+    if args.guidance is not None:
+        config.sampling.guidance = args.guidance
     req = generation.make_request(config, prompts=targets, init_images=first, invert=invert,
                                   given=frozenset({"num_samples", "strength"}), mask="auto" if auto_mask else None,
                                   source_prompt="a red circle" if invert else None)
@@ -58,7 +71,9 @@ for strength, invert, auto_mask in (e for name in args.edits.split(",") for e in
             near.append(np.abs(np.subtract(found[0].centre, src[0].centre)).max() <= 2)
         else:
             near.append(False)
-    what = f", mask threshold {args.mask_threshold}" if auto_mask else ""
+    what = (f", mask at {args.mask_strength} threshold {args.mask_threshold} dilation {args.mask_dilation}"
+            if auto_mask else "")
+    what += f", w {config.sampling.guidance:g}"
     print(f"strength {strength}, invert {invert}, DiffEdit mask {auto_mask}{what}: target colour (one object of it, "
           f"nothing else) {np.mean(colour_ok):.1%}, and centre within 2 px {np.mean(near):.1%} of {len(single)}",
           flush=True)

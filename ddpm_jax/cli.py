@@ -47,6 +47,7 @@ SAMPLE_FLAGS = {
     "mask_threshold": ("sampling.mask_threshold", "--mask=auto: the mask is where the difference is at least "
                                                   "this fraction of its maximum."),
     "mask_draws": ("sampling.mask_draws", "--mask=auto: noise draws averaged."),
+    "mask_dilation": ("sampling.mask_dilation", "--mask=auto: grow the mask by this many pixels."),
     "jump_length": ("sampling.jump_length", "Inpainting: RePaint resampling jump length (0: no jumps)."),
     "jump_n_sample": ("sampling.jump_n_sample", "Inpainting: times each jump stretch is sampled."),
     "aug_level": ("sampling.aug_level", "Super-resolution: noise the --low_res input to this level in [0, 1]."),

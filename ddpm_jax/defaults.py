@@ -115,10 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.sr_strength = 1.0
     c.sampling.strength = 0.5  # image-to-image (SDEdit): start from t = strength * T
     # --mask=auto, DiffEdit (Couairon et al. 2022): |eps(target) - eps(reference)| of the inputs noised
-    # to t = mask_strength * T, averaged over mask_draws draws, >= mask_threshold of its maximum
+    # to t = mask_strength * T, averaged over mask_draws draws, >= mask_threshold of its maximum, grown
+    # by mask_dilation pixels
     c.sampling.mask_strength = 0.5
     c.sampling.mask_draws = 10
     c.sampling.mask_threshold = 0.5
+    c.sampling.mask_dilation = 0
     c.sampling.jump_length = 0  # inpainting (RePaint): resampling jump length in steps; 0: none
     c.sampling.jump_n_sample = 1  # inpainting: times each jump stretch is sampled
     c.sampling.num_frames = 10  # steps shown in the forward/reverse process figures

@@ -256,7 +256,7 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                         guidance=sp.guidance, level=level, invert=invert, inpaint=mask is not None,
                         jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample,
                         mask_level=max(1, S.strength_to_level(sp.mask_strength, sp.steps)) if auto_mask else 0,
-                        mask_draws=sp.mask_draws, mask_threshold=sp.mask_threshold)
+                        mask_draws=sp.mask_draws, mask_threshold=sp.mask_threshold, mask_dilation=sp.mask_dilation)
     return Request(n, spec, cond, label if config.model.num_classes else None, x0, mask_arr, rows(null_cond),
                    rows(source_cond),
                    list(prompts) if prompts is not None else None)

@@ -491,12 +491,14 @@ def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
 
 
 def diffedit_mask(s: Schedule, kind: str, model_fn: ModelFn, ref_model_fn: ModelFn, key: jax.Array,
-                  x0: jax.Array, level: int, *, num_draws: int = 10, threshold: float = 0.5,
+                  x0: jax.Array, level: int, *, num_draws: int = 10, threshold: float = 0.5, dilation: int = 0,
                   variance: str = "fixedlarge") -> jax.Array:
     """DiffEdit's mask (Couairon et al. 2022, Sec. 3.2): where the target and the reference condition
     disagree about the noise. x0 `[B, H, W, C]` is noised to `level` by q (Eq. 4) `num_draws` times;
     |eps(x_t | target) - eps(x_t | reference)|, averaged over draws and channels, is scaled to
-    [0, 1] by its maximum per image and thresholded. Returns bool `[B, H, W, 1]`."""
+    [0, 1] by its maximum per image and thresholded, then grown by `dilation` pixels (a
+    (2 dilation + 1)^2 square): the difference peaks inside an object and fades at its edge, which
+    a low threshold would take with background far from it. Returns bool `[B, H, W, 1]`."""
     t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
 
     def eps(fn, x):
@@ -508,7 +510,9 @@ def diffedit_mask(s: Schedule, kind: str, model_fn: ModelFn, ref_model_fn: Model
         return total + jnp.abs(eps(model_fn, x) - eps(ref_model_fn, x)).mean(-1, keepdims=True), None
 
     diff, _ = jax.lax.scan(body, jnp.zeros(x0.shape[:-1] + (1,), jnp.float32), jnp.arange(num_draws))
-    return diff >= threshold * diff.max(axis=(1, 2, 3), keepdims=True)
+    mask = (diff >= threshold * diff.max(axis=(1, 2, 3), keepdims=True)).astype(jnp.float32)
+    window = (1, 2 * dilation + 1, 2 * dilation + 1, 1)
+    return jax.lax.reduce_window(mask, 0.0, jax.lax.max, window, (1, 1, 1, 1), "SAME") > 0
 
 
 def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: int) -> jax.Array:
@@ -542,6 +546,7 @@ class SampleSpec(NamedTuple):
     mask_level: int = 0
     mask_draws: int = 10
     mask_threshold: float = 0.5
+    mask_dilation: int = 0
 
 
 # fold_in tags of the low-resolution input's augmentation noise and of DiffEdit's mask noise
@@ -586,7 +591,7 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
             mask = extra["masks"] = diffedit_mask(
                 s, kind, unet_model_fn(model, params, cond), reference, jax.random.fold_in(key, MASK_NOISE_TAG),
                 batch["x0"], spec.mask_level, num_draws=spec.mask_draws, threshold=spec.mask_threshold,
-                variance=spec.opts.variance)
+                dilation=spec.mask_dilation, variance=spec.opts.variance)
         out = inpaint(s, kind, model_fn, key, batch["x0"], mask, jump_length=spec.jump_length,
                       jump_n_sample=spec.jump_n_sample, level=spec.level, invert=spec.invert,
                       invert_model_fn=invert_model_fn, **kw)

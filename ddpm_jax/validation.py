@@ -231,6 +231,7 @@ def validate_sampling(config: ConfigDict):
     for name in ("mask_strength", "mask_threshold"):
         _require(_is_number(sp[name]) and 0.0 < sp[name] <= 1.0, f"sampling.{name}={sp[name]!r}: must be in (0, 1].")
     _positive_int(config, "sampling.mask_draws")
+    _non_negative_int(sp.mask_dilation, "sampling.mask_dilation")
     _non_negative_int(sp.jump_length, "sampling.jump_length")
     _require(sp.jump_length <= sp.steps,
              f"sampling.jump_length={sp.jump_length}: at most sampling.steps={sp.steps}.")

@@ -456,13 +456,16 @@ def test_diffedit_mask_thresholds_the_eps_difference():
     target = lambda x, t: jnp.sin(3 * x) + t[:, None, None, None] / 1000
     ref = lambda x, t: target(x, t) + offset
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 6, 6, 3)), jnp.float32)
-    mask = lambda th: np.asarray(S.diffedit_mask(s, "eps", target, ref, jax.random.key(0), x0, 5, num_draws=3,
-                                                 threshold=th))
+    mask = lambda th, d=0: np.asarray(S.diffedit_mask(s, "eps", target, ref, jax.random.key(0), x0, 5, num_draws=3,
+                                                      threshold=th, dilation=d))
     assert mask(0.5).shape == (2, 6, 6, 1)
     np.testing.assert_array_equal(mask(0.5), strong | weak)  # weak: 0.3 / 0.5333 = 0.5625 of the max
     np.testing.assert_array_equal(mask(0.55), strong | weak)
     np.testing.assert_array_equal(mask(0.6), strong)
     np.testing.assert_array_equal(mask(0.9), strong)
+    grown = np.zeros((2, 6, 6, 1), bool)
+    grown[0, 0:4, 0:5] = grown[1, 3:, :3] = True  # the strong boxes, one pixel wider on every side
+    np.testing.assert_array_equal(mask(0.9, 1), grown)
 
 
 def test_pad_shard_unpad_pads_orders_and_chunks():
