@@ -21,6 +21,7 @@ def get_config():
     c.training.num_train_steps = 1500
     c.training.sample_every = 0  # no in-training grid for super-resolution models
     c.sampling.steps = 25
+    c.sampling.eta = 0.0  # deterministic DDIM, as measured (the base config samples with eta 1)
     c.sampling.guidance = 0.0
     c.sampling.aug_level = 0.1
     c.sampling.sr_strength = 0.3  # from the upsampled input noised to 0.3 T: see docs/super_resolution.md

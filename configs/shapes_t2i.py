@@ -5,8 +5,9 @@ adds the pooled text to its timestep embedding and attends to the tokens (their 
 appended to self-attention's) at 8x8 and 4x4. 10% of the captions are replaced by the null text,
 so one network also samples unconditionally, for classifier-free guidance. No flips: they would
 swap left and right in the image but not in the caption. 8,000 steps of 32: on a busy 2-core CPU
-(1.4-3 steps/s) 43 minutes for the first 4,000 and 37 for the next; the measured rates (colour 87%,
-all-correct 50% at w = 3) are in docs/text_to_image.md. Samples with 50 DDIM steps and guidance w = 3:
+(1.4-3 steps/s) 43 minutes for the first 4,000 and 37 for the next. Samples with 50 DDIM steps at
+eta 1 and guidance w = 3; the measured rates (colour 99.6%, count 94.2%, shape 90.6%, relation at
+chance) are in docs/text_to_image.md:
     python -m ddpm_jax.main --config=configs/shapes_t2i.py --workdir=runs/shapes_t2i
     python -m ddpm_jax.sample --workdir=runs/shapes_t2i --prompt="a red circle above a blue square"
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i
@@ -44,6 +45,9 @@ def get_config():
     c.training.num_sample_images = 64
     c.sampling.sampler = "ddim"
     c.sampling.steps = 50
+    # eta 1 (stochastic, the ancestral variance): eta 0 leaves specks the checker counts as objects
+    # (at step 8,000 colour 87.4% vs 99.6%, count 76.6% vs 94.2%; docs/text_to_image.md)
+    c.sampling.eta = 1.0
     c.sampling.guidance = 3.0
     c.eval.num_samples = 500
     return c

@@ -75,9 +75,11 @@ def sr(config: ConfigDict, params) -> dict:
     return result
 
 
-def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None) -> dict:
-    """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base samples."""
-    stages = cascading.load_stages(workdirs)
+def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
+            overrides: dict | None = None) -> dict:
+    """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
+    samples. `overrides`: per-stage sampling fields, as `cascading.load_stages` takes them."""
+    stages = cascading.load_stages(workdirs, overrides)
     base = stages[0].config
     if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
         raise UserError(f"cascade evaluates a text-to-image cascade on shapes (the base run {workdirs[0]} has "
@@ -92,7 +94,8 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
         result["bicubic_base"] = {"size": outputs[-1].shape[1],
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
     result["stages"] = [{"workdir": st.workdir, "step": st.step, "sampler": st.config.sampling.sampler,
-                         "steps": st.config.sampling.steps, "guidance": st.config.sampling.guidance,
+                         "steps": st.config.sampling.steps, "eta": st.config.sampling.eta,
+                         "guidance": st.config.sampling.guidance,
                          "aug_level": st.config.sampling.aug_level, "sr_strength": st.config.sampling.sr_strength}
                         for st in stages]
     result.update(split=split, num_samples=len(texts))
