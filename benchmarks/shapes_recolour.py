@@ -1,14 +1,15 @@
 """Text-guided recolouring by image-to-image, measured on runs/shapes_t2i (docs/text_to_image.md).
 
-The first 200 one-object scenes of the held-out split, image i under "a <next colour> <its shape>"
-(red -> green -> blue -> yellow -> red), by SDEdit (noise to strength s), DDIM inversion under the
-image's own caption, or DiffEdit (that inversion, decoded only inside the mask where the target
-prompt and the caption disagree: `--mask=auto`), then 50 DDIM steps (eta 0 unless --eta) at the run's guidance.
-Reported: the share of outputs with exactly one object, of the target colour (shapes_checker), and
-the share whose object's centre is also within 2 pixels (of 16) of the input's.
+The first 200 one-object scenes of the held-out split (or `--scenes`), image i under "a <next
+colour> <its shape>" (red -> green -> blue -> yellow -> red), by SDEdit (noise to strength s), DDIM
+inversion under the image's own caption, or DiffEdit (that inversion, decoded only inside the mask
+where the target prompt and the caption disagree: `--mask=auto`), then 50 DDIM steps (eta 0 unless
+--eta) at the run's guidance. Reported: the share of outputs with exactly one object, of the target
+colour (shapes_checker), and the share whose object's centre is also within 2 pixels (of 16) of the
+input's.
     python benchmarks/shapes_recolour.py [--workdir=runs/shapes_t2i] [--edits=sdedit,invert,diffedit]
-        [--strengths=0.3,0.5] [--mask_strength=0.5] [--mask_threshold=0.5] [--mask_dilation=0] [--eta=0]
-        [--guidance=3]
+        [--scenes=0:200] [--strengths=0.3,0.5] [--mask_strength=0.5] [--mask_threshold=0.5]
+        [--mask_dilation=0] [--eta=0] [--guidance=3]
 """
 import argparse
 import dataclasses
@@ -28,6 +29,7 @@ parser.add_argument("--mask_threshold", type=float, default=0.5, help="DiffEdit:
 parser.add_argument("--mask_dilation", type=int, default=0, help="DiffEdit: sampling.mask_dilation")
 parser.add_argument("--mask_strength", type=float, default=0.5, help="DiffEdit: sampling.mask_strength")
 parser.add_argument("--guidance", type=float, default=None, help="guidance w (default: the run's)")
+parser.add_argument("--scenes", default="0:200", help="which one-object held-out scenes, START:STOP")
 parser.add_argument("--strengths", default=None, help="comma-separated strengths instead of each edit's own")
 args = parser.parse_args()
 EDITS = {"sdedit": [(s, False, False) for s in (0.3, 0.4, 0.5, 0.6, 0.7)],  # (strength, invert, auto mask)
@@ -35,9 +37,10 @@ EDITS = {"sdedit": [(s, False, False) for s in (0.3, 0.4, 0.5, 0.6, 0.7)],  # (s
          "diffedit": [(0.5, True, True), (0.7, True, True), (1.0, True, True)]}
 config = checkpoints.load_config(args.workdir)
 params, step = checkpoints.load_params(args.workdir, config)
-captions = tasks.captions(config, "test", 500)
-real, _ = tasks.real_images(config, "test", 500)
-single = [i for i, c in enumerate(captions) if scenes.parse_caption(c)[1] is None][:200]
+start, stop = map(int, args.scenes.split(":"))
+captions = tasks.captions(config, "test", 5 * stop)  # about half the scenes have one object
+real, _ = tasks.real_images(config, "test", 5 * stop)
+single = [i for i, c in enumerate(captions) if scenes.parse_caption(c)[1] is None][start:stop]
 names = list(scenes.COLOURS)
 objects = [scenes.parse_caption(captions[i])[0][0] for i in single]  # (colour, shape)
 targets = [f"a {names[(names.index(c) + 1) % 4]} {s}" for c, s in objects]

@@ -9,11 +9,11 @@ from ddpm_jax.evaluation import digits_classifier as C
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("clf") / "digits_classifier.npz")
-    params = C.load_or_fit(path)
+def fitted():
+    # The default cache, which the evaluate commands' tests read too: the suite fits it once.
+    params = C.load_or_fit()
     np.testing.assert_array_equal(  # the cache round-trips exactly
-        np.asarray(C.load(path)["dense"]["kernel"]), np.asarray(params["dense"]["kernel"]))
+        np.asarray(C.load(C.DEFAULT_PATH)["dense"]["kernel"]), np.asarray(params["dense"]["kernel"]))
     return params
 
 

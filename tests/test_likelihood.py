@@ -167,6 +167,7 @@ def test_bpd_exact_for_discretised_gaussian_data(variance):
     assert abs(total.mean() - entropy) < tol
 
 
+@pytest.mark.slow
 def test_bpd_on_unet_batch_shapes_and_sharding():
     """bpd through the U-Net: finite terms of the right shapes, and under pmap (one key per device)
     each device's examples get the same values as one device computing that shard alone."""

@@ -456,8 +456,9 @@ def test_diffedit_mask_thresholds_the_eps_difference():
     target = lambda x, t: jnp.sin(3 * x) + t[:, None, None, None] / 1000
     ref = lambda x, t: target(x, t) + offset
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 6, 6, 3)), jnp.float32)
-    mask = lambda th, d=0: np.asarray(S.diffedit_mask(s, "eps", target, ref, jax.random.key(0), x0, 5, num_draws=3,
-                                                      threshold=th, dilation=d))
+    masks = jax.jit(lambda th, d: S.diffedit_mask(s, "eps", target, ref, jax.random.key(0), x0, 5, num_draws=3,
+                                                  threshold=th, dilation=d), static_argnums=1)
+    mask = lambda th, d=0: np.asarray(masks(th, d))
     assert mask(0.5).shape == (2, 6, 6, 1)
     np.testing.assert_array_equal(mask(0.5), strong | weak)  # weak: 0.3 / 0.5333 = 0.5625 of the max
     np.testing.assert_array_equal(mask(0.55), strong | weak)

@@ -178,6 +178,7 @@ def test_sr_strength_starts_from_the_upsampled_input(sr_run):
     assert generation.make_request(config, low_res=low).x0 is None
 
 
+@pytest.mark.slow
 def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
     base = _save_run(tmp_path / "base", _text_config())  # 8x8 RGB text-to-image
     sr_config = _text_config()

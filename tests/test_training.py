@@ -50,6 +50,7 @@ def test_load_config_gives_fields_added_later_their_defaults(tmp_path):
     assert loaded.model.attention == "xla" and loaded.model.ch == config.model.ch
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     config = small_cifar10_config()
     workdir = str(tmp_path / "run")
@@ -227,6 +228,7 @@ def _diverging(config):
     return config
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_finite_checkpoint(data_dir, tmp_path):
     config = small_digits_config(data_dir)
     workdir = str(tmp_path / "run")
@@ -242,6 +244,7 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(data_dir, tmp_pat
     assert step == steps[-1] and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_carries_on_with_finite_params(data_dir, tmp_path):
     config = small_digits_config(data_dir)
     workdir = str(tmp_path / "run")
@@ -322,6 +325,7 @@ def learned_range_run():
     return config, state, jax.tree.map(lambda a: np.asarray(a)[0], s.params), losses
 
 
+@pytest.mark.slow
 def test_learned_range_trains_the_variance_head(learned_range_run):
     config, state, params, losses = learned_range_run
     assert all(np.isfinite(losses)), losses
@@ -330,6 +334,7 @@ def test_learned_range_trains_the_variance_head(learned_range_run):
     assert np.abs(kernel[..., 1] - kernel0[..., 1]).max() > 1e-4  # the variance head was trained
 
 
+@pytest.mark.slow
 def test_learned_range_samples_with_every_sampler(learned_range_run):
     # Guided (the mean half guided, the variance half from the conditional pass), every sampler:
     # finite images of the right shape, x0 clipped (diffusion.clip_x0).

@@ -47,6 +47,7 @@ def test_shapes_dtypes_and_float32_params_under_bfloat16():
     assert convs and all("bf16" in line for line in convs)
 
 
+@pytest.mark.slow
 def test_zero_init_output_and_attention_at_16():
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
     params = _init(model)
@@ -128,6 +129,7 @@ def test_tiny_unet_overfits_one_batch():
     assert float(loss_fn(params)) < first / 10
 
 
+@pytest.mark.slow
 def test_remat_keeps_params_outputs_and_gradients_and_recomputes_in_the_backward_pass():
     kwargs = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), dropout=0.3)
     plain, remat = UNet(**kwargs), UNet(**kwargs, remat=True)
