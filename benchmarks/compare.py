@@ -83,11 +83,18 @@ def table(ours, cached, variants, peer) -> str:
     if ours.get("peak_memory_bytes"):
         lines.append(f"peak device memory {ours['peak_memory_bytes'] / 2**30:.1f} GiB")
     if variants:
-        lines += ["", "| variant | train images/s | sampling s |", "|---|---|---|",
-                  f"| baseline | {_fmt(tr.get('images_per_s'), ',.0f')} | {_fmt(sa.get('total_s'), '.2f')} |"]
-        lines += [f"| {name} | {_fmt(v.get('train', {}).get('images_per_s'), ',.0f')} | "
-                  f"{_fmt(v.get('sample', {}).get('total_s'), '.2f')} |" for name, v in variants.items()]
+        lines += ["", "| variant | train images/s | step ms | host dispatch ms per call | compile s | sampling s |",
+                  "|---|---|---|---|---|---|", _variant_row("baseline", ours)]
+        lines += [_variant_row(name, v) for name, v in variants.items()]
     return "\n".join(lines)
+
+
+def _variant_row(name, result):
+    tr = result.get("train", {})
+    ms = lambda key: tr[key] * 1e3 if key in tr else None
+    return (f"| {name} | {_fmt(tr.get('images_per_s'), ',.0f')} | {_fmt(ms('step_s'), '.2f')} | "
+            f"{_fmt(ms('dispatch_s'), '.2f')} | {_fmt(tr.get('compile_s'), '.1f')} | "
+            f"{_fmt(result.get('sample', {}).get('total_s'), '.2f')} |")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,17 @@ def test_benchmark_reports_consistent_figures(result):
     assert sa["mfu"] == pytest.approx(6 * 3 / sa["total_s"] * res["model"]["forward_flops_per_image"] / (2 * 2e12))
     text = compare.table(res, None, {"nodrop": res}, {})  # no peer: its columns are blank
     assert f"| train images/s (batch 16) | {tr['images_per_s']:,.0f} | - | - |" in text
-    assert "floors per step: compute" in text and "| nodrop |" in text
+    assert "floors per step: compute" in text
+    assert (f"| nodrop | {tr['images_per_s']:,.0f} | {tr['step_s'] * 1e3:.2f} | {tr['dispatch_s'] * 1e3:.2f} | "
+            f"{tr['compile_s']:.1f} | {sa['total_s']:.2f} |") in text
+
+
+def test_benchmark_skips_the_forward_flop_count_without_sampling():
+    from configs import tiny
+    from ddpm_jax import benchmarking
+
+    res = benchmarking.run_benchmark(tiny.get_config(), skip=("train", "parts", "sample", "large"))
+    assert res["model"]["forward_flops_per_image"] is None and res["model"]["params"] == 702_499
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
