@@ -207,14 +207,14 @@ def test_checker_finds_exactly_the_rendered_objects(rendered):
         found = sorted((d.colour, d.shape, d.box) for d in C.detect(image))
         assert found == sorted((o.colour, o.shape, o.box) for o in scene)
     rates = C.check(images, captions)
-    assert rates == {"colour": 1.0, "count": 1.0, "shape": 1.0, "all": 1.0, "relation": 1.0}
+    assert rates == {"colour": 1.0, "count": 1.0, "shape": 1.0, "all": 1.0, "relation": 1.0, "reversed": 0.0}
 
 
 def test_checker_on_16x16_renders(rendered):
     """2x2 box averages, as a 16x16 base model would see the data: 100% on these 1,000 scenes."""
     _, images, captions = rendered
     rates = C.check(_downsample(images, 2), captions)
-    assert rates == {"colour": 1.0, "count": 1.0, "shape": 1.0, "all": 1.0, "relation": 1.0}
+    assert rates == {"colour": 1.0, "count": 1.0, "shape": 1.0, "all": 1.0, "relation": 1.0, "reversed": 0.0}
 
 
 @pytest.mark.parametrize("shape", S.SHAPES)
@@ -254,12 +254,14 @@ def test_checker_verdicts_on_hand_made_mistakes():
     square = SceneObject("square", "blue", (10, 18, 22, 30))
     image = S.render([circle, square])
     assert _one(image, "a red circle left of a blue square") == dict(
-        colour=True, count=True, shape=True, relation=True, two_objects=True, all=True)
-    # The right objects in the wrong relation.
+        colour=True, count=True, shape=True, relation=True, reversed=False, two_objects=True, all=True)
+    # The right objects in the wrong relation: the opposite one, then a perpendicular one (neither).
     swapped = _one(image, "a blue square left of a red circle")
     assert swapped["colour"] and swapped["count"] and swapped["shape"] and swapped["two_objects"]
-    assert not swapped["relation"] and not swapped["all"]
-    assert not _one(image, "a red circle above a blue square")["relation"]
+    assert not swapped["relation"] and swapped["reversed"] and not swapped["all"]
+    assert _one(image, "a red circle right of a blue square")["reversed"]
+    perpendicular = _one(image, "a red circle above a blue square")
+    assert not perpendicular["relation"] and not perpendicular["reversed"]
     # Colour and shape bound the wrong way round: each attribute is there, the pairs are not.
     crossed = _one(image, "a blue circle left of a red square")
     assert crossed["colour"] and crossed["shape"] and not crossed["all"]

@@ -11,7 +11,9 @@ Works for uint8 RGB images of any size >= 8 (the dataset's 32x32, a 16x16 base m
 Per image it reports: 'colour' (the set of colours seen is the caption's), 'count' (as many objects
 as the caption names), 'shape' (the multiset of shapes is the caption's), 'relation' (two-object
 captions: the objects that best match the caption's two stand in its relation, judged by the
-larger centre offset), 'all' (the right count, each named (colour, shape) seen, and the relation).
+larger centre offset), 'all' (the right count, each named (colour, shape) seen, and the relation),
+and 'reversed' (the same objects stand in the opposite relation: a model that places the two
+objects along the right axis but ignores which is which scores about as much here as in 'relation').
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ TRIANGLE_SKEW = -0.25
 # ~0.79; measured 0.97-1.03 and 0.78-0.87 on 16x16 renders with noise).
 SQUARE_FILL = 0.92
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 class Detection(NamedTuple):
@@ -132,11 +135,11 @@ def _validate(images: np.ndarray, captions) -> None:
 
 def per_image(images: np.ndarray, captions) -> dict[str, np.ndarray]:
     """uint8 `[N, H, W, 3]` and N captions (str or bytes) -> bool `[N]` arrays 'colour', 'count',
-    'shape', 'relation' (False for one-object captions), 'two_objects' (the caption names two)
-    and 'all'. ValueError, naming it, for a caption outside the grammar."""
+    'shape', 'relation' and 'reversed' (False for one-object captions), 'two_objects' (the caption
+    names two) and 'all'. ValueError, naming it, for a caption outside the grammar."""
     _validate(images, captions)
     parsed = [parse_caption(c.decode() if isinstance(c, bytes) else c) for c in captions]
-    keys = ("colour", "count", "shape", "relation", "two_objects", "all")
+    keys = ("colour", "count", "shape", "relation", "reversed", "two_objects", "all")
     out = {k: np.zeros(len(images), bool) for k in keys}
     for i, (image, (kinds, relation)) in enumerate(zip(images, parsed)):
         found = detect(image)
@@ -146,15 +149,17 @@ def per_image(images: np.ndarray, captions) -> dict[str, np.ndarray]:
         out["shape"][i] = sorted(s for _, s in seen) == sorted(s for _, s in kinds)
         out["two_objects"][i] = relation is not None
         out["relation"][i] = relation is not None and _relation_holds(found, kinds, relation)
+        out["reversed"][i] = relation is not None and _relation_holds(found, kinds, OPPOSITE[relation])
         out["all"][i] = seen == sorted(kinds) and (relation is None or out["relation"][i])
     return out
 
 
 def check(images: np.ndarray, captions) -> dict[str, float]:
-    """Rates over the images of 'colour', 'count', 'shape', 'all', and 'relation' over those with
-    two-object captions (NaN if none)."""
+    """Rates over the images of 'colour', 'count', 'shape', 'all', and 'relation' and 'reversed'
+    over those with two-object captions (NaN if none)."""
     v = per_image(images, captions)
     rates = {k: float(v[k].mean()) for k in ("colour", "count", "shape", "all")}
     two = v["two_objects"]
-    rates["relation"] = float(v["relation"][two].mean()) if two.any() else float("nan")
+    for k in ("relation", "reversed"):
+        rates[k] = float(v[k][two].mean()) if two.any() else float("nan")
     return rates

@@ -220,7 +220,8 @@ def shapes(config: ConfigDict, params) -> dict:
     """Text-to-image on `shapes`: one sample (see `sampling_config`; guidance `sampling.guidance`) for
     each of the first `eval.num_samples` captions of the held-out split, checked by
     `shapes_checker` at the model's resolution. Rates over all images ('colour', 'count', 'shape',
-    'all'), over two-object captions ('relation'), and split by one/two objects ('*_one', '*_two')."""
+    'all'), over two-object captions ('relation', 'reversed': the opposite one), and split by
+    one/two objects ('*_one', '*_two')."""
     check_shapes(config)
     split = eval_split(config)
     texts = captions(config, split, config.eval.num_samples)
@@ -234,7 +235,7 @@ def shapes(config: ConfigDict, params) -> dict:
     two = v["two_objects"]
     rate = lambda x: float(x.mean()) if x.size else float("nan")
     result = {k: rate(v[k]) for k in ("colour", "count", "shape", "all")}
-    result["relation"] = rate(v["relation"][two])
+    result.update({k: rate(v[k][two]) for k in ("relation", "reversed")})
     for k in ("colour", "count", "shape", "all"):
         result[f"{k}_one"], result[f"{k}_two"] = rate(v[k][~two]), rate(v[k][two])
     sp = config.sampling
