@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.channels = 3
     c.data.random_flip = True
+    # > 0: each training image is made this size square (centre crop, resize), then a random
+    # image_size crop of it is taken (super-resolution on large images: detail at this scale,
+    # the low-res input made from the crop); 0: the whole image at image_size.
+    c.data.random_crop = 0
     c.data.shuffle_buffer = 50_000
     # Text models: the caption feature (a Text, or a Sequence of Text of which one is drawn per
     # example per epoch, e.g. coco_captions' 'captions/text') and the most byte tokens kept, BOS

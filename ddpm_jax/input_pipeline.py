@@ -5,9 +5,9 @@ Batches are dicts {'image': float32 `[D, B_dev, H, W, C]` in [-1, 1], 'label': i
 ...]` stack of k consecutive batches). 'label' is there when the dataset has one.
 
 The order is a fixed function of `config.seed`: epoch e of the split is shuffled with its own seed,
-and the flip of its i-th example comes from (that seed, i). The stream from example position p is
-therefore the tail of the stream from 0, and a resumed run rebuilds it from epoch p // n, skipping
-p % n records that are still encoded (cheap).
+and the flip (and with `data.random_crop` the crop) of its i-th example comes from (that seed, i).
+The stream from example position p is therefore the tail of the stream from 0, and a resumed run
+rebuilds it from epoch p // n, skipping p % n records that are still encoded (cheap).
 
 With several processes every process walks that same global stream and keeps the contiguous share
 of each global batch of `training.batch_size` that its devices take (process i: examples
@@ -40,16 +40,17 @@ except RuntimeError:  # TensorFlow ran something before this import: too late to
 
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with s * stride + e
 _CAPTION_SEED_OFFSET = 2 ** 40  # a caption draw's seed is the flip's, index shifted by this
+_CROP_SEED_OFFSET = 2 ** 41  # and a crop's by this
 
 
 def get_builder(data_config, model_config=None) -> tfds.core.DatasetBuilder:
     """The tfds builder of `data.dataset`, or a UserError naming the field and similar names.
 
     'folder' reads the images in `data.data_dir` (`datasets.folder`), prepared at `data.image_size`
-    and `data.channels` into `data.cache_dir` (None: a hidden folder inside `data.data_dir`), with
-    the text `model_config.text_encoder` reads beside each image: NAME.txt captions ('trained'), or
-    NAME.npz embeddings padded to `data.max_text_len` tokens of `model.text_emb_dim` ('precomputed').
-    Without `model_config`, images (and labels) only.
+    (`data.random_crop` if set) and `data.channels` into `data.cache_dir` (None: a hidden folder
+    inside `data.data_dir`), with the text `model_config.text_encoder` reads beside each image:
+    NAME.txt captions ('trained'), or NAME.npz embeddings padded to `data.max_text_len` tokens of
+    `model.text_emb_dim` ('precomputed'). Without `model_config`, images (and labels) only.
     """
     name = data_config.dataset
     if name == "folder":
@@ -57,9 +58,11 @@ def get_builder(data_config, model_config=None) -> tfds.core.DatasetBuilder:
             raise UserError("data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
         encoder = model_config.text_encoder if model_config is not None else "none"
         embedding_shape = (data_config.max_text_len, model_config.text_emb_dim) if encoder == "precomputed" else None
-        return folder_dataset.Folder(folder=data_config.data_dir, image_size=data_config.image_size,
+        size = data_config.random_crop or data_config.image_size  # the crops' source size, if cropping
+        return folder_dataset.Folder(folder=data_config.data_dir, image_size=size,
                                      channels=data_config.channels, cache_dir=data_config.cache_dir,
-                                     captions=encoder == "trained", embedding_shape=embedding_shape)
+                                     captions=encoder == "trained", embedding_shape=embedding_shape,
+                                     size_field="data.random_crop" if data_config.random_crop else "data.image_size")
     try:
         return tfds.builder(name, data_dir=data_config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -232,11 +235,16 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
         flip_seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([seed, i]))
         return tf.data.Dataset.zip(shuffled, flip_seeds)
 
-    resize = tuple(image_feature.shape[:2]) != (d.image_size, d.image_size)
+    # With data.random_crop, a random image_size crop of the image made random_crop square.
+    square = d.random_crop or d.image_size
+    resize = tuple(image_feature.shape[:2]) != (square, square)
 
     def preprocess(ex, flip_seed):
         image = image_feature.decode_example(ex["image"])
-        image = to_square(image, d.image_size) if resize else tf.cast(image, tf.float32)
+        image = to_square(image, square) if resize else tf.cast(image, tf.float32)
+        if d.random_crop:
+            crop_seed = tf.stack([flip_seed[0], flip_seed[1] + _CROP_SEED_OFFSET])
+            image = tf.image.stateless_random_crop(image, [d.image_size, d.image_size, d.channels], crop_seed)
         if d.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         out = {"image": image / 127.5 - 1.0}

@@ -56,6 +56,10 @@ def validate_data_and_model(config: ConfigDict):
     _require(d.dataset != "folder" or bool(d.data_dir),
              "data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
     _positive_int(config, "data.shuffle_buffer")
+    _non_negative_int(d.random_crop, "data.random_crop")
+    _require(d.random_crop == 0 or d.random_crop >= size,
+             f"data.random_crop={d.random_crop}: the images are made this size and cropped to "
+             f"data.image_size={size}, so it must be 0 (no crop) or at least {size}.")
     _positive_int(config, "model.ch")
     _require(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
              f"model.ch_mult={tuple(m.ch_mult)}: must be a non-empty tuple of positive integers.")

@@ -81,6 +81,25 @@ def test_stream_is_fixed_by_the_seed_and_resumes_as_its_tail(data_dir):
     assert 0.3 < np.mean(~as_is) < 0.7
 
 
+def test_random_crops_are_windows_of_the_images_drawn_from_the_seed(data_dir):
+    config = small_digits_config(data_dir)
+    config.data.image_size, config.data.random_crop = 4, 8  # 4x4 windows of the 8x8 digits
+    crops, labels = first_examples(config, 200)
+    assert crops.shape == (200, 4, 4, 1)
+    np.testing.assert_array_equal(first_examples(config, 40, start_example=37)[0], crops[37:77])
+    sk_images, sk_labels = _sklearn_digits()
+    originals = np.round(sk_images * 255 / 16) / 127.5 - 1
+    windows = np.lib.stride_tricks.sliding_window_view(originals, (4, 4), axis=(1, 2))  # [N, 5, 5, 4, 4]
+    offsets = []
+    for crop, label in zip(crops[..., 0], labels):
+        match = np.abs(windows[sk_labels == label] - crop).max(axis=(-2, -1)) < 1e-6  # [n, 5, 5]
+        assert match.any()  # every crop is a window of a digit of its label
+        where = np.argwhere(match.any(axis=0))
+        if len(where) == 1:  # the crop says where it was taken
+            offsets.append(tuple(where[0]))
+    assert len(set(offsets)) >= 10  # of the 25 places, not one fixed window
+
+
 def test_steps_per_call_stacks_consecutive_batches(data_dir):
     config = small_digits_config(data_dir)
     one = iter(tfds.as_numpy(input_pipeline.create_dataset(config)))

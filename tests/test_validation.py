@@ -32,6 +32,8 @@ def test_shipped_configs_are_valid():
     ("training.sample_every", -1, r"training\.sample_every=-1: must be 0 \(no samples\) or a multiple of "
                                  r"training\.steps_per_call=1"),
     ("data.channels", 2, r"data\.channels=2: must be one of \(1, 3\)"),
+    ("data.random_crop", 16, r"data\.random_crop=16: .* must be 0 \(no crop\) or at least 32"),
+    ("data.random_crop", -1, r"data\.random_crop=-1: must be a non-negative integer"),
     ("optim.ema_decay", 1.0, r"optim\.ema_decay=1\.0: must be in \[0, 1\)"),
     ("model.attention", "flash", r"model\.attention='flash': must be one of \('xla', 'cudnn'\)"),
     ("model.attention", "cudnn", r"model\.attention='cudnn' needs model\.dtype bfloat16 or float16"),

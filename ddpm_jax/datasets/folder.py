@@ -204,12 +204,13 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def __init__(self, *, folder: str, image_size: int, channels: int, cache_dir: str | None = None,
-                 captions: bool = False, embedding_shape: tuple[int, int] | None = None, **kwargs):
+                 captions: bool = False, embedding_shape: tuple[int, int] | None = None,
+                 size_field: str = "data.image_size", **kwargs):
         if captions and embedding_shape:
             raise ValueError("Folder reads captions or embeddings, not both.")
         self.captions, self.embedding_shape = captions, embedding_shape
         self.listing = scan(folder, CAPTION_EXTENSION if captions else EMBEDDING_EXTENSION if embedding_shape else "")
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.size_field = image_size, channels, size_field  # field: for errors
         cache_root = cache_dir or os.path.join(folder, CACHE_DIRNAME)
         text = "_captions" if captions else f"_emb{embedding_shape[0]}x{embedding_shape[1]}" if embedding_shape else ""
         self.variant = f"{image_size}px_{channels}ch{text}"
@@ -252,9 +253,9 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         small = [(f, size) for f, size in zip(listing.files, sizes) if size and min(size) < s]
         if small:
             shown = ", ".join(f"{f} ({w}x{h})" for f, (w, h) in small[:5]) + (", ..." if len(small) > 5 else "")
-            raise UserError(f"data.image_size={s}: {len(small)} of the {len(paths)} images in data.data_dir="
+            raise UserError(f"{self.size_field}={s}: {len(small)} of the {len(paths)} images in data.data_dir="
                             f"{listing.root!r} are smaller than {s}x{s}: {shown}. Remove them or lower "
-                            f"data.image_size.")
+                            f"{self.size_field}.")
         if listing.sidecar:
             with concurrent.futures.ThreadPoolExecutor() as pool:
                 for _ in pool.map(self._text_features, listing.files):  # raises the first bad file's error
