@@ -58,8 +58,8 @@ done
 # The baseline again (compiled from the cache): two launches of one program have differed by 40% here.
 bench ddpm_jax_variant_baseline_again "" --skip=parts,sample,large
 echo "total ${SECONDS} s" >>"$LOG"
-python3 benchmarks/trace_summary.py "$WORK/profile_baseline" >"$WORK/trace_baseline.md" 2>>"$LOG"
-[ -d "$WORK/profile_last" ] && python3 benchmarks/trace_summary.py "$WORK/profile_last" >"$WORK/trace_$last.md" 2>>"$LOG"
+python3 benchmarks/trace_summary.py --top 40 "$WORK/profile_baseline" >"$WORK/trace_baseline.md" 2>>"$LOG"
+[ -d "$WORK/profile_last" ] && python3 benchmarks/trace_summary.py --top 40 "$WORK/profile_last" >"$WORK/trace_$last.md" 2>>"$LOG"
 python3 benchmarks/compare.py "$WORK" >"$WORK/table.md" 2>>"$LOG"
 tar czf "$OUT/levers.tgz" -C "$WORK" --exclude='profile_*' .
 cp "$WORK/table.md" "$LOG" "$OUT/"

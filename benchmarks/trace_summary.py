@@ -66,8 +66,16 @@ def _op_kind(event: dict) -> str:
     return re.sub(r"[._]\d+$", "", op) if op else event["name"]
 
 
+def _family(event: dict) -> str:
+    """A kernel's name without its number ('loop_add_fusion_10' -> 'loop_add_fusion': XLA names a
+    fusion for its root op) and, for library kernels, without their tile shapes ('sm90_xmma_fprop')."""
+    name = re.sub(r"_\d+$", "", event["name"])
+    return "_".join(name.split("_")[:3]) if name.startswith(("sm90_", "sm80_", "cudnn_", "nvjet_")) else name
+
+
 def summarize(events: list[dict], top: int = 25) -> dict:
-    """Device busy time and span per step, and the `top` kernels and HLO op kinds by total time (us)."""
+    """Device busy time and span per step, and the `top` kernels, kernel families (`_family`) and
+    HLO op kinds by total time (us)."""
     kernels = device_kernels(events)
     steps = max(1, sum(1 for e in events if e.get("ph") == "X" and e.get("name") == "train"))
     if not kernels:
@@ -85,7 +93,7 @@ def summarize(events: list[dict], top: int = 25) -> dict:
 
     return dict(steps=steps, kernels=len(kernels), busy_us_per_step=busy / steps, span_us_per_step=span / steps,
                 idle_share=1.0 - busy / span if span else 0.0, top_kernels=ranked(lambda e: e["name"]),
-                top_op_kinds=ranked(_op_kind))
+                top_families=ranked(_family), top_op_kinds=ranked(_op_kind))
 
 
 def format_summary(s: dict) -> str:
@@ -93,7 +101,8 @@ def format_summary(s: dict) -> str:
         return "No device kernels in this trace (a CPU run has no device process)."
     lines = [f"{s['steps']} steps: device busy {s['busy_us_per_step'] / 1e3:.2f} ms per step of a "
              f"{s['span_us_per_step'] / 1e3:.2f} ms span ({s['idle_share']:.1%} idle), {s['kernels']} kernels"]
-    for title, rows in (("kernel", s["top_kernels"]), ("HLO op kind", s["top_op_kinds"])):
+    for title, rows in (("kernel", s["top_kernels"]), ("kernel family", s["top_families"]),
+                        ("HLO op kind", s["top_op_kinds"])):
         lines += ["", f"| {title} | ms/step | calls/step | share |", "|---|---|---|---|"]
         lines += [f"| {r['name'][:90]} | {r['per_step_us'] / 1e3:.3f} | {r['calls_per_step']:g} | {r['share']:.1%} |"
                   for r in rows]

@@ -92,19 +92,22 @@ def test_trace_summary_counts_overlapping_kernels_once(tmp_path):
     events = meta + [
         _event(1, 1, "train", 0, 5), _event(1, 1, "train", 100, 5),
         _event(2, 7, "conv_kernel", 10, 30, hlo_op="convolution.3"),
-        _event(2, 8, "loop_fusion", 30, 20, hlo_op="fusion.12"),  # overlaps the conv by 10
+        _event(2, 8, "loop_fusion_3", 30, 20, hlo_op="fusion.12"),  # overlaps the conv by 10
         _event(2, 7, "conv_kernel", 110, 30, hlo_op="convolution.4"),
+        _event(2, 8, "loop_fusion_14", 150, 10, hlo_op="fusion.14"),
         _event(2, 9, "convolution.3", 10, 30),  # a summary line: must not be counted again
     ]
     path = tmp_path / "perfetto_trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     s = trace_summary.summarize(trace_summary.load_events(str(tmp_path)))
-    assert s["steps"] == 2 and s["kernels"] == 3
-    assert s["busy_us_per_step"] == pytest.approx((40 + 30) / 2)  # [10, 50) and [110, 140)
-    assert s["span_us_per_step"] == pytest.approx(130 / 2)
-    assert s["idle_share"] == pytest.approx(1 - 70 / 130)
+    assert s["steps"] == 2 and s["kernels"] == 4
+    assert s["busy_us_per_step"] == pytest.approx((40 + 30 + 10) / 2)  # [10, 50), [110, 140), [150, 160)
+    assert s["span_us_per_step"] == pytest.approx(150 / 2)
+    assert s["idle_share"] == pytest.approx(1 - 80 / 150)
     assert [(k["name"], k["total_us"], k["calls_per_step"]) for k in s["top_kernels"]] == [
-        ("conv_kernel", 60, 1.0), ("loop_fusion", 20, 0.5)]
-    assert [(k["name"], k["share"]) for k in s["top_op_kinds"]] == [("convolution", 0.75), ("fusion", 0.25)]
-    assert "2 steps: device busy 0.04 ms per step" in trace_summary.format_summary(s)
+        ("conv_kernel", 60, 1.0), ("loop_fusion_3", 20, 0.5), ("loop_fusion_14", 10, 0.5)]
+    assert [(k["name"], k["total_us"]) for k in s["top_families"]] == [("conv_kernel", 60), ("loop_fusion", 30)]
+    assert [(k["name"], k["share"]) for k in s["top_op_kinds"]] == [("convolution", 2 / 3), ("fusion", 1 / 3)]
+    text = trace_summary.format_summary(s)
+    assert "2 steps: device busy 0.04 ms per step" in text and "| loop_fusion | 0.015 | 1 | 33.3% |" in text
