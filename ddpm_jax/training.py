@@ -130,7 +130,10 @@ def train_steps(state: TrainState, batches: dict, *, config: ConfigDict) -> tupl
 
     Metrics are the means over the k steps ('nonfinite': the count).
     """
-    state, metrics = jax.lax.scan(functools.partial(train_step, config=config), state, batches)
+    # XLA:CPU runs this loop's body 15x slower than the same step outside a loop (tiny config: 15.8
+    # vs 1.0 s per step), so on CPU the k steps are unrolled; accelerators keep one compiled body.
+    unroll = jax.default_backend() == "cpu"
+    state, metrics = jax.lax.scan(functools.partial(train_step, config=config), state, batches, unroll=unroll)
     return state, {k: v.sum() if k == "nonfinite" else v.mean() for k, v in metrics.items()}
 
 

@@ -129,6 +129,27 @@ def test_sigterm_saves_and_the_restart_resumes_exactly_with_steps_per_call(data_
     chex.assert_trees_all_equal(straight, resumed)
 
 
+@pytest.mark.slow  # three compiles; the default suite's exact-resume test runs steps_per_call=2 too
+def test_fused_steps_equal_the_steps_one_call_each(data_dir):
+    """k = 2 steps in one call (unrolled on CPU) are the two single steps, metrics their means."""
+    config = small_digits_config(data_dir)
+    create = jax.jit(functools.partial(training.create_train_state, config))
+    init = lambda: parallel.replicate(create(jax.random.key(0)))
+    stacked = config.copy_and_resolve_references()
+    stacked.training.steps_per_call = 2
+    batches = next(iter(tfds.as_numpy(input_pipeline.create_dataset(stacked))))  # [D, 2, B_dev, ...]
+    single = training.pmap_train_step(config)
+    one, metrics = init(), []  # each call donates its state
+    for i in range(2):
+        one, m = single(one, jax.tree.map(lambda x: x[:, i], batches))
+        metrics.append(parallel.to_host(m))
+    fused, fused_metrics = training.pmap_train_step(stacked)(init(), batches)
+    chex.assert_trees_all_close(parallel.to_host(fused), parallel.to_host(one), atol=1e-6)
+    assert int(parallel.to_host(fused.step)) == 2
+    mean_loss = np.mean([m["loss"] for m in metrics])
+    np.testing.assert_allclose(parallel.to_host(fused_metrics)["loss"], mean_loss, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def steps_on_8_and_1_devices(data_dir):
     """Three conditional steps on global batches of 16, pmapped over 8 devices and over 1.
