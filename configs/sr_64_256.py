@@ -8,7 +8,10 @@ up/downsampling); text from a frozen encoder's precomputed embeddings (T5-XXL: 4
 Imagen; up to 128 tokens) in `NAME.npz` beside each image of a folder (docs/data.md); noise
 conditioning augmentation up to level 0.3 in training and 0.12 at sampling: DeepFloyd IF's stage II
 samples at noise level 250 of 1000 on a cosine schedule, abar 0.847, which the linear schedule
-reaches at t = 124.
+reaches at t = 124. It predicts v and samples from pure noise at DDIM eta 1, as configs/shapes_sr.py:
+on the CPU stage predicting eps failed from pure noise (7.1 dB against 26.4 dB with v;
+docs/super_resolution.md). Sampling also takes larger inputs than 64x64 (`--low_res` of 128x128
+makes 512x512).
     python -m ddpm_jax.main --config=configs/sr_64_256.py --workdir=runs/sr_64_256 \\
         --config.data.data_dir=/data/captioned_images
     python -m ddpm_jax.sample --workdir=runs/sr_64_256 --low_res=base_samples/ --prompt_embedding=prompt.npz
@@ -28,6 +31,7 @@ def get_config():
     c.model.text_width = 512
     c.model.remat = True
     c.diffusion.variance = "learned_range"
+    c.diffusion.model_output = "v"
     c.diffusion.low_res_aug_max = 0.3
     c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 1000
@@ -35,5 +39,6 @@ def get_config():
     c.training.num_train_steps = 500_000
     c.sampling.sampler = "ddim"
     c.sampling.steps = 250
+    c.sampling.eta = 1.0
     c.sampling.aug_level = 0.12
     return c

@@ -1,7 +1,8 @@
 """Cascades (Ho et al. 2022; Imagen, Saharia et al. 2022): a base model, then super-resolution stages.
 
 Stage 0 samples from noise (under the prompts or labels); stage k > 0 is a super-resolution model
-(`model.low_res_size` equal to stage k-1's `data.image_size`) that upscales stage k-1's images, row
+(`model.low_res_size` equal to the side of stage k-1's images, or a fraction of it: a stage trained
+on crops upscales whole images, `generation.sr_output_size`) that upscales stage k-1's images, row
 by row, under the same prompts. Every stage uses its own run's `sampling` section, with any of the
 per-stage overrides of `STAGE_FIELDS`; all stages run on all local devices through
 `generation.run`.
@@ -12,6 +13,7 @@ per-stage overrides of `STAGE_FIELDS`; all stages run on all local devices throu
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -63,6 +65,7 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
     for name, values in (overrides or {}).items():
         for stage, value in zip(stages, per_stage(name, values, len(stages))):
             stage.config.sampling[name] = value
+    size = stages[0].config.data.image_size  # of the images the stage before makes
     for k, stage in enumerate(stages):
         c = stage.config
         if num_samples is not None:
@@ -75,11 +78,16 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
                             f"(model.low_res_size={c.model.low_res_size}); the cascade starts with a base model.")
         if k > 0:
             prev = stages[k - 1].config.data
-            if c.model.low_res_size != prev.image_size or c.data.channels != prev.channels:
+            out = None  # the side this stage makes from the previous one's images (0: its data.image_size)
+            if c.model.low_res_size and c.data.channels == prev.channels:
+                with contextlib.suppress(UserError):
+                    out = generation.sr_output_size(c, (size, size), "")
+            if out is None:
                 raise UserError(f"--stages: {stage.workdir} upscales {c.model.low_res_size}x{c.model.low_res_size} "
-                                f"(model.low_res_size) but {stages[k - 1].workdir} makes {prev.image_size}x"
-                                f"{prev.image_size} images with {prev.channels} channels; each stage must "
-                                "upscale the previous one's images.")
+                                f"(model.low_res_size; or larger squares by the same factor) but "
+                                f"{stages[k - 1].workdir} makes {size}x{size} images with {prev.channels} "
+                                "channels; each stage must upscale the previous one's images.")
+            size = out or c.data.image_size
     return stages
 
 

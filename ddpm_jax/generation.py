@@ -41,7 +41,8 @@ class Request:
     'drop' always), x0 float32 in [-1, 1], mask bool. null_cond: a negative prompt's condition
     (guidance's unconditional half; default the null condition); source_cond: the condition DDIM
     inversion runs under (prompt-to-prompt editing). prompts: the distinct prompts, each on
-    `num_samples // len(prompts)` consecutive rows."""
+    `num_samples // len(prompts)` consecutive rows. image_size: the side of the images made (a
+    super-resolution model upscaling larger inputs than it was trained on), 0 for data.image_size."""
 
     num_samples: int
     spec: S.SampleSpec
@@ -52,6 +53,7 @@ class Request:
     null_cond: dict | None = None
     source_cond: dict | None = None
     prompts: list[str] | None = None
+    image_size: int = 0
 
     @property
     def labels(self) -> np.ndarray:
@@ -177,7 +179,9 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     Text models take `prompts` (or a `prompt_embedding` file); each prompt gets `sampling.num_samples`
     rows (with --init_images: the inputs, each edited under every prompt), prompt by prompt.
     Super-resolution models take `low_res` (a PNG or folder, or uint8 `[N, h, h, C]`): by default one
-    row per input, each upscaled under every prompt, as --init_images."""
+    row per input, each upscaled under every prompt, as --init_images; inputs larger than
+    model.low_res_size are upscaled by the same factor (the U-Net is convolutional; its attention
+    layers stay at their levels), e.g. whole images by a stage trained on crops."""
     validate_sampling(config)
     d, sp = config.data, config.sampling
     auto_mask = mask == AUTO_MASK
@@ -206,7 +210,7 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     num_prompts = len(cond["drop"]) if config.model.text_encoder != "none" else 1
 
     per_prompt, x0, mask_arr, level = sp.num_samples, None, None, None
-    low_res_rows = None
+    low_res_rows, image_size = None, 0
     if config.model.low_res_size:
         if low_res is None:
             raise UserError(f"--low_res: this run's model is a super-resolution model (model.low_res_size="
@@ -214,14 +218,11 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
         if init_images is not None:
             raise UserError("--init_images: editing is not supported by super-resolution models (give --low_res only).")
         lr = low_res if isinstance(low_res, np.ndarray) else _load("low_res", low_res, channels=d.channels)
-        size = config.model.low_res_size
-        if lr.shape[1:3] != (size, size):
-            raise UserError(f"--low_res={low_res if isinstance(low_res, str) else 'images'}: the inputs are "
-                            f"{lr.shape[2]}x{lr.shape[1]}; this model upscales {size}x{size} (model.low_res_size).")
+        image_size = sr_output_size(config, lr.shape[1:3], low_res if isinstance(low_res, str) else "images")
         per_prompt = sp.num_samples if "num_samples" in given else len(lr)
         low_res_rows = image_utils.from_uint8(lr[np.arange(per_prompt) % len(lr)])
         if sp.sr_strength < 1.0:  # SDEdit from the upsampled input instead of pure noise
-            x0 = upsampled(config, low_res_rows)
+            x0 = upsampled(config, low_res_rows, image_size)
             level = S.strength_to_level(sp.sr_strength, sp.steps)
     elif low_res is not None:
         raise UserError("--low_res: this run's model is not a super-resolution model (model.low_res_size=0).")
@@ -258,8 +259,22 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                         mask_level=max(1, S.strength_to_level(sp.mask_strength, sp.steps)) if auto_mask else 0,
                         mask_draws=sp.mask_draws, mask_threshold=sp.mask_threshold, mask_dilation=sp.mask_dilation)
     return Request(n, spec, cond, label if config.model.num_classes else None, x0, mask_arr, rows(null_cond),
-                   rows(source_cond),
-                   list(prompts) if prompts is not None else None)
+                   rows(source_cond), list(prompts) if prompts is not None else None, image_size)
+
+
+def sr_output_size(config: ConfigDict, input_hw: tuple[int, int], name: str) -> int:
+    """The side of the images a super-resolution model makes from inputs of `input_hw`: square inputs
+    of low_res_size make data.image_size, larger ones as much larger; the U-Net needs a side that
+    halves evenly at each of its levels. Anything else is a UserError naming --low_res=`name`."""
+    d, m = config.data, config.model
+    h, w = input_hw
+    side, rem = divmod(h * d.image_size, m.low_res_size)
+    halvings = 2 ** (len(m.ch_mult) - 1)
+    if h != w or h < m.low_res_size or rem or side % halvings:
+        raise UserError(f"--low_res={name}: the inputs are {w}x{h}; this model upscales {m.low_res_size}x"
+                        f"{m.low_res_size} (model.low_res_size) to {d.image_size}x{d.image_size}, and square inputs "
+                        f"at least that large whose upscaled side is a multiple of {halvings}.")
+    return 0 if side == d.image_size else side
 
 
 def paired_request(config: ConfigDict, low_res: np.ndarray, *, prompts: list[str] | None = None,
@@ -274,26 +289,29 @@ def paired_request(config: ConfigDict, low_res: np.ndarray, *, prompts: list[str
     replace = lambda cond: None if cond is None else {**cond, "low_res": rows}
     return dataclasses.replace(req, cond=replace(req.cond), null_cond=replace(req.null_cond),
                                source_cond=replace(req.source_cond),
-                               x0=None if req.x0 is None else upsampled(config, rows))
+                               x0=None if req.x0 is None else upsampled(config, rows, req.image_size))
 
 
-def upsampled(config: ConfigDict, low_res: np.ndarray) -> np.ndarray:
-    """float `[N, h, h, C]` low-res inputs resized to `data.image_size` as the model resizes them."""
-    return np.asarray(superres.upsample(low_res, config.data.image_size, config.model.low_res_resize))
+def upsampled(config: ConfigDict, low_res: np.ndarray, image_size: int = 0) -> np.ndarray:
+    """float `[N, h, h, C]` low-res inputs resized to `image_size` (default `data.image_size`) as
+    the model resizes them."""
+    size = image_size or config.data.image_size
+    return np.asarray(superres.upsample(low_res, size, config.model.low_res_resize))
 
 
-def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec):
-    """The pmapped `(params, key, shard) -> {'images'[, 'frames']}` of a config and a request kind,
-    built once per (config, spec) and reused. params are not replicated (in_axes None)."""
-    return parallel.built_once(("sample", config.to_json_best_effort(sort_keys=True), spec),
-                               lambda: _build_sampler(config, spec))
+def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec, image_size: int = 0):
+    """The pmapped `(params, key, shard) -> {'images'[, 'frames']}` of a config, a request kind and
+    the side of the images (default `data.image_size`), built once per (config, spec, side) and
+    reused. params are not replicated (in_axes None)."""
+    side = image_size or config.data.image_size
+    return parallel.built_once(("sample", config.to_json_best_effort(sort_keys=True), spec, side),
+                               lambda: _build_sampler(config, spec, side))
 
 
-def _build_sampler(config: ConfigDict, spec: S.SampleSpec):
-    d = config.data
+def _build_sampler(config: ConfigDict, spec: S.SampleSpec, side: int):
     model = unet_from_config(config)
     s = D.schedule_from_config(config.diffusion, config.sampling.steps)
-    kind, shape = config.diffusion.model_output, (d.image_size, d.image_size, d.channels)
+    kind, shape = config.diffusion.model_output, (side, side, config.data.channels)
 
     def device_fn(params, key, shard):
         key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
@@ -309,7 +327,7 @@ def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
 
     Batch c uses fold_in(key, c), device d in it fold_in(that, d), key = key(sampling.seed).
     """
-    fn = pmapped_sampler(config, req.spec)
+    fn = pmapped_sampler(config, req.spec, req.image_size)
     key = jax.random.key(config.sampling.seed)
     inputs = {name: value for name, value in (("cond", req.cond), ("null_cond", req.null_cond),
                                               ("source_cond", req.source_cond), ("x0", req.x0), ("mask", req.mask))

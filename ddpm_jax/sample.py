@@ -43,7 +43,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("invert", False, "Image-to-image: reach t by DDIM inversion instead of adding noise.",
                       flag_values=fv)
     flags.DEFINE_string("low_res", None, "Super-resolution models: the low-resolution input, a PNG or a folder "
-                        "of them at the model's model.low_res_size.", flag_values=fv)
+                        "of them at the model's model.low_res_size, or larger squares (upscaled by the same "
+                        "factor).", flag_values=fv)
     flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep; "
                         "'auto': DiffEdit's mask, where --prompt and --source_prompt (or the null text) disagree.",
                         flag_values=fv)

@@ -91,10 +91,10 @@ def test_sr_64_256_has_the_upsampler_sizes_and_validates():
     m = c.model
     assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (192, (1, 1, 2, 2, 4, 4), 2,
                                                                                      (32, 16, 8))
-    assert (m.low_res_size, c.data.image_size, m.text_encoder, c.diffusion.variance) == (
-        64, 256, "precomputed", "learned_range")
+    assert (m.low_res_size, c.data.image_size, m.text_encoder, c.diffusion.variance, c.diffusion.model_output) == (
+        64, 256, "precomputed", "learned_range", "v")
     c.data.data_dir = "/data/captioned"
     validation.validate_config(c, num_devices=16)
     shapes = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
     assert shapes["conv_in"]["kernel"].shape == (3, 3, 6, 192)  # x_t and the upsampled input, on channels
-    assert shapes["conv_out"]["kernel"].shape[-1] == 6  # eps and the variance interpolation
+    assert shapes["conv_out"]["kernel"].shape[-1] == 6  # v and the variance interpolation

@@ -152,9 +152,17 @@ def test_sample_command_upscales_low_res_inputs(sr_run, tmp_path):
                                  "--steps=3", f"--out={tmp_path / 'out'}")
     assert status == 0, err[-2000:]
     assert np.load(tmp_path / "out" / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
+    # Larger inputs are upscaled by the same factor (the model was trained 4 -> 8)
     image_utils.save_png(str(tmp_path / "big.png"), rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
+    status, _, err = run_command(sample, f"--workdir={sr_run}", f"--low_res={tmp_path / 'big.png'}", "--steps=2",
+                                 f"--out={tmp_path / 'big'}")
+    assert status == 0, err[-2000:]
+    assert np.load(tmp_path / "big" / "samples.npz")["arr_0"].shape == (1, 16, 16, 1)
+    image_utils.save_png(str(tmp_path / "wide.png"), rng.integers(0, 256, (4, 6, 1), dtype=np.uint8))
+    image_utils.save_png(str(tmp_path / "small.png"), rng.integers(0, 256, (2, 2, 1), dtype=np.uint8))
     for args, needle in (((), "--low_res: this run's model is a super-resolution model"),
-                         ((f"--low_res={tmp_path / 'big.png'}",), "this model upscales 4x4"),
+                         ((f"--low_res={tmp_path / 'wide.png'}",), "the inputs are 6x4; this model upscales 4x4"),
+                         ((f"--low_res={tmp_path / 'small.png'}",), "square inputs at least that large"),
                          ((f"--low_res={tmp_path / 'in'}", "--aug_level=1.5"), "sampling.aug_level=1.5"),
                          ((f"--low_res={tmp_path / 'in'}", "--sr_strength=2"), "sampling.sr_strength=2")):
         status, _, err = run_command(sample, f"--workdir={sr_run}", *args, f"--out={tmp_path / 'bad'}")
@@ -176,6 +184,14 @@ def test_sr_strength_starts_from_the_upsampled_input(sr_run):
     np.testing.assert_array_equal(generation.paired_request(config, low).x0, up)
     config.sampling.sr_strength = 1.0  # SR3: from pure noise
     assert generation.make_request(config, low_res=low).x0 is None
+    # twice the trained size: level 0 is the input upsampled to 16x16, as the model upsamples it
+    big = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    config.sampling.sr_strength = 0.0
+    req = generation.paired_request(config, big)
+    assert req.image_size == 16 and req.cond["low_res"].shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(generation.run(config, params, req)["images"],
+                               superres.upsample(image_utils.from_uint8(big), 16, config.model.low_res_resize),
+                               atol=1e-6)
 
 
 @pytest.mark.slow
@@ -212,6 +228,13 @@ def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
         assert status == 2 and needle in err and "Traceback" not in err, err
     with pytest.raises(UserError, match="--guidance"):
         cascading.load_stages([base, sr], {"guidance": ["x"]})
+    # a stage trained 4 -> 8 (on crops, say) upscales the base's whole 8x8 images to 16x16
+    crops_config = _text_config()
+    crops_config.model.low_res_size = 4
+    crops = _save_run(tmp_path / "crops", crops_config)
+    outputs = cascading.run(cascading.load_stages([base, crops], {"steps": ["2"]}, num_samples=1),
+                            prompts=prompts[:1])
+    assert [o.shape for o in outputs] == [(1, 8, 8, 3), (1, 16, 16, 3)]
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it

@@ -142,7 +142,8 @@ class UNet(nn.Module):
     cond: 'label' int `[B]` (`num_classes > 0`; index `num_classes` is the null class); 'tokens'
     int32 `[B, L]` + 'mask' bool `[B, L]` (`text_encoder='trained'`: byte tokens of `ddpm_jax.text`);
     'text_emb' float `[B, L, D]` + 'mask' (`text_encoder='precomputed'`); 'low_res' float
-    `[B, low_res_size, low_res_size, C]` in [-1, 1] (already noise-augmented, `superres.augment`) +
+    `[B, h, h, C]` in [-1, 1], h = low_res_size at the trained size (already noise-augmented,
+    `superres.augment`; resized to x's size) +
     'aug_level' float `[B]` (`low_res_size > 0`); 'drop' bool `[B]`: use the
     null condition (the null class, or the learned null text token) instead, as in training's
     condition dropout and the unconditional half of classifier-free guidance. Unconditional models
@@ -154,6 +155,7 @@ class UNet(nn.Module):
     ch_mult: Sequence[int] = (1, 2, 2, 2)
     num_res_blocks: int = 2
     attn_resolutions: Sequence[int] = (16,)
+    resolution: int = 0  # the image side attn_resolutions refer to (the trained size; 0: the input's)
     dropout: float = 0.1
     num_classes: int = 0
     dtype: Dtype = jnp.float32
@@ -228,11 +230,15 @@ class UNet(nn.Module):
         if context is not None:
             temb = temb + _dense(self.ch * 4, dt, name="text_pool")(text.pooled(*context))
 
+        # Attention by level, not by the size met: a model applied to larger images than it was
+        # trained on (super-resolution of whole images after training on crops) keeps its layers.
+        side = self.resolution or x.shape[1]
+        attends = lambda level: side // 2 ** level in self.attn_resolutions
         hs = [_conv(self.ch, dt, name="conv_in")(x.astype(dt))]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = block(self.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train)
-                if h.shape[1] in self.attn_resolutions:
+                if attends(level):
                     h = attn(f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
@@ -247,7 +253,7 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = block(self.ch * mult, f"up_{level}_block_{i}")(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
-                if h.shape[1] in self.attn_resolutions:
+                if attends(level):
                     h = attn(f"up_{level}_attn_{i}")(h)
             if level != 0:
                 B, H, W, C = h.shape
@@ -265,6 +271,7 @@ def unet_from_config(config: ConfigDict) -> UNet:
     return UNet(ch=m.ch, out_ch=config.data.channels * (2 if config.diffusion.variance == "learned_range" else 1),
                 ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                resolution=config.data.image_size,
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
                 attention=m.attention, remat=m.remat, attn_position=m.attn_position,
                 text_attention=m.text_attention,
