@@ -6,10 +6,11 @@ inversion under the image's own caption, or DiffEdit (that inversion, decoded on
 where the target prompt and the caption disagree: `--mask=auto`), then 50 DDIM steps (eta 0 unless
 --eta) at the run's guidance. Reported: the share of outputs with exactly one object, of the target
 colour (shapes_checker), and the share whose object's centre is also within 2 pixels (of 16) of the
-input's.
+input's. `--negative=source`: the image's own caption as the negative prompt (guidance's
+unconditional half), so guidance pushes along target minus source (the colour) only.
     python benchmarks/shapes_recolour.py [--workdir=runs/shapes_t2i] [--edits=sdedit,invert,diffedit]
         [--scenes=0:200] [--strengths=0.3,0.5] [--mask_strength=0.5] [--mask_threshold=0.5]
-        [--mask_dilation=0] [--eta=0] [--guidance=3]
+        [--mask_dilation=0] [--eta=0] [--guidance=3] [--negative=null]
 """
 import argparse
 import dataclasses
@@ -31,6 +32,8 @@ parser.add_argument("--mask_strength", type=float, default=0.5, help="DiffEdit: 
 parser.add_argument("--guidance", type=float, default=None, help="guidance w (default: the run's)")
 parser.add_argument("--scenes", default="0:200", help="which one-object held-out scenes, START:STOP")
 parser.add_argument("--strengths", default=None, help="comma-separated strengths instead of each edit's own")
+parser.add_argument("--negative", default="null", choices=("null", "source"),
+                    help="guidance's unconditional half: the null text, or the image's own caption")
 args = parser.parse_args()
 EDITS = {"sdedit": [(s, False, False) for s in (0.3, 0.4, 0.5, 0.6, 0.7)],  # (strength, invert, auto mask)
          "invert": [(0.5, True, False), (0.7, True, False)],
@@ -59,9 +62,10 @@ for strength, invert, auto_mask in settings:
     req = generation.make_request(config, prompts=targets, init_images=first, invert=invert,
                                   given=frozenset({"num_samples", "strength"}), mask="auto" if auto_mask else None,
                                   source_prompt="a red circle" if invert else None)
-    source = generation.text_cond(config, [captions[i] for i in single], "--source_prompt") if invert else None
+    source = {**req.cond, **generation.text_cond(config, [captions[i] for i in single], "--source_prompt")}
     req = dataclasses.replace(req, x0=image_utils.from_uint8(real[single]),  # image i under prompt i
-                              source_cond=None if source is None else {**req.cond, **source})
+                              source_cond=source if invert else None,
+                              null_cond=source if args.negative == "source" else None)
     out = image_utils.to_uint8(generation.run(config, params, req)["images"])
     colour_ok, near = [], []
     for k, i in enumerate(single):
@@ -76,7 +80,7 @@ for strength, invert, auto_mask in settings:
             near.append(False)
     what = (f", mask at {args.mask_strength} threshold {args.mask_threshold} dilation {args.mask_dilation}"
             if auto_mask else "")
-    what += f", w {config.sampling.guidance:g}"
+    what += f", w {config.sampling.guidance:g}" + (", negative: the caption" if args.negative == "source" else "")
     print(f"strength {strength}, invert {invert}, DiffEdit mask {auto_mask}{what}: target colour (one object of it, "
           f"nothing else) {np.mean(colour_ok):.1%}, and centre within 2 px {np.mean(near):.1%} of {len(single)}",
           flush=True)
