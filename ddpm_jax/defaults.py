@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.attention = "xla"  # attention kernel: xla | cudnn (NVIDIA GPU, bfloat16/float16 compute)
     c.model.attn_position = False  # 2D position embedding on attention queries and keys (text: relations)
+    c.model.coord_channels = False  # row and column as two more input channels (CoordConv; text: relations)
     c.model.remat = False  # recompute each block's activations in the backward pass: less memory, more time
     # Text conditioning: none | trained (ddpm_jax.text.TextEncoder on byte tokens, trained with the
     # U-Net) | precomputed (the dataset's 'text_emb' [L, D] and 'text_mask' [L], any frozen encoder).

@@ -77,6 +77,26 @@ def test_attention_stays_at_its_levels_on_larger_inputs():
                                                            "up_0_attn_1"]
     assert UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)).resolution == 0  # input's size
 
+
+def test_coord_channels_are_the_only_difference_they_make():
+    """The two channels hold each pixel's row and column; with their conv_in weights zeroed the
+    model is the model without them (to float32 rounding: the convolution sums 5 channels, not 3)."""
+    from ddpm_jax.models.unet import coordinate_channels
+    c = coordinate_channels(jnp.zeros((2, 3, 5, 1)))
+    assert c.shape == (2, 3, 5, 2)
+    np.testing.assert_array_equal(c[1, :, 4, 0], [-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(c[1, 2, :, 1], [-1.0, -0.5, 0.0, 0.5, 1.0])
+    kw = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    coord, plain = UNet(coord_channels=True, **kw), UNet(**kw)
+    params = _perturbed(_init(coord, (1, 8, 8, 3)))
+    assert params["conv_in"]["kernel"].shape == (3, 3, 5, 32)
+    x, t = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)), jnp.array([1, 9])
+    cut = {**params, "conv_in": {**params["conv_in"], "kernel": params["conv_in"]["kernel"][:, :, :3]}}
+    zeroed = {**params, "conv_in": {**params["conv_in"], "kernel": params["conv_in"]["kernel"].at[:, :, 3:].set(0.0)}}
+    out = coord.apply({"params": params}, x, t)
+    np.testing.assert_allclose(coord.apply({"params": zeroed}, x, t), plain.apply({"params": cut}, x, t), atol=1e-5)
+    assert np.abs(out - plain.apply({"params": cut}, x, t)).max() > 1e-3
+
 def test_attention_sees_positions_only_with_the_position_embedding():
     from ddpm_jax.models.unet import AttnBlock, position_embedding, timestep_embedding
 

@@ -50,6 +50,13 @@ def position_embedding(height: int, width: int, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.repeat(rows, width, axis=0), jnp.tile(cols, (height, 1))], axis=1)
 
 
+def coordinate_channels(x: jax.Array) -> jax.Array:
+    """`[B, H, W, 2]`: each pixel's row and column, spaced evenly from -1 to 1, in x's dtype."""
+    B, H, W, _ = x.shape
+    rows, cols = jnp.meshgrid(jnp.linspace(-1.0, 1.0, H), jnp.linspace(-1.0, 1.0, W), indexing="ij")
+    return jnp.broadcast_to(jnp.stack([rows, cols], -1), (B, H, W, 2)).astype(x.dtype)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm with 32 groups and eps 1e-6 (tf.contrib's group_norm); statistics in float32."""
 
@@ -162,6 +169,7 @@ class UNet(nn.Module):
     attention: str = "xla"  # AttnBlock's kernel: xla | cudnn
     remat: bool = False  # recompute blocks in the backward pass instead of keeping their activations
     attn_position: bool = False  # AttnBlock.position: 2D position embedding on queries and keys
+    coord_channels: bool = False  # the pixel's row and column in [-1, 1] as two more input channels
     text_attention: str = "fused"  # AttnBlock.text_attention: fused | cross
     text_encoder: str = "none"  # none | trained (text.TextEncoder, trained jointly) | precomputed
     text_width: int = 256  # width of the text tokens the image attends to
@@ -234,6 +242,8 @@ class UNet(nn.Module):
         # trained on (super-resolution of whole images after training on crops) keeps its layers.
         side = self.resolution or x.shape[1]
         attends = lambda level: side // 2 ** level in self.attn_resolutions
+        if self.coord_channels:  # CoordConv (Liu et al. 2018): every layer can place things by position
+            x = jnp.concatenate([x, coordinate_channels(x)], axis=-1)
         hs = [_conv(self.ch, dt, name="conv_in")(x.astype(dt))]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -274,6 +284,7 @@ def unet_from_config(config: ConfigDict) -> UNet:
                 resolution=config.data.image_size,
                 dropout=m.dropout, num_classes=m.num_classes, dtype=jnp.dtype(m.dtype),
                 attention=m.attention, remat=m.remat, attn_position=m.attn_position,
+                coord_channels=m.coord_channels,
                 text_attention=m.text_attention,
                 text_encoder=m.text_encoder, text_width=m.text_width,
                 text_depth=m.text_depth, text_heads=m.text_heads, max_text_len=config.data.max_text_len,
