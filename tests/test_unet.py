@@ -113,6 +113,7 @@ def test_attention_sees_positions_only_with_the_position_embedding():
         assert np.allclose(shuffle(out), out_shuffled, atol=1e-5) == (not position)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_dropout_only_in_training_and_determinism():
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.5)
     params = _perturbed(_init(model))
