@@ -167,6 +167,8 @@ CASES = [
     (sample, ["--workdir={cond}", "--eta=0.5"], "sampling.eta=0.5 applies to sampling.sampler='ddim'"),
     (sample, ["--workdir={cond}", "--sampler=ddim", "--eta=2"], "sampling.eta=2.0"),
     (sample, ["--workdir={cond}", "--guidance=-1"], "sampling.guidance=-1.0"),
+    (sample, ["--workdir={cond}", "--guidance=2", "--guidance_t_min=500", "--guidance_t_max=100"],
+     "need 0 <= guidance_t_min <= guidance_t_max"),
     (sample, ["--workdir={uncond}", "--guidance=2"], "needs a class- or text-conditional model"),
     (sample, ["--workdir={cond}", "--label=3"], "--label=3"),
     (sample, ["--workdir={cond}", "--label=dog"], "--label=dog"),

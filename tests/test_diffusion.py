@@ -245,6 +245,7 @@ def test_learned_variance_optimum_is_the_exact_reverse_variance():
         np.testing.assert_allclose((np.asarray(r) + 1) / 2, frac, atol=2e-3)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_hybrid_loss_gradients_stop_at_the_mean():
     T = 100
     s = D.make_schedule(D.linear_betas(T, 1e-3, 0.1))

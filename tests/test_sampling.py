@@ -156,6 +156,7 @@ def test_deterministic_samplers_are_the_papers_algorithms():
     assert np.abs(refs["heun"][0] - refs["ddim"][0]).max() > 1e-2
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_second_order_samplers_converge_faster():
     """The law of x_0 from x_T ~ N(0, I) is N(c, M M^T); its covariance error ||M M^T - Sigma||_F
     against the data's, per step count (exact: no Monte Carlo). Printed with -s (docs/samplers.md)."""
@@ -275,6 +276,23 @@ def test_guidance_with_a_learned_variance_guides_the_mean_half_only():
                                3 * plain(x, t, cond) - 2 * plain(x, t, null), rtol=1e-6)
 
 
+def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
+    label = lambda c: jnp.where(c["drop"], 5, c["label"])[:, None]
+    apply_fn = lambda x, t, c: jnp.concatenate([x * label(c) + t[:, None], jnp.tanh(x - label(c))], -1)
+    x, t = jnp.ones((4, 2)) * 0.3, jnp.array([99.0, 100.0, 700.0, 700.5])
+    cond = {"label": jnp.array([0, 1, 2, 3]), "drop": jnp.zeros(4, bool)}
+    null = S.null_condition(cond)
+    out = S.guided_model_fn(apply_fn, cond, null, 2.0, interval=(100.0, 700.0))(x, t)
+    c_out, u_out = apply_fn(x, t, cond), apply_fn(x, t, null)
+    inside = np.array([False, True, True, False])  # the bounds belong to the interval
+    np.testing.assert_allclose(out[inside, :2], 3 * c_out[inside, :2] - 2 * u_out[inside, :2], rtol=1e-6)
+    np.testing.assert_array_equal(out[~inside], c_out[~inside])
+    np.testing.assert_array_equal(out[:, 2:], c_out[:, 2:])
+    # The default interval is every timestep.
+    np.testing.assert_array_equal(S.guided_model_fn(apply_fn, cond, null, 2.0)(x, t),
+                                  S.guided_model_fn(apply_fn, cond, null, 2.0, interval=(0.0, 1e9))(x, t))
+
+
 def test_learned_range_ancestral_interpolates_the_respaced_variances():
     # A model whose variance half is constant r: r = -1 gives beta_tilde and r = +1 beta of the respaced
     # chain, so the learned-range sampler is then the fixedsmall / fixedlarge one (same noise; the last
@@ -382,6 +400,7 @@ def _cond_unet():
     return model, tree.unflatten([0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow  # the guidance arithmetic stays in the default suite (stand-in networks, test_text_to_image)
 def test_classifier_free_guidance():
     model, params = _cond_unet()
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))

@@ -244,6 +244,7 @@ def test_sample_command_with_prompts(text_run, tmp_path):
     assert one["arr_0"].shape == (3, 8, 8, 3) and list(one["prompts"]) == ["a red circle"] * 3
 
 
+@pytest.mark.slow  # the documented editing lines run in test_documented_commands
 def test_editing_with_prompts_runs_and_differs_by_prompt(text_run, tmp_path):
     config = checkpoints.load_config(text_run)
     params, _ = checkpoints.load_params(text_run, config)

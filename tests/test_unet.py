@@ -75,6 +75,7 @@ def test_attention_stays_at_its_levels_on_larger_inputs():
     assert unet_from_config(tiny.get_config()).resolution == tiny.get_config().data.image_size
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_coord_channels_are_the_only_difference_they_make():
     """The two channels hold each pixel's row and column; with their conv_in weights zeroed the
     model is the model without them (to float32 rounding: the convolution sums 5 channels, not 3)."""
