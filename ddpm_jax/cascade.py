@@ -4,10 +4,11 @@
         --prompt="a red circle above a blue square" --guidance=3,0 --steps=50,25 --aug_level=0.1
 
 --stages lists the runs, base first; each later one a super-resolution model of the previous
-stage's size. --sampler, --steps, --guidance, --eta and --aug_level take one value for every stage
-or one per stage (aug_level is read by super-resolution stages only); unset, each run's own
-`sampling` section holds. Writes OUT/stage_K/samples.png and .npz per stage and OUT/cascade.png
-(the stages side by side). The logic is in `ddpm_jax.cascading`.
+stage's size. --sampler, --steps, --guidance (and its interval --guidance_t_min, --guidance_t_max),
+--eta and --aug_level take one value for every stage or one per stage (aug_level is read by
+super-resolution stages only); unset, each run's own `sampling` section holds. Writes
+OUT/stage_K/samples.png and .npz per stage and OUT/cascade.png (the stages side by side). The logic
+is in `ddpm_jax.cascading`.
 """
 from __future__ import annotations
 

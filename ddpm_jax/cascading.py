@@ -25,8 +25,8 @@ from ddpm_jax import generation, image_utils
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # flag -> (sampling field, type): a value per stage, or one for all (aug_level: SR stages only).
-STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "eta": float, "aug_level": float,
-                "sr_strength": float}
+STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "guidance_t_min": float, "guidance_t_max": float,
+                "eta": float, "aug_level": float, "sr_strength": float}
 
 
 @dataclasses.dataclass

@@ -40,6 +40,8 @@ SAMPLE_FLAGS = {
     "steps": ("sampling.steps", "Sampler steps; fewer than diffusion.num_timesteps respaces."),
     "eta": ("sampling.eta", "DDIM noise: 0 deterministic, 1 as ancestral (ddim only)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
+    "guidance_t_min": ("sampling.guidance_t_min", "Guide only at model timesteps t >= this (below: w = 0)."),
+    "guidance_t_max": ("sampling.guidance_t_max", "Guide only at model timesteps t <= this (above: w = 0)."),
     "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1] (with "
                                       "--mask: edit the masked part from there instead of from noise)."),
     "mask_strength": ("sampling.mask_strength", "--mask=auto (DiffEdit): compare the prompts' noise predictions "
@@ -62,6 +64,8 @@ EVAL_FLAGS = {
     "sampler": ("sampling.sampler", "The sampler of the samples (a name in sampling.SAMPLERS)."),
     "eta": ("sampling.eta", "DDIM noise of the samples: 0 deterministic, 1 as ancestral (ddim only)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
+    "guidance_t_min": ("sampling.guidance_t_min", "Guide the samples only at model timesteps t >= this."),
+    "guidance_t_max": ("sampling.guidance_t_max", "Guide the samples only at model timesteps t <= this."),
     "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
     "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "
                                             "to t = sr_strength * T."),

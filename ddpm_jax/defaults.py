@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.s_tmax = float("inf")
     c.sampling.s_noise = 1.0  # heun: scale of the churn noise
     c.sampling.guidance = 0.0  # classifier-free guidance weight w (class- or text-conditional models)
+    # w only where guidance_t_min <= t <= guidance_t_max (model timesteps), the conditional model alone
+    # elsewhere: guidance in a limited interval (Kynkaanniemi et al. 2024)
+    c.sampling.guidance_t_min = 0.0
+    c.sampling.guidance_t_max = float("inf")
     c.sampling.aug_level = 0.1  # super-resolution: the level the low-res input is noised to (0: none)
     # super-resolution: 1 starts from pure noise (SR3); below 1, from the input upsampled and noised to
     # t = sr_strength * T (SDEdit), which the CPU-trained shapes_sr needs (docs/super_resolution.md)

@@ -254,7 +254,8 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     # A negative or source prompt replaces the text only; the rows keep their labels and images.
     rows = lambda c: None if c is None else {**cond, **jax.tree.map(lambda a: np.repeat(a, n, axis=0), c)}
     spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config),
-                        guidance=sp.guidance, level=level, invert=invert, inpaint=mask is not None,
+                        guidance=sp.guidance, guidance_interval=(sp.guidance_t_min, sp.guidance_t_max),
+                        level=level, invert=invert, inpaint=mask is not None,
                         jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample,
                         mask_level=max(1, S.strength_to_level(sp.mask_strength, sp.steps)) if auto_mask else 0,
                         mask_draws=sp.mask_draws, mask_threshold=sp.mask_threshold, mask_dilation=sp.mask_dilation)

@@ -275,6 +275,8 @@ def network_evaluations(name: str, steps: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Models: a network (and its conditioning, guidance) -> model_fn(x_t, t).
 
+NO_INTERVAL = (0.0, math.inf)  # guidance at every timestep
+
 
 def null_condition(cond: dict) -> dict:
     """The null condition of classifier-free guidance for `cond`: every row dropped (the model then
@@ -282,7 +284,8 @@ def null_condition(cond: dict) -> dict:
     return {**cond, "drop": jnp.ones_like(cond["drop"])}
 
 
-def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance) -> ModelFn:
+def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance,
+                    interval: tuple[float, float] = NO_INTERVAL) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, cond) - w out(x, null_cond).
 
     `apply_fn(x [2B, ...], t [2B], cond [2B])` is called once on the conditional and unconditional
@@ -291,30 +294,38 @@ def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance) -
     parameterisation: eps is affine in the output (`diffusion.predict_eps`) and the weights 1 + w,
     -w sum to 1. A network with twice the input's channels (`diffusion.variance='learned_range'`)
     has its mean half guided and its variance half taken from the conditional pass.
+
+    interval (lo, hi): w only where lo <= t <= hi (model timesteps), w = 0 elsewhere: guidance in a
+    limited interval (Kynkaanniemi et al. 2024), which leaves the noisiest and the cleanest levels
+    to the conditional model alone.
     """
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond)
 
     def model_fn(x, t):
         out_cond, out_uncond = jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+        w = guidance
+        if interval != NO_INTERVAL:
+            w = jnp.where((t >= interval[0]) & (t <= interval[1]), guidance, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
         if out_cond.shape[-1] == 2 * x.shape[-1]:
             (out_cond, var), (out_uncond, _) = jnp.split(out_cond, 2, axis=-1), jnp.split(out_uncond, 2, axis=-1)
-            return jnp.concatenate([(1.0 + guidance) * out_cond - guidance * out_uncond, var], axis=-1)
-        return (1.0 + guidance) * out_cond - guidance * out_uncond
+            return jnp.concatenate([(1.0 + w) * out_cond - w * out_uncond, var], axis=-1)
+        return (1.0 + w) * out_cond - w * out_uncond
 
     return model_fn
 
 
 def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0,
-                  null_cond: dict | None = None) -> ModelFn:
+                  null_cond: dict | None = None, interval: tuple[float, float] = NO_INTERVAL) -> ModelFn:
     """model_fn for a `UNet` in inference mode, conditioned on `cond` (see `UNet`; None for
     unconditional models). guidance w != 0 uses `guided_model_fn` against `null_cond` (default
-    `null_condition(cond)`)."""
+    `null_condition(cond)`) in `interval`."""
     apply_fn = lambda x, t, c=None: model.apply({"params": params}, x, t, c)
     if cond is None:
         return apply_fn
     if not guidance:
         return lambda x, t: apply_fn(x, t, cond)
-    return guided_model_fn(apply_fn, cond, null_condition(cond) if null_cond is None else null_cond, guidance)
+    return guided_model_fn(apply_fn, cond, null_condition(cond) if null_cond is None else null_cond, guidance,
+                           interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,12 +542,14 @@ def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: i
 
 class SampleSpec(NamedTuple):
     """What one run does (static). level: None generates; an int edits from that level (SDEdit), or
-    with `inpaint` fills the mask (RePaint) from there. guidance 0: no classifier-free guidance.
+    with `inpaint` fills the mask (RePaint) from there. guidance 0: no classifier-free guidance;
+    guidance_interval: the timesteps it applies to (`guided_model_fn`).
     mask_level > 0: inpainting with DiffEdit's mask (`diffedit_mask` at that level)."""
 
     sampler: str = "ancestral"
     opts: StepOptions = StepOptions()
     guidance: float = 0.0
+    guidance_interval: tuple[float, float] = NO_INTERVAL
     level: int | None = None
     invert: bool = False
     inpaint: bool = False
@@ -579,7 +592,7 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     if model.low_res_size:
         batch = augment_low_res(s, batch, jax.random.fold_in(key, AUG_NOISE_TAG))
     cond = batch["cond"] if conditional else None
-    model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"))
+    model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval)
     kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
     source = batch.get("source_cond")
     invert_model_fn = None if source is None else unet_model_fn(model, params, source)

@@ -222,6 +222,10 @@ def validate_sampling(config: ConfigDict):
              f"sampling.s_tmax={sp.s_tmax!r}: must be a number >= sampling.s_tmin={sp.s_tmin!r} (inf: no upper "
              f"bound).")
     _require(_is_number(sp.guidance) and sp.guidance >= 0, f"sampling.guidance={sp.guidance!r}: must be >= 0.")
+    _require(_is_number(sp.guidance_t_min) and _is_number(sp.guidance_t_max)
+             and 0 <= sp.guidance_t_min <= sp.guidance_t_max,
+             f"sampling.guidance_t_min={sp.guidance_t_min!r}, sampling.guidance_t_max={sp.guidance_t_max!r}: need "
+             "0 <= guidance_t_min <= guidance_t_max (model timesteps; inf: no upper bound).")
     _require(not sp.guidance or config.model.num_classes or config.model.text_encoder != "none",
              f"sampling.guidance={sp.guidance} needs a class- or text-conditional model; this one has "
              "model.num_classes=0 and model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")

@@ -105,9 +105,9 @@ def test_editing_keeps_what_it_must(cond_run, images_dir):
     np.testing.assert_array_equal(image_utils.to_uint8(generation.run(c, params, req)["images"]), inputs)
     c, req = _request(config, init_images=images_dir, strength=0.6, invert=True, sampler="ddim")
     assert req.spec.level == 3 and req.spec.invert
+    assert generation.run(c, params, req)["images"].shape == (3, 8, 8, 1)
     c, req = _request(config, guidance=1.0, guidance_t_min=100.0, guidance_t_max=600.0)
     assert req.spec.guidance_interval == (100.0, 600.0)
-    assert generation.run(c, params, req)["images"].shape == (3, 8, 8, 1)
 
 
 def test_unconditional_model_rejects_labels_and_guidance(tmp_path):

@@ -359,7 +359,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(table)
         return {"table": table}
     sp = sampling_config(config).sampling  # what names the result: sampler, steps, eta, guidance
-    how = f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
+    interval = (sp.guidance_t_min, sp.guidance_t_max)
+    how = (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
+           f"{'' if interval == sampling.NO_INTERVAL else '_t{:g}-{:g}'.format(*interval)}")
     if command == "shapes":
         result = shapes(config, params)
         name = f"{name}_{how}"
