@@ -10,7 +10,7 @@ input's. `--negative=source`: the image's own caption as the negative prompt (gu
 unconditional half), so guidance pushes along target minus source (the colour) only.
     python benchmarks/shapes_recolour.py [--workdir=runs/shapes_t2i] [--edits=sdedit,invert,diffedit]
         [--scenes=0:200] [--strengths=0.3,0.5] [--mask_strength=0.5] [--mask_threshold=0.5]
-        [--mask_dilation=0] [--eta=0] [--guidance=3] [--negative=null]
+        [--mask_dilation=0] [--eta=0] [--guidance=3] [--guidance_t_min=0] [--negative=null]
 """
 import argparse
 import dataclasses
@@ -30,6 +30,7 @@ parser.add_argument("--mask_threshold", type=float, default=0.5, help="DiffEdit:
 parser.add_argument("--mask_dilation", type=int, default=0, help="DiffEdit: sampling.mask_dilation")
 parser.add_argument("--mask_strength", type=float, default=0.5, help="DiffEdit: sampling.mask_strength")
 parser.add_argument("--guidance", type=float, default=None, help="guidance w (default: the run's)")
+parser.add_argument("--guidance_t_min", type=float, default=0.0, help="guide only at t >= this")
 parser.add_argument("--scenes", default="0:200", help="which one-object held-out scenes, START:STOP")
 parser.add_argument("--strengths", default=None, help="comma-separated strengths instead of each edit's own")
 parser.add_argument("--negative", default="null", choices=("null", "source"),
@@ -56,7 +57,7 @@ if args.strengths:
 for strength, invert, auto_mask in settings:
     config.sampling.update(num_samples=1, strength=strength, sampler="ddim", eta=args.eta,
                            mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation,
-                           mask_strength=args.mask_strength)
+                           mask_strength=args.mask_strength, guidance_t_min=args.guidance_t_min)
     if args.guidance is not None:
         config.sampling.guidance = args.guidance
     req = generation.make_request(config, prompts=targets, init_images=first, invert=invert,
@@ -80,7 +81,8 @@ for strength, invert, auto_mask in settings:
             near.append(False)
     what = (f", mask at {args.mask_strength} threshold {args.mask_threshold} dilation {args.mask_dilation}"
             if auto_mask else "")
-    what += f", w {config.sampling.guidance:g}" + (", negative: the caption" if args.negative == "source" else "")
+    what += f", w {config.sampling.guidance:g}" + (f" at t >= {args.guidance_t_min:g}" if args.guidance_t_min else "")
+    what += ", negative: the caption" if args.negative == "source" else ""
     print(f"strength {strength}, invert {invert}, DiffEdit mask {auto_mask}{what}: target colour (one object of it, "
           f"nothing else) {np.mean(colour_ok):.1%}, and centre within 2 px {np.mean(near):.1%} of {len(single)}",
           flush=True)

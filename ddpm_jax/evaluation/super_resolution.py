@@ -93,10 +93,9 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
     if len(outputs) > 1:
         result["bicubic_base"] = {"size": outputs[-1].shape[1],
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
-    result["stages"] = [{"workdir": st.workdir, "step": st.step, "sampler": st.config.sampling.sampler,
-                         "steps": st.config.sampling.steps, "eta": st.config.sampling.eta,
-                         "guidance": st.config.sampling.guidance,
-                         "aug_level": st.config.sampling.aug_level, "sr_strength": st.config.sampling.sr_strength}
+    result["stages"] = [{"workdir": st.workdir, "step": st.step,
+                         **{k: st.config.sampling[k] for k in ("sampler", "steps", "eta", "guidance", "guidance_t_min",
+                                                              "guidance_t_max", "aug_level", "sr_strength")}}
                         for st in stages]
     result.update(split=split, num_samples=len(texts))
     return result
