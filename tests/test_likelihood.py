@@ -190,6 +190,7 @@ def test_bpd_on_unet_batch_shapes_and_sharding():
     np.testing.assert_allclose(sharded["terms"][-1], last["terms"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_learned_range_bound_at_the_ends_of_its_range():
     # Bits/dim read the variance half of a 'learned_range' output: a raw output of -1 is beta_tilde
     # (fixedsmall) at every t, +1 is beta (fixedlarge) for t >= 1 (fixedlarge's t = 0 uses beta_tilde_1,

@@ -195,6 +195,7 @@ def test_network_evaluations_are_counted():
         assert len(calls) == S.network_evaluations(sampler, steps) == {9: 9, 10: 9, 7: 7}[steps], (sampler, steps)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_heun_churn_is_off_by_default_and_calibrated_when_on():
     s = _respaced(79)
     model = continuous_eps_model(s, GAUSS_MU, WIDE)
@@ -293,6 +294,7 @@ def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
                                   S.guided_model_fn(apply_fn, cond, null, 2.0, interval=(0.0, 1e9))(x, t))
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_learned_range_ancestral_interpolates_the_respaced_variances():
     # A model whose variance half is constant r: r = -1 gives beta_tilde and r = +1 beta of the respaced
     # chain, so the learned-range sampler is then the fixedsmall / fixedlarge one (same noise; the last
@@ -427,6 +429,7 @@ def test_classifier_free_guidance():
     np.testing.assert_allclose(o["unet_cond"], o["cond"], atol=1e-5)
 
 
+@pytest.mark.slow  # the same exactness through the command: test_sample_cli.test_editing_keeps_what_it_must
 def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     model, params = _cond_unet()
     s = _respaced(8)

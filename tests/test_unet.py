@@ -95,6 +95,8 @@ def test_coord_channels_are_the_only_difference_they_make():
     np.testing.assert_allclose(coord.apply({"params": zeroed}, x, t), plain.apply({"params": cut}, x, t), atol=1e-5)
     assert np.abs(out - plain.apply({"params": cut}, x, t)).max() > 1e-3
 
+
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_attention_sees_positions_only_with_the_position_embedding():
     from ddpm_jax.models.unet import AttnBlock, position_embedding, timestep_embedding
 
