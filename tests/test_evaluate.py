@@ -158,3 +158,14 @@ def test_pth_weights_are_converted_once_beside_the_file(tmp_path):
     mtime = os.path.getmtime(npz)
     assert tasks.inception_weights_file(str(tmp_path / "fid.pth")) == npz and os.path.getmtime(npz) == mtime
     assert tasks.inception_weights_file(npz) == npz
+
+
+def test_result_names_tell_the_sampling_settings_apart():
+    from configs import shapes_t2i
+    c = shapes_t2i.get_config()
+    assert tasks.sampling_name(c) == "ddim50_eta1_w3_t150-inf"
+    c.sampling.update(guidance_t_min=0.0, eta=0.0, guidance=0.0)
+    assert tasks.sampling_name(c) == "ddim50_w0"  # every t: no interval in the name
+    c.sampling.update(guidance=2.0, guidance_t_min=300.0, guidance_t_max=900.0)
+    c.eval.update(seed=1, steps=25)
+    assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1"

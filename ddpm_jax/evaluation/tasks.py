@@ -298,14 +298,25 @@ def cascade_command(workdirs: list[str] | None, num_samples: int | None = None, 
     return result
 
 
+def sampling_name(config: ConfigDict) -> str:
+    """How the samples of a `shapes` or `sr` result were drawn, for its file name: sampler and steps,
+    eta, guidance w and (when not every t) its interval, the noise seed when not 0; e.g.
+    'ddim50_eta1_w3_t150-inf_seed1'. Results of other settings get other files."""
+    sp = sampling_config(config).sampling
+    interval = (sp.guidance_t_min, sp.guidance_t_max)
+    return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
+            f"{'' if interval == sampling.NO_INTERVAL else '_t{:g}-{:g}'.format(*interval)}"
+            f"{f'_seed{sp.seed}' if sp.seed else ''}")
+
+
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100,
                     out: str | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
-    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_{sampler}{steps}[_eta{eta}]_wG.json,
-    G the guidance; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json).
+    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_{`sampling_name`}.json; sr:
+    COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json).
     Returns the result."""
     from ddpm_jax import checkpoints
 
@@ -358,10 +369,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
             print(table)
         return {"table": table}
-    sp = sampling_config(config).sampling  # what names the result: sampler, steps, eta, guidance
-    interval = (sp.guidance_t_min, sp.guidance_t_max)
-    how = (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
-           f"{'' if interval == sampling.NO_INTERVAL else '_t{:g}-{:g}'.format(*interval)}")
+    sp = sampling_config(config).sampling
+    how = sampling_name(config)
     if command == "shapes":
         result = shapes(config, params)
         name = f"{name}_{how}"
