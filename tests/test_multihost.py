@@ -161,6 +161,7 @@ def test_sample_command_on_two_processes_writes_one_grid_of_the_same_images(stop
     np.testing.assert_array_equal(two, one)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_a_workdir_the_processes_do_not_share_is_refused(data_dir, tmp_path):
     # A relative workdir from two folders: two local disks, as for processes on two hosts.
     cwds = [tmp_path / "host0", tmp_path / "host1"]

@@ -447,6 +447,7 @@ def test_inpainting_unet_keeps_known_pixels_and_img2img_strength0():
     np.testing.assert_array_equal(S.img2img(s, "eps", model_fn, jax.random.key(0), x0, 0), x0)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_masked_img2img_keeps_known_pixels_and_is_img2img_under_a_full_mask():
     model, params = _cond_unet()
     s = _respaced(8)

@@ -260,6 +260,7 @@ def test_editing_with_prompts_runs_and_differs_by_prompt(text_run, tmp_path):
     assert not np.allclose(inv, inv2, atol=1e-4)  # the inversion ran under the source prompt
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_diffedit_command_keeps_the_pixels_outside_its_mask(text_run, tmp_path):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)

@@ -278,6 +278,7 @@ def test_nonfinite_skip_carries_on_with_finite_params(data_dir, tmp_path):
     assert checkpoints.load_params(workdir, skip)[1] == 8
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_train_step_leaves_the_state_alone_on_a_nonfinite_loss(data_dir):
     config = small_digits_config(data_dir)
     state = training.create_train_state(config, 0)
