@@ -369,14 +369,13 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
             print(table)
         return {"table": table}
-    sp = sampling_config(config).sampling
     how = sampling_name(config)
     if command == "shapes":
         result = shapes(config, params)
         name = f"{name}_{how}"
     elif command == "sr":
         result = super_resolution.sr(config, params)
-        name = f"{name}_aug{sp.aug_level:g}_s{sp.sr_strength:g}_{how}"
+        name = f"{name}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
     elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
