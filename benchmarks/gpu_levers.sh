@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue #17's train-step levers on one GPU, each measured beside the baseline in one invocation: a
 # fresh process per variant (its own XLA_FLAGS, PRNG), the train step only; the baseline also times
-# the parts and sampling, it and the last variant are profiled, and the baseline runs again at the
-# end (from the compilation cache). About 7 minutes on an H100.
+# the parts and sampling and dumps its optimized HLO (for benchmarks/kernel_sources.py), every run is
+# profiled, and the baseline runs again at the end (from the compilation cache). About 7 minutes on
+# an H100. BASELINE=0 runs the variants alone (their device time against an earlier call's baseline).
 #
 # Needs the wheels of run_gpu.sh in .whl/ (ml_collections at least). Usage (at most 8 files land in OUT):
 #   OUT=/tmp/out bash benchmarks/gpu_levers.sh
@@ -42,25 +43,32 @@ bench() {
   IFS='+' read -ra parts <<<"$BASE${settings:++$settings}"
   for s in "${parts[@]}"; do case $s in --*) flags+=("$s") ;; ?*) envs+=("$s") ;; esac; done
   echo "== $name: ${envs[*]} ${flags[*]}" >>"$LOG"
-  env "${envs[@]}" python3 -m ddpm_jax.benchmark --config=$CONFIG "${SIZES[@]}" "${flags[@]}" "$@" \
+  env "${envs[@]}" python3 -m ddpm_jax.benchmark --config=$CONFIG "${SIZES[@]}" "$@" "${flags[@]}" \
     --out="$WORK/$name.json" >/dev/null 2>>"$LOG" || echo "$name failed" >>"$LOG"
 }
 start=$SECONDS
-bench ddpm_jax "" --skip="${BASE_SKIP:-large}" --profile_dir="$WORK/profile_baseline"
-last=""
+if [ "${BASELINE:-1}" = 1 ]; then
+  # The baseline's optimized HLO (its fusions' op_name metadata) lets benchmarks/kernel_sources.py
+  # trace each profiled kernel to the model part it comes from.
+  dump=(--xla_dump_to="$WORK/hlo" --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit__fun)
+  XLA_FLAGS="${XLA_FLAGS:-} ${dump[*]}" bench ddpm_jax "" --skip="${BASE_SKIP:-large}" --profile_dir="$WORK/profile_baseline"
+fi
 for variant in $VARIANTS; do
-  name=${variant%%:*} last=$name
+  name=${variant%%:*}
   if ((SECONDS - start > BUDGET_S)); then echo "$name skipped: ${BUDGET_S} s budget spent" >>"$LOG"; continue; fi
-  extra=(--skip=parts,sample,large)
-  [ "$variant" = "${VARIANTS##* }" ] && extra+=(--profile_dir="$WORK/profile_last")
-  bench "ddpm_jax_variant_$name" "${variant#*:}" "${extra[@]}"
+  bench "ddpm_jax_variant_$name" "${variant#*:}" --skip=parts,sample,large --profile_dir="$WORK/profile_$name"
 done
 # The baseline again (compiled from the cache): two launches of one program have differed by 40% here.
-bench ddpm_jax_variant_baseline_again "" --skip=parts,sample,large
+[ "${BASELINE:-1}" = 1 ] && bench ddpm_jax_variant_baseline_again "" --skip=parts,sample,large
 echo "total ${SECONDS} s" >>"$LOG"
-python3 benchmarks/trace_summary.py --top 40 "$WORK/profile_baseline" >"$WORK/trace_baseline.md" 2>>"$LOG"
-[ -d "$WORK/profile_last" ] && python3 benchmarks/trace_summary.py --top 40 "$WORK/profile_last" >"$WORK/trace_$last.md" 2>>"$LOG"
-python3 benchmarks/compare.py "$WORK" >"$WORK/table.md" 2>>"$LOG"
-tar czf "$OUT/levers.tgz" -C "$WORK" --exclude='profile_*' .
+# Every run is profiled: its device-busy time per step does not move with the host's launch spread.
+for d in "$WORK"/profile_*; do
+  python3 benchmarks/trace_summary.py --top 40 "$d" >"$WORK/trace_${d##*/profile_}.md" 2>>"$LOG"
+done
+{ [ -f "$WORK/ddpm_jax.json" ] && python3 benchmarks/compare.py "$WORK"
+  for f in "$WORK"/trace_*.md; do n=${f##*/trace_}; echo "- ${n%.md}: $(head -1 "$f")"; done; } >"$WORK/table.md" 2>>"$LOG"
+tar czf "$OUT/levers.tgz" -C "$WORK" --exclude='profile_*' --exclude=hlo .
+tar czf "$OUT/traces_hlo.tgz" -C "$WORK" $(cd "$WORK" && find profile_* -name perfetto_trace.json.gz; \
+  ls hlo/*after_optimizations.txt 2>/dev/null)
 cp "$WORK/table.md" "$LOG" "$OUT/"
 cat "$WORK/table.md"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import compare, trace_summary
+from benchmarks import compare, kernel_sources, trace_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,3 +111,33 @@ def test_trace_summary_counts_overlapping_kernels_once(tmp_path):
     assert [(k["name"], k["share"]) for k in s["top_op_kinds"]] == [("convolution", 2 / 3), ("fusion", 1 / 3)]
     text = trace_summary.format_summary(s)
     assert "2 steps: device busy 0.04 ms per step" in text and "| loop_fusion | 0.015 | 1 | 33.3% |" in text
+
+
+def test_kernel_sources_traces_each_kernel_to_its_model_part():
+    ops = {"loop_add_fusion.10": "jit(_fun)/transpose(jvp(UNet))/up_1_block_0/norm2/GroupNorm_0/add",
+           "cudnn-conv.3": "jit(_fun)/jvp(UNet)/down_0_block_1/conv1/conv_general_dilated",
+           "concatenate.4": "jit(_fun)/jvp(UNet)/concatenate", "fusion.2": "jit(_fun)/mul"}
+    hlo = "ENTRY %main {\n" + "\n".join(
+        f'  {"ROOT " if name == "fusion.2" else ""}%{name} = f32[8]{{0}} fusion(%p), kind=kLoop, calls=%f, '
+        f'metadata={{op_name="{op}" stack_frame_id=3}}' for name, op in ops.items()) + "\n}"
+    names = kernel_sources.op_names(hlo)
+    assert set(names) == {"loop_add_fusion.10", "cudnn-conv.3", "concatenate.4", "fusion.2"}
+    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}}]
+    events = meta + [
+        _event(1, 1, "train", 0, 5), _event(1, 1, "train", 100, 5),
+        # inside a command buffer the kernel's own name tells its fusion
+        _event(2, 7, "loop_add_fusion_10", 10, 30, hlo_op="command_buffer.1"),
+        _event(2, 7, "sm90_xmma_fprop_implicit_gemm", 40, 20, hlo_op="cudnn-conv.3"),
+        _event(2, 7, "wrapped_concatenate", 60, 4, hlo_op="concatenate.4"),
+        _event(2, 7, "loop_multiply_fusion", 70, 6, hlo_op="fusion.2"),
+        _event(2, 7, "memcpy128", 80, 2, hlo_op="command_buffer.1"),
+    ]
+    steps, rows = kernel_sources.attribute(events, names)
+    assert steps == 2
+    assert [(src, us) for src, us, _ in rows] == [
+        (("backward", "up 1", "block/norm2"), 30), (("forward", "down 0", "block/conv1"), 20),
+        (("forward", "top", "concatenate (concatenate)"), 4), (("outside", "-", "mul"), 6),
+        (("unmatched", "-", "memcpy128"), 2)]
+    text = kernel_sources.table(rows, lambda s, i: s[0], steps, "phase", 10)
+    assert "| backward | 0.015 | 0.5 | 48.4% |" in text
