@@ -16,15 +16,17 @@
     python -m ddpm_jax.evaluate accuracy --workdir=runs/digits_cond --settings=ddim:50,ddim:10,ddim:50:0
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i [--num_samples=500] [--guidance=0]
     python -m ddpm_jax.evaluate sr --workdir=runs/shapes_sr [--aug_level=0.1]
-    python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500]
+    python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500] \\
+        [--guidance_t_min=150]
 
 Workdir commands read the run's config.json and its latest checkpoint (EMA params), print the
 metrics and write them to WORKDIR/eval/{command}_step_{step}.json (shapes:
 ..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max}][_seed{seed}].json, `tasks.sampling_name`; sr:
 ..._aug{aug_level}_s{sr_strength}_{the same}.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
-(`cli.EVAL_FLAGS`; --guidance, --sampler and --eta set sampling's); unset, the run's values hold. The logic is
-in `ddpm_jax.evaluation.tasks`.
+(`cli.EVAL_FLAGS`; --guidance, --sampler and --eta set sampling's); unset, the run's values hold. For
+cascade, the sampling flags (and --steps) set that field of every stage; the result file is named
+by the flags given. The logic is in `ddpm_jax.evaluation.tasks`.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         tasks.reference_stats_command(config, _required(fv, "out"), num_examples=fv.num_examples,
                                       keep_features=fv.keep_features, per_device_batch=fv.per_device_batch)
     elif command == "cascade":
-        tasks.cascade_command(fv.stages, fv.num_samples, fv.split)
+        tasks.cascade_command(fv.stages, {f: fv[f].value for f in cli.EVAL_FLAGS if fv[f].value is not None})
     else:
         config = checkpoints.load_config(fv.workdir) if fv.samples is None or fv.workdir else defaults.get_config()
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,

@@ -227,6 +227,7 @@ CASES = [
     (evaluate, ["digits", "--workdir={cond}", "--num_samples=1"], "eval.num_samples=1"),
     (evaluate, ["bpd", "--workdir={cond}", "--out={empty}"], "--out applies to accuracy"),
     (evaluate, ["cascade"], "cascade needs --stages"),
+    (evaluate, ["cascade", "--stages={cond}", "--inception_weights=w.npz"], "--inception_weights does not apply"),
     (evaluate, ["digits", "--workdir={cond}", "--steps=99"], "eval.steps=99"),
     (evaluate, ["digits", "--workdir={cond}", "--batch_size=0"], "eval.batch_size=0"),
     (evaluate, ["digits", "--workdir={cond}", "--per_device_batch=0"], "--per_device_batch"),

@@ -169,3 +169,23 @@ def test_result_names_tell_the_sampling_settings_apart():
     c.sampling.update(guidance=2.0, guidance_t_min=300.0, guidance_t_max=900.0)
     c.eval.update(seed=1, steps=25)
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1"
+
+
+def test_evaluate_cascade_sets_each_sampling_flag_on_every_stage(monkeypatch, tmp_path):
+    from ddpm_jax.evaluation import super_resolution
+
+    calls = []
+
+    def fake_cascade(workdirs, num_samples, split, overrides, seed=None):
+        calls.append((workdirs, num_samples, split, overrides, seed))
+        return {"stages": [{"step": 8}, {"step": 15}]}
+
+    monkeypatch.setattr(super_resolution, "cascade", fake_cascade)
+    base, sr = str(tmp_path / "base"), str(tmp_path / "sr")
+    status, out, err = run_command(evaluate, "cascade", f"--stages={base},{sr}", "--guidance_t_min=150",
+                                   "--steps=7", "--num_samples=4", "--seed=3")
+    assert status == 0, err[-2000:]
+    assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3)]
+    assert os.path.isfile(os.path.join(base, "eval", "cascade_step_8_15_guidance_t_min150_seed3_steps7.json"))
+    with pytest.raises(UserError, match="--batch_size does not apply to cascade"):
+        tasks.cascade_command([base, sr], {"batch_size": 8})

@@ -76,10 +76,10 @@ def sr(config: ConfigDict, params) -> dict:
 
 
 def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
-            overrides: dict | None = None) -> dict:
+            overrides: dict | None = None, seed: int | None = None) -> dict:
     """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
-    samples. `overrides`: per-stage sampling fields, as `cascading.load_stages` takes them."""
-    stages = cascading.load_stages(workdirs, overrides)
+    samples. `overrides` (per-stage sampling fields) and `seed`: as `cascading.load_stages` takes them."""
+    stages = cascading.load_stages(workdirs, overrides, seed=seed)
     base = stages[0].config
     if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
         raise UserError(f"cascade evaluates a text-to-image cascade on shapes (the base run {workdirs[0]} has "
@@ -94,8 +94,9 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
         result["bicubic_base"] = {"size": outputs[-1].shape[1],
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
     result["stages"] = [{"workdir": st.workdir, "step": st.step,
-                         **{k: st.config.sampling[k] for k in ("sampler", "steps", "eta", "guidance", "guidance_t_min",
-                                                              "guidance_t_max", "aug_level", "sr_strength")}}
+                         **{k: st.config.sampling[k] for k in ("sampler", "steps", "eta", "seed", "guidance",
+                                                              "guidance_t_min", "guidance_t_max", "aug_level",
+                                                              "sr_strength")}}
                         for st in stages]
     result.update(split=split, num_samples=len(texts))
     return result

@@ -286,15 +286,32 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
               f"({stats['mu'].shape[0]}-d)")
 
 
-def cascade_command(workdirs: list[str] | None, num_samples: int | None = None, split: str | None = None) -> dict:
+# `evaluate cascade`'s flags besides --stages: sampling ones set that field of every stage (as one
+# value does in `python -m ddpm_jax.cascade`; --steps sets sampling.steps there).
+CASCADE_SAMPLING_FLAGS = ("steps", "sampler", "eta", "guidance", "guidance_t_min", "guidance_t_max", "aug_level",
+                          "sr_strength")
+CASCADE_FLAGS = ("num_samples", "split", "seed", *CASCADE_SAMPLING_FLAGS)
+
+
+def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> dict:
     """`evaluate cascade --stages=...`: `super_resolution.cascade`, written to the base run's
-    eval/cascade_step_S0_S1....json."""
+    eval/cascade_step_S0_S1...[_FLAGVALUE...].json. `given`: the evaluation flags that were set
+    ({flag: value}), from `CASCADE_FLAGS`."""
     from ddpm_jax.evaluation import super_resolution
 
+    given = given or {}
     if not workdirs:
         raise UserError("cascade needs --stages=BASE_RUN,SR_RUN,... (the cascade's runs, base first).")
-    result = super_resolution.cascade(workdirs, num_samples, split)
-    write_result(workdirs[0], "cascade_step_" + "_".join(str(st["step"]) for st in result["stages"]), result)
+    for flag in given:
+        if flag not in CASCADE_FLAGS:
+            raise UserError(f"--{flag} does not apply to cascade; it takes --{', --'.join(CASCADE_FLAGS)}.")
+    overrides = {flag: [value] for flag, value in given.items() if flag in CASCADE_SAMPLING_FLAGS}
+    result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
+                                      seed=given.get("seed"))
+    settings = "".join(f"_{flag}{value:g}" if isinstance(value, float) else f"_{flag}{value}"
+                       for flag, value in sorted(given.items()) if flag != "num_samples")
+    write_result(workdirs[0], "cascade_step_" + "_".join(str(st["step"]) for st in result["stages"]) + settings,
+                 result)
     return result
 
 
