@@ -63,6 +63,7 @@ done
 echo "total ${SECONDS} s" >>"$LOG"
 # Every run is profiled: its device-busy time per step does not move with the host's launch spread.
 for d in "$WORK"/profile_*; do
+  [ -d "$d" ] || continue  # no run was profiled
   python3 benchmarks/trace_summary.py --top 40 "$d" >"$WORK/trace_${d##*/profile_}.md" 2>>"$LOG"
 done
 { [ -f "$WORK/ddpm_jax.json" ] && python3 benchmarks/compare.py "$WORK"

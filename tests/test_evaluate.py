@@ -171,7 +171,7 @@ def test_result_names_tell_the_sampling_settings_apart():
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1"
 
 
-def test_evaluate_cascade_sets_each_sampling_flag_on_every_stage(monkeypatch, tmp_path):
+def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(monkeypatch, tmp_path):
     from ddpm_jax.evaluation import super_resolution
 
     calls = []
