@@ -164,8 +164,10 @@ def test_result_names_tell_the_sampling_settings_apart():
     from configs import shapes_t2i
     c = shapes_t2i.get_config()
     assert tasks.sampling_name(c) == "ddim50_eta1_w3_t150-inf"
-    c.sampling.update(guidance_t_min=0.0, eta=0.0, guidance=0.0)
-    assert tasks.sampling_name(c) == "ddim50_w0"  # every t: no interval in the name
+    c.sampling.update(guidance=0.0)
+    assert tasks.sampling_name(c) == "ddim50_eta1_w0"  # unguided: the interval changes nothing
+    c.sampling.update(guidance_t_min=0.0, eta=0.0, guidance=3.0)
+    assert tasks.sampling_name(c) == "ddim50_w3"  # every t: no interval in the name
     c.sampling.update(guidance=2.0, guidance_t_min=300.0, guidance_t_max=900.0)
     c.eval.update(seed=1, steps=25)
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1"
@@ -178,7 +180,7 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
 
     def fake_cascade(workdirs, num_samples, split, overrides, seed=None):
         calls.append((workdirs, num_samples, split, overrides, seed))
-        return {"stages": [{"step": 8}, {"step": 15}]}
+        return {"stages": [{"workdir": workdirs[0], "step": 8}, {"workdir": workdirs[1], "step": 15}]}
 
     monkeypatch.setattr(super_resolution, "cascade", fake_cascade)
     base, sr = str(tmp_path / "base"), str(tmp_path / "sr")
@@ -186,6 +188,8 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
                                    "--steps=7", "--num_samples=4", "--seed=3")
     assert status == 0, err[-2000:]
     assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3)]
-    assert os.path.isfile(os.path.join(base, "eval", "cascade_step_8_15_guidance_t_min150_seed3_steps7.json"))
+    # named by the SR run too: another SR run at step 15 must not overwrite it
+    name = "cascade_step_8_sr-15_guidance_t_min150_num_samples4_seed3_steps7.json"
+    assert os.listdir(os.path.join(base, "eval")) == [name]
     with pytest.raises(UserError, match="--batch_size does not apply to cascade"):
         tasks.cascade_command([base, sr], {"batch_size": 8})

@@ -295,7 +295,8 @@ CASCADE_FLAGS = ("num_samples", "split", "seed", *CASCADE_SAMPLING_FLAGS)
 
 def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> dict:
     """`evaluate cascade --stages=...`: `super_resolution.cascade`, written to the base run's
-    eval/cascade_step_S0_S1...[_FLAGVALUE...].json. `given`: the evaluation flags that were set
+    eval/cascade_step_S0_RUN1-S1...[_FLAGVALUE...].json (RUN1: the second stage's run folder's
+    name). `given`: the evaluation flags that were set
     ({flag: value}), from `CASCADE_FLAGS`."""
     from ddpm_jax.evaluation import super_resolution
 
@@ -308,21 +309,25 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
     overrides = {flag: [value] for flag, value in given.items() if flag in CASCADE_SAMPLING_FLAGS}
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
                                       seed=given.get("seed"))
+    # Named by every later stage's run and step, and by every flag given, so no other cascade or
+    # setting overwrites the result.
+    base, *later = result["stages"]
+    runs = "".join(f"_{os.path.basename(os.path.normpath(st['workdir']))}-{st['step']}" for st in later)
     settings = "".join(f"_{flag}{value:g}" if isinstance(value, float) else f"_{flag}{value}"
-                       for flag, value in sorted(given.items()) if flag != "num_samples")
-    write_result(workdirs[0], "cascade_step_" + "_".join(str(st["step"]) for st in result["stages"]) + settings,
-                 result)
+                       for flag, value in sorted(given.items()))
+    write_result(workdirs[0], f"cascade_step_{base['step']}{runs}{settings}", result)
     return result
 
 
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a `shapes` or `sr` result were drawn, for its file name: sampler and steps,
-    eta, guidance w and (when not every t) its interval, the noise seed when not 0; e.g.
-    'ddim50_eta1_w3_t150-inf_seed1'. Results of other settings get other files."""
+    eta, guidance w and (when guided, but not at every t) its interval, the noise seed when not 0;
+    e.g. 'ddim50_eta1_w3_t150-inf_seed1'. Results of other settings get other files."""
     sp = sampling_config(config).sampling
     interval = (sp.guidance_t_min, sp.guidance_t_max)
+    unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
-            f"{'' if interval == sampling.NO_INTERVAL else '_t{:g}-{:g}'.format(*interval)}"
+            f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}")
 
 
