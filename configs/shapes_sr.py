@@ -20,9 +20,9 @@ def get_config():
     c.data.image_size = 32
     c.model.low_res_size = 16  # the base model's U-Net (ch 32, ch_mult (1, 2, 2), text at 8x8) at 32x32
     c.model.low_res_resize = "bicubic"
-    # Levels up to 0.3 (abar 0.40 at the top) hide a shape's outline but not its colour and place, so
-    # the model learns to draw the outline the caption names: in the cascade shape 94.2% vs 88.6%
-    # with levels up to 0.15 (both 3,000 steps). On real inputs 29.9 dB (0.15, 1,500 steps: 26.4).
+    # Levels up to 0.3 (abar 0.40 at the top; our reading: they hide a shape's outline, not its colour
+    # and place, so the outline must come from the caption): in the cascade shape 94.2% vs 88.6% with
+    # levels up to 0.15 (both 3,000 steps). On real inputs 29.9 dB (0.15, 1,500 steps: 26.4).
     c.diffusion.low_res_aug_max = 0.3
     # v-prediction: trained like this, the eps-predicting model failed from pure noise (PSNR 7 dB;
     # its x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) blows up its errors at high noise), the

@@ -295,9 +295,8 @@ CASCADE_FLAGS = ("num_samples", "split", "seed", *CASCADE_SAMPLING_FLAGS)
 
 def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> dict:
     """`evaluate cascade --stages=...`: `super_resolution.cascade`, written to the base run's
-    eval/cascade_step_S0_RUN1-S1...[_FLAGVALUE...].json (RUN1: the second stage's run folder's
-    name). `given`: the evaluation flags that were set
-    ({flag: value}), from `CASCADE_FLAGS`."""
+    eval/cascade_step_S0_RUN1-S1...[_FLAGVALUE...].json, RUN1 the second stage's run folder's name.
+    `given`: the evaluation flags that were set ({flag: value}), from `CASCADE_FLAGS`."""
     from ddpm_jax.evaluation import super_resolution
 
     given = given or {}
