@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 from ddpm_jax import generation, image_utils
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
-# flag -> (sampling field, type): a value per stage, or one for all (aug_level: SR stages only).
+# sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
 STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "guidance_t_min": float, "guidance_t_max": float,
                 "eta": float, "aug_level": float, "sr_strength": float}
 

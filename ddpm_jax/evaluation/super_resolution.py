@@ -94,9 +94,7 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
         result["bicubic_base"] = {"size": outputs[-1].shape[1],
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
     result["stages"] = [{"workdir": st.workdir, "step": st.step,
-                         **{k: st.config.sampling[k] for k in ("sampler", "steps", "eta", "seed", "guidance",
-                                                              "guidance_t_min", "guidance_t_max", "aug_level",
-                                                              "sr_strength")}}
+                         **{k: st.config.sampling[k] for k in ("seed", *cascading.STAGE_FIELDS)}}
                         for st in stages]
     result.update(split=split, num_samples=len(texts))
     return result

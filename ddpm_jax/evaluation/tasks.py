@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import diffusion, generation, image_utils, parallel, sampling, superres
+from ddpm_jax import cascading, diffusion, generation, image_utils, parallel, sampling, superres
 from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics, shapes_checker
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval, validate_sampling
@@ -286,11 +286,9 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
               f"({stats['mu'].shape[0]}-d)")
 
 
-# `evaluate cascade`'s flags besides --stages: sampling ones set that field of every stage (as one
-# value does in `python -m ddpm_jax.cascade`; --steps sets sampling.steps there).
-CASCADE_SAMPLING_FLAGS = ("steps", "sampler", "eta", "guidance", "guidance_t_min", "guidance_t_max", "aug_level",
-                          "sr_strength")
-CASCADE_FLAGS = ("num_samples", "split", "seed", *CASCADE_SAMPLING_FLAGS)
+# `evaluate cascade`'s flags besides --stages: those of `cascading.STAGE_FIELDS` set that field of
+# every stage, as one value does in `python -m ddpm_jax.cascade`.
+CASCADE_FLAGS = ("num_samples", "split", "seed", *cascading.STAGE_FIELDS)
 
 
 def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> dict:
@@ -305,7 +303,7 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
     for flag in given:
         if flag not in CASCADE_FLAGS:
             raise UserError(f"--{flag} does not apply to cascade; it takes --{', --'.join(CASCADE_FLAGS)}.")
-    overrides = {flag: [value] for flag, value in given.items() if flag in CASCADE_SAMPLING_FLAGS}
+    overrides = {flag: [value] for flag, value in given.items() if flag in cascading.STAGE_FIELDS}
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
                                       seed=given.get("seed"))
     # Named by every later stage's run and step, and by every flag given, so no other cascade or
