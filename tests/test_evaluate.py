@@ -163,14 +163,14 @@ def test_pth_weights_are_converted_once_beside_the_file(tmp_path):
 def test_result_names_tell_the_sampling_settings_apart():
     from configs import shapes_t2i
     c = shapes_t2i.get_config()
-    assert tasks.sampling_name(c) == "ddim50_eta1_w3_t150-inf"
+    assert tasks.sampling_name(c) == "ddim50_eta1_w3_t150-inf_n500"
     c.sampling.update(guidance=0.0)
-    assert tasks.sampling_name(c) == "ddim50_eta1_w0"  # unguided: the interval changes nothing
+    assert tasks.sampling_name(c) == "ddim50_eta1_w0_n500"  # unguided: the interval changes nothing
     c.sampling.update(guidance_t_min=0.0, eta=0.0, guidance=3.0)
-    assert tasks.sampling_name(c) == "ddim50_w3"  # every t: no interval in the name
+    assert tasks.sampling_name(c) == "ddim50_w3_n500"  # every t: no interval in the name
     c.sampling.update(guidance=2.0, guidance_t_min=300.0, guidance_t_max=900.0)
-    c.eval.update(seed=1, steps=25)
-    assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1"
+    c.eval.update(seed=1, steps=25, num_samples=1000)
+    assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1_n1000"  # a run on more captions: another file
 
 
 def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(monkeypatch, tmp_path):

@@ -318,14 +318,15 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
 
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a `shapes` or `sr` result were drawn, for its file name: sampler and steps,
-    eta, guidance w and (when guided, but not at every t) its interval, the noise seed when not 0;
-    e.g. 'ddim50_eta1_w3_t150-inf_seed1'. Results of other settings get other files."""
+    eta, guidance w and (when guided, but not at every t) its interval, the noise seed when not 0,
+    and how many captions or scenes (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000'.
+    Results of other settings get other files."""
     sp = sampling_config(config).sampling
     interval = (sp.guidance_t_min, sp.guidance_t_max)
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}"
-            f"{f'_seed{sp.seed}' if sp.seed else ''}")
+            f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
 
 
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
