@@ -8,7 +8,7 @@ scene area-downsampled to 16x16, resized back bicubically and concatenated to x_
 base model's wrong shapes from the caption (shape 94.6% against 83.4% for bicubic upsampling; with
 levels up to 0.15 or 1,500 steps it kept them; docs/super_resolution.md):
     python -m ddpm_jax.main --config=configs/shapes_sr.py --workdir=runs/shapes_sr
-    python -m ddpm_jax.sample --workdir=runs/shapes_sr --low_res=LOW_RES_PNG_DIR --prompt="a red circle" --aug_level=0
+    python -m ddpm_jax.sample --workdir=runs/shapes_sr --low_res=PNG_OR_DIR --prompt="a red circle" --aug_level=0
     python -m ddpm_jax.evaluate sr --workdir=runs/shapes_sr
     python -m ddpm_jax.cascade --stages=runs/shapes_t2i,runs/shapes_sr --prompt="a red circle above a blue square"
 """
