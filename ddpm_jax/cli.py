@@ -42,6 +42,9 @@ SAMPLE_FLAGS = {
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide only at model timesteps t >= this (below: w = 0)."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide only at model timesteps t <= this (above: w = 0)."),
+    "guide_workdir": ("sampling.guide_workdir", "Autoguidance: guide by this run, a weaker version of the model "
+                                                "(e.g. the same config trained for fewer steps), not by the null "
+                                                "condition."),
     "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1] (with "
                                       "--mask: edit the masked part from there instead of from noise)."),
     "mask_strength": ("sampling.mask_strength", "--mask=auto (DiffEdit): compare the prompts' noise predictions "
@@ -66,6 +69,8 @@ EVAL_FLAGS = {
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide the samples only at model timesteps t >= this."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide the samples only at model timesteps t <= this."),
+    "guide_workdir": ("sampling.guide_workdir", "Autoguidance of the samples: guide by this weaker run of the "
+                                                "same model, not by the null condition."),
     "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
     "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "
                                             "to t = sr_strength * T."),

@@ -118,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
     # elsewhere: guidance in a limited interval (Kynkaanniemi et al. 2024)
     c.sampling.guidance_t_min = 0.0
     c.sampling.guidance_t_max = float("inf")
+    # Autoguidance (Karras et al. 2024): guidance's negative half from this run, a weaker version of the
+    # model (the same config trained for fewer steps, or smaller), under the same condition, instead
+    # of from the model itself under the null condition; '' = classifier-free guidance.
+    c.sampling.guide_workdir = ""
     c.sampling.aug_level = 0.1  # super-resolution: the level the low-res input is noised to (0: none)
     # super-resolution: 1 starts from pure noise (SR3); below 1, from the input upsampled and noised to
     # t = sr_strength * T (SDEdit), which the CPU-trained shapes_sr needs (docs/super_resolution.md)

@@ -28,7 +28,7 @@ from ddpm_jax import image_utils, parallel, superres, text
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.train_state import example_cond
-from ddpm_jax.validation import UserError, check_output_dir, load_npz, validate_sampling
+from ddpm_jax.validation import UserError, check_guide, check_output_dir, load_npz, validate_sampling
 
 FIGURE_ROWS = 8  # images in each process figure
 AUTO_MASK = "auto"  # --mask=auto: DiffEdit's mask, computed from the prompts
@@ -311,24 +311,44 @@ def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec, image_size: int = 0)
 
 def _build_sampler(config: ConfigDict, spec: S.SampleSpec, side: int):
     model = unet_from_config(config)
+    guide_model = unet_from_config(check_guide(config)) if autoguided(config) else None
     s = D.schedule_from_config(config.diffusion, config.sampling.steps)
     kind, shape = config.diffusion.model_output, (side, side, config.data.channels)
 
     def device_fn(params, key, shard):
         key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
-        return S.sample_shard(model, s, kind, spec, shape, params, key, shard)
+        if guide_model is None:
+            return S.sample_shard(model, s, kind, spec, shape, params, key, shard)
+        params, guide_params = params
+        return S.sample_shard(model, s, kind, spec, shape, params, key, shard, guide=(guide_model, guide_params))
 
     return jax.pmap(device_fn, parallel.AXIS_NAME, in_axes=(None, None, 0))
+
+
+def autoguided(config: ConfigDict) -> bool:
+    """Whether `config` samples with autoguidance: guided (w > 0) by a `sampling.guide_workdir` run."""
+    return bool(config.sampling.guide_workdir and config.sampling.guidance)
+
+
+def guide_params(config: ConfigDict):
+    """(EMA params, step) of the newest checkpoint of `sampling.guide_workdir`, read once per process."""
+    from ddpm_jax import checkpoints
+
+    path = config.sampling.guide_workdir
+    return parallel.built_once(("guide", path), lambda: checkpoints.load_params(path, check_guide(config)))
 
 
 def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
     """Samples `req` on all devices in batches of `sampling.batch_size`: {'images': float `[N, H, W,
     C]` in [-1, 1][, 'frames' `[N, F, H, W, C]` when `req.spec.num_frames`]}. With several processes
-    every process calls it and gets every image.
+    every process calls it and gets every image. With `autoguided(config)` the guide's params
+    (`guide_params`) travel beside `params`.
 
     Batch c uses fold_in(key, c), device d in it fold_in(that, d), key = key(sampling.seed).
     """
     fn = pmapped_sampler(config, req.spec, req.image_size)
+    if autoguided(config):
+        params = (params, guide_params(config)[0])
     key = jax.random.key(config.sampling.seed)
     inputs = {name: value for name, value in (("cond", req.cond), ("null_cond", req.null_cond),
                                               ("source_cond", req.source_cond), ("x0", req.x0), ("mask", req.mask))
@@ -420,8 +440,9 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     sp = config.sampling
     is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
     if is_main:
+        guide = f" (autoguidance by {sp.guide_workdir} step {guide_params(config)[1]})" if autoguided(config) else ""
         print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
-              f"{sp.guidance}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
+              f"{sp.guidance}{guide}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
     result = run(config, params, req, progress=ProgressBar() if is_main else None)
     grids = process_figures(config, params, req) if figures else None
     if not is_main:

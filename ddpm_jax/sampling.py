@@ -284,8 +284,8 @@ def null_condition(cond: dict) -> dict:
     return {**cond, "drop": jnp.ones_like(cond["drop"])}
 
 
-def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance,
-                    interval: tuple[float, float] = NO_INTERVAL) -> ModelFn:
+def guided_model_fn(apply_fn: Callable, cond: dict | None, null_cond: dict | None, guidance,
+                    interval: tuple[float, float] = NO_INTERVAL, guide_apply: Callable | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, cond) - w out(x, null_cond).
 
     `apply_fn(x [2B, ...], t [2B], cond [2B])` is called once on the conditional and unconditional
@@ -298,11 +298,20 @@ def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance,
     interval (lo, hi): w only where lo <= t <= hi (model timesteps), w = 0 elsewhere: guidance in a
     limited interval (Kynkaanniemi et al. 2024), which leaves the noisiest and the cleanest levels
     to the conditional model alone.
+
+    guide_apply: autoguidance (Karras et al. 2024): the negative half is this other network, a
+    weaker version of the model (trained for fewer steps, or smaller), under `null_cond` (the
+    prompt itself, as `unet_model_fn` passes it); two passes. It also guides unconditional models
+    (cond None).
     """
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond)
+    if guide_apply is None:
+        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond)
+        halves = lambda x, t: jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+    else:
+        halves = lambda x, t: (apply_fn(x, t, cond), guide_apply(x, t, null_cond))
 
     def model_fn(x, t):
-        out_cond, out_uncond = jnp.split(apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+        out_cond, out_uncond = halves(x, t)
         w = guidance
         if interval != NO_INTERVAL:
             w = jnp.where((t >= interval[0]) & (t <= interval[1]), guidance, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
@@ -315,15 +324,20 @@ def guided_model_fn(apply_fn: Callable, cond: dict, null_cond: dict, guidance,
 
 
 def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0,
-                  null_cond: dict | None = None, interval: tuple[float, float] = NO_INTERVAL) -> ModelFn:
+                  null_cond: dict | None = None, interval: tuple[float, float] = NO_INTERVAL,
+                  guide: tuple | None = None) -> ModelFn:
     """model_fn for a `UNet` in inference mode, conditioned on `cond` (see `UNet`; None for
     unconditional models). guidance w != 0 uses `guided_model_fn` against `null_cond` (default
-    `null_condition(cond)`) in `interval`."""
+    `null_condition(cond)`) in `interval`; with `guide` = (guide UNet, its params), autoguidance:
+    against the guide network under `null_cond` (default `cond`, the same condition)."""
     apply_fn = lambda x, t, c=None: model.apply({"params": params}, x, t, c)
-    if cond is None:
-        return apply_fn
-    if not guidance:
-        return lambda x, t: apply_fn(x, t, cond)
+    if not guidance or (cond is None and guide is None):
+        return apply_fn if cond is None else lambda x, t: apply_fn(x, t, cond)
+    if guide is not None:
+        guide_model, guide_params = guide
+        guide_apply = lambda x, t, c: guide_model.apply({"params": guide_params}, x, t, c)
+        return guided_model_fn(apply_fn, cond, cond if null_cond is None else null_cond, guidance, interval,
+                               guide_apply)
     return guided_model_fn(apply_fn, cond, null_condition(cond) if null_cond is None else null_cond, guidance,
                            interval)
 
@@ -577,13 +591,14 @@ def augment_low_res(s: Schedule, batch: dict, key: jax.Array) -> dict:
 
 
 def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, params, key: jax.Array,
-                 batch: dict) -> dict:
+                 batch: dict, guide: tuple | None = None) -> dict:
     """One device's images. batch: 'cond' (the U-Net's conditioning, `[b, ...]` leaves; 'drop'
     always, which gives the batch size; unconditional models ignore it), optionally 'null_cond'
     (a negative prompt: guidance's unconditional half) and 'source_cond' (prompt-to-prompt: DDIM
     inversion runs unguided under it), for editing 'x0' `[b, H, W, C]` in [-1, 1], for inpainting
     'mask' bool `[b, H, W, 1]` (with `spec.mask_level`: none, DiffEdit's mask of the prompt against
-    'source_cond', or the null text, is made here).
+    'source_cond', or the null text, is made here). guide: (UNet, params) of autoguidance's guide
+    network (`unet_model_fn`), None for classifier-free guidance.
 
     Returns {'images': `[b, H, W, C]`}, with `spec.num_frames` 'frames' `[b, F, H, W, C]`, with
     `spec.mask_level` 'masks' `[b, H, W, 1]`.
@@ -592,7 +607,8 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     if model.low_res_size:
         batch = augment_low_res(s, batch, jax.random.fold_in(key, AUG_NOISE_TAG))
     cond = batch["cond"] if conditional else None
-    model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval)
+    model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval,
+                             guide)
     kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
     source = batch.get("source_cond")
     invert_model_fn = None if source is None else unet_model_fn(model, params, source)

@@ -20,6 +20,11 @@ from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("xla", "cudnn")
+# What autoguidance's guide run (sampling.guide_workdir) shares with the run it guides: the same input,
+# condition and output meaning, so the two outputs combine linearly. Its size and training may differ.
+GUIDE_FIELDS = ("data.image_size", "data.channels", "data.max_text_len", "model.num_classes", "model.text_encoder",
+                "model.text_emb_dim", "model.low_res_size", "diffusion.num_timesteps", "diffusion.beta_schedule",
+                "diffusion.beta_start", "diffusion.beta_end", "diffusion.model_output", "diffusion.variance")
 
 
 class UserError(ValueError):
@@ -226,9 +231,12 @@ def validate_sampling(config: ConfigDict):
              and 0 <= sp.guidance_t_min <= sp.guidance_t_max,
              f"sampling.guidance_t_min={sp.guidance_t_min!r}, sampling.guidance_t_max={sp.guidance_t_max!r}: need "
              "0 <= guidance_t_min <= guidance_t_max (model timesteps; inf: no upper bound).")
-    _require(not sp.guidance or config.model.num_classes or config.model.text_encoder != "none",
-             f"sampling.guidance={sp.guidance} needs a class- or text-conditional model; this one has "
-             "model.num_classes=0 and model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
+    _require(not sp.guidance or config.model.num_classes or config.model.text_encoder != "none" or sp.guide_workdir,
+             f"sampling.guidance={sp.guidance} needs a class- or text-conditional model (classifier-free) or "
+             "sampling.guide_workdir (autoguidance); this one has model.num_classes=0 and "
+             "model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
+    if sp.guide_workdir:
+        check_guide(config)
     _require(_is_number(sp.strength) and 0.0 <= sp.strength <= 1.0,
              f"sampling.strength={sp.strength!r}: must be in [0, 1].")
     _require(_is_number(sp.aug_level) and 0.0 <= sp.aug_level <= 1.0,
@@ -248,6 +256,25 @@ def validate_sampling(config: ConfigDict):
     _positive_int(config, "sampling.num_samples")
     _positive_int(config, "sampling.batch_size")
     _non_negative_int(sp.seed, "sampling.seed")
+
+
+def check_guide(config: ConfigDict) -> ConfigDict:
+    """The config of `sampling.guide_workdir`'s run, or a UserError naming the first of `GUIDE_FIELDS`
+    in which it differs from `config` (the run it guides)."""
+    from ddpm_jax import checkpoints  # it imports this module
+
+    path = config.sampling.guide_workdir
+    _require(os.path.isfile(os.path.join(path, checkpoints.CONFIG_FILE)),
+             f"sampling.guide_workdir={path!r}: no {checkpoints.CONFIG_FILE} there; give the --workdir of a training "
+             "run of the same model, e.g. the same config trained for fewer steps.")
+    guide = checkpoints.load_config(path)
+    for field in GUIDE_FIELDS:
+        section, name = field.split(".")
+        ours, theirs = config[section][name], guide[section][name]
+        _require(ours == theirs, f"sampling.guide_workdir={path}: its {field}={theirs!r} differs from this run's "
+                                 f"{ours!r}; the guide must be a version of the same model (the same data, "
+                                 "conditioning and diffusion; only its size and training may differ).")
+    return guide
 
 
 def validate_eval(config: ConfigDict, in_loop: bool = False):

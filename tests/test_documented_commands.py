@@ -23,7 +23,8 @@ SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.
 SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
            evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"],
            cascade: ["--num_samples=2"]}
-OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr")  # the runs the tests make
+# the runs the tests make; runs/shapes_t2i_2k (the docs' autoguidance guide) is a copy of runs/shapes_t2i
+OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr", "runs/shapes_t2i_2k")
 
 
 def documented_commands() -> list[str]:
@@ -57,7 +58,8 @@ def test_docs_have_commands_and_most_run_offline():
 @pytest.fixture(scope="module")
 def cwd_with_runs(tmp_path_factory):
     """runs/digits, runs/digits_cond, runs/shapes_t2i and runs/shapes_sr trained by the documented
-    command (a smaller model, 2 steps; shapes with 40 train / 20 test scenes), inputs/ with two digits
+    command (a smaller model, 2 steps; shapes with 40 train / 20 test scenes), runs/shapes_t2i_2k (a
+    copy of runs/shapes_t2i: the same model, as a guide run must be), inputs/ with two digits
     and mask.png, shapes_inputs/ and shapes_mask.png, shapes_low_res/ (16x16 scenes),
     docs/shapes_prompts.txt, as the docs' commands expect them."""
     from ddpm_jax.datasets import shapes as shapes_ds
@@ -72,6 +74,7 @@ def cwd_with_runs(tmp_path_factory):
                 status, _, err = run_command(main, f"--config={ROOT}/configs/{name}.py", f"--workdir=runs/{name}",
                                              f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
                 assert status == 0, err[-2000:]
+        shutil.copytree("runs/shapes_t2i", "runs/shapes_t2i_2k")
         os.makedirs("docs")
         shutil.copy(os.path.join(ROOT, "docs", "shapes_prompts.txt"), "docs/")
         os.makedirs("shapes_inputs")

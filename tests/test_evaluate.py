@@ -171,6 +171,10 @@ def test_result_names_tell_the_sampling_settings_apart():
     c.sampling.update(guidance=2.0, guidance_t_min=300.0, guidance_t_max=900.0)
     c.eval.update(seed=1, steps=25, num_samples=1000)
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1_n1000"  # a run on more captions: another file
+    c.sampling.guide_workdir = "runs/t2i_2k/"
+    assert tasks.sampling_name(c) == "ddim25_w2_t300-900_guide-t2i_2k_seed1_n1000"  # autoguidance
+    c.sampling.guidance = 0.0
+    assert tasks.sampling_name(c) == "ddim25_w0_seed1_n1000"  # unguided: no guide either
 
 
 def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(monkeypatch, tmp_path):

@@ -116,6 +116,10 @@ def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
         _request(config, guidance=2.0)
     with pytest.raises(UserError, match=r"--label=1: this run's model is unconditional"):
         _request(config, label="1")
+    # Autoguidance needs no condition: the guide run is the negative half.
+    c, req = _request(config, guidance=2.0, guide_workdir=_workdir(tmp_path / "guide", config))
+    params = jax.device_get(create_train_state(config, 1)).ema_params
+    assert np.isfinite(generation.run(c, params, req)["images"]).all()
 
 
 def test_per_class_accuracy_table():

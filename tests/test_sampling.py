@@ -294,6 +294,16 @@ def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
                                   S.guided_model_fn(apply_fn, cond, null, 2.0, interval=(0.0, 1e9))(x, t))
 
 
+def test_autoguidance_guides_by_another_network_also_without_a_condition():
+    good = lambda x, t, c: x * 3.0 + t[:, None]
+    bad = lambda x, t, c: jnp.tanh(x) - t[:, None]
+    x, t = jnp.ones((4, 2)) * 0.3, jnp.array([99.0, 100.0, 700.0, 700.5])
+    out = S.guided_model_fn(good, None, None, 2.0, interval=(100.0, 700.0), guide_apply=bad)(x, t)
+    inside = np.array([False, True, True, False])
+    np.testing.assert_allclose(out[inside], 3 * good(x, t, None)[inside] - 2 * bad(x, t, None)[inside], rtol=1e-6)
+    np.testing.assert_array_equal(out[~inside], good(x, t, None)[~inside])
+
+
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_learned_range_ancestral_interpolates_the_respaced_variances():
     # A model whose variance half is constant r: r = -1 gives beta_tilde and r = +1 beta of the respaced

@@ -132,6 +132,31 @@ def test_guidance_is_cond_minus_null_and_negative_prompt_replaces_null(text_mode
     np.testing.assert_array_equal(S.null_condition(cond)["tokens"], cond["tokens"])
 
 
+def test_autoguidance_is_the_model_minus_its_guide_under_the_same_prompt(text_model):
+    config, model, params = text_model
+    guide = _perturbed(params, 0.1)  # a different network of the same architecture
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    t = jnp.array([4, 12])
+    cond, negative = _cond(["a red circle", "a blue square"], L), _cond(["a green triangle"] * 2, L)
+    w = 2.5
+
+    @jax.jit
+    def outputs():
+        apply = lambda p, c: model.apply({"params": p}, x, t, c)
+        return (apply(params, cond), apply(guide, cond), apply(guide, negative),
+                S.unet_model_fn(model, params, cond, w, guide=(model, guide))(x, t),
+                S.unet_model_fn(model, params, cond, w, null_cond=negative, guide=(model, guide))(x, t),
+                S.unet_model_fn(model, params, cond, w, guide=(model, params))(x, t))
+
+    out, out_guide, out_guide_neg, guided, guided_neg, self_guided = outputs()
+    assert not np.allclose(out, out_guide, atol=1e-3)
+    np.testing.assert_allclose(guided, (1 + w) * out - w * out_guide, rtol=1e-4, atol=1e-3)
+    # A negative prompt is what the guide network is given instead of the prompt.
+    np.testing.assert_allclose(guided_neg, (1 + w) * out - w * out_guide_neg, rtol=1e-4, atol=1e-3)
+    # Guided by itself under the same prompt, the model is unchanged.
+    np.testing.assert_allclose(self_guided, out, rtol=1e-4, atol=1e-4)
+
+
 def test_inpainting_with_a_prompt_keeps_unmasked_pixels_exactly(text_model):
     config, model, params = text_model
     s = diffusion.schedule_from_config(config.diffusion, 4)
@@ -242,6 +267,32 @@ def test_sample_command_with_prompts(text_run, tmp_path):
     assert status == 0, err[-2000:]
     one = np.load(tmp_path / "one" / "samples.npz")
     assert one["arr_0"].shape == (3, 8, 8, 3) and list(one["prompts"]) == ["a red circle"] * 3
+
+
+def test_sample_command_with_a_guide_run(text_run, tmp_path):
+    """--guide_workdir: a run with the same params guides to the unguided samples; another changes them;
+    a missing or mismatched guide run is one line naming the field."""
+    same = _save_run(tmp_path / "same", _text_config())  # _random_params: the same params as text_run
+    other_config = _text_config()
+    other_config.model.ch = 16  # a smaller guide network is allowed
+    other = _save_run(tmp_path / "other", other_config)
+    npz = {}
+    for name, flags in {"unguided": ["--guidance=0"], "same": ["--guidance=2", f"--guide_workdir={same}"],
+                        "other": ["--guidance=2", f"--guide_workdir={other}"]}.items():
+        status, _, err = run_command(sample, f"--workdir={text_run}", "--prompt=a red circle", "--num_samples=4",
+                                     f"--out={tmp_path / name}", *flags)
+        assert status == 0, err[-2000:]
+        npz[name] = np.load(tmp_path / name / "samples.npz")["arr_0"].astype(int)
+    assert np.abs(npz["same"] - npz["unguided"]).max() <= 1  # (1 + w) a - w a: float rounding only
+    assert np.abs(npz["other"] - npz["unguided"]).mean() > 5
+    mismatched = _text_config()
+    mismatched.diffusion.model_output = "v"
+    checkpoints.write_config(str(tmp_path / "mismatched"), mismatched)
+    for guide, says in ((tmp_path / "none", "sampling.guide_workdir="), (tmp_path / "mismatched", "model_output='v'")):
+        status, _, err = run_command(sample, f"--workdir={text_run}", "--prompt=a red circle", "--guidance=2",
+                                     f"--guide_workdir={guide}", f"--out={tmp_path / 'bad'}")
+        assert status != 0 and says in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow  # the documented editing lines run in test_documented_commands

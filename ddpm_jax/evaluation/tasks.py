@@ -241,6 +241,8 @@ def shapes(config: ConfigDict, params) -> dict:
     sp = config.sampling
     result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
                   steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
+    if generation.autoguided(config):
+        result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
 
 
@@ -318,14 +320,16 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
 
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a `shapes` or `sr` result were drawn, for its file name: sampler and steps,
-    eta, guidance w and (when guided, but not at every t) its interval, the noise seed when not 0,
-    and how many captions or scenes (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000'.
+    eta, guidance w and (when guided, but not at every t) its interval, autoguidance's guide run (the
+    last part of its path), the noise seed when not 0, and how many captions or scenes
+    (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500'.
     Results of other settings get other files."""
     sp = sampling_config(config).sampling
     interval = (sp.guidance_t_min, sp.guidance_t_max)
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
+    guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
     return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
-            f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}"
+            f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
 
 
