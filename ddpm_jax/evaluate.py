@@ -21,11 +21,12 @@
 
 Workdir commands read the run's config.json and its latest checkpoint (EMA params), print the
 metrics and write them to WORKDIR/eval/{command}_step_{step}.json (shapes:
-..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_seed{seed}]_n{num_samples}.json,
+..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_guide-{guide run's folder}]
+[_seed{seed}]_n{num_samples}.json,
 `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
-(`cli.EVAL_FLAGS`; --guidance, --sampler and --eta set sampling's); unset, the run's values hold. For
-cascade, the sampling flags (and --steps) set that field of every stage; the result file,
+(`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's); unset, the run's
+values hold. For cascade, the sampling flags (and --steps) set that field of every stage; the result file,
 BASE_RUN/eval/cascade_step_{step}_{run}-{step}..., is named by the later stages' runs and the flags
 given. The logic is in `ddpm_jax.evaluation.tasks`.
 """

@@ -335,7 +335,14 @@ def guide_params(config: ConfigDict):
     from ddpm_jax import checkpoints
 
     path = config.sampling.guide_workdir
-    return parallel.built_once(("guide", path), lambda: checkpoints.load_params(path, check_guide(config)))
+
+    def load():
+        try:
+            return checkpoints.load_params(path, check_guide(config))
+        except UserError as e:  # its message says --workdir: name the field it came from
+            raise UserError(f"sampling.guide_workdir: {e}") from None
+
+    return parallel.built_once(("guide", path), load)
 
 
 def run(config: ConfigDict, params, req: Request, progress=None) -> dict:

@@ -288,7 +288,9 @@ def test_sample_command_with_a_guide_run(text_run, tmp_path):
     mismatched = _text_config()
     mismatched.diffusion.model_output = "v"
     checkpoints.write_config(str(tmp_path / "mismatched"), mismatched)
-    for guide, says in ((tmp_path / "none", "sampling.guide_workdir="), (tmp_path / "mismatched", "model_output='v'")):
+    checkpoints.write_config(str(tmp_path / "untrained"), _text_config())
+    for guide, says in ((tmp_path / "none", "sampling.guide_workdir="), (tmp_path / "mismatched", "model_output='v'"),
+                        (tmp_path / "untrained", "sampling.guide_workdir: --workdir=")):
         status, _, err = run_command(sample, f"--workdir={text_run}", "--prompt=a red circle", "--guidance=2",
                                      f"--guide_workdir={guide}", f"--out={tmp_path / 'bad'}")
         assert status != 0 and says in err and "Traceback" not in err, err[-2000:]
