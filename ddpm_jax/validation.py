@@ -235,7 +235,7 @@ def validate_sampling(config: ConfigDict):
              f"sampling.guidance={sp.guidance} needs a class- or text-conditional model (classifier-free) or "
              "sampling.guide_workdir (autoguidance); this one has model.num_classes=0 and "
              "model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
-    if sp.guide_workdir:
+    if sp.guide_workdir and sp.guidance:  # unguided, the guide is not used (generation.autoguided)
         check_guide(config)
     _require(_is_number(sp.strength) and 0.0 <= sp.strength <= 1.0,
              f"sampling.strength={sp.strength!r}: must be in [0, 1].")

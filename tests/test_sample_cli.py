@@ -116,10 +116,18 @@ def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
         _request(config, guidance=2.0)
     with pytest.raises(UserError, match=r"--label=1: this run's model is unconditional"):
         _request(config, label="1")
-    # Autoguidance needs no condition: the guide run is the negative half.
-    c, req = _request(config, guidance=2.0, guide_workdir=_workdir(tmp_path / "guide", config))
-    params = jax.device_get(create_train_state(config, 1)).ema_params
-    assert np.isfinite(generation.run(c, params, req)["images"]).all()
+    # Autoguidance needs no condition: the guide run (freshly initialised: its zero output layer
+    # predicts eps = 0) is the negative half, so the samples of a model with an output change.
+    guide = _workdir(tmp_path / "guide", config)
+    leaves, tree = jax.tree.flatten(jax.device_get(create_train_state(config, 1)).ema_params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    c, req = _request(config, guidance=2.0, guide_workdir=guide)
+    guided = generation.run(c, params, req)["images"]
+    c0, req0 = _request(config, guide_workdir=guide)  # w = 0: the guide is not used (nor checked)
+    plain = generation.run(c0, params, req0)["images"]
+    assert np.isfinite(guided).all() and np.abs(guided - plain).mean() > 1e-3
+    _request(config, guidance=0.0, guide_workdir=str(tmp_path / "no_such_run"))
 
 
 def test_per_class_accuracy_table():
