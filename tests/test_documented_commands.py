@@ -115,3 +115,22 @@ def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
         assert "cascade.png" in out
     else:
         assert "{" in out or "| setting |" in out  # the metrics as JSON, or the accuracy table
+
+
+def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypatch):
+    """A result is named by what changes its numbers, so evaluating again with another setting keeps
+    the first result: digits by the sampling settings, bpd by split, examples and seed, --samples by file."""
+    monkeypatch.chdir(cwd_with_runs)
+    runs = [("digits", "--num_samples=10"), ("digits", "--num_samples=10", "--steps=5"),
+            ("digits", "--num_samples=10", "--seed=1"), ("bpd", "--num_examples=8"), ("bpd", "--num_examples=4"),
+            ("bpd", "--num_examples=4", "--seed=1")]
+    for args in runs:
+        status, _, err = run_command(evaluate, args[0], "--workdir=runs/digits", *args[1:])
+        assert status == 0, (args, err[-2000:])
+    np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
+    status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
+    assert status == 0, err[-2000:]
+    written = set(os.listdir("runs/digits/eval"))  # with those of the documented commands
+    assert written >= {"digits_step_2_ancestral200_w0_n10.json", "digits_step_2_ancestral5_w0_n10.json",
+                       "digits_step_2_ancestral200_w0_seed1_n10.json", "bpd_step_2_train_n8.json",
+                       "bpd_step_2_train_n4.json", "bpd_step_2_train_n4_seed1.json", "digits_mine.json"}, written

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -319,7 +320,7 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
 
 
 def sampling_name(config: ConfigDict) -> str:
-    """How the samples of a `shapes` or `sr` result were drawn, for its file name: sampler and steps,
+    """How the samples of a result were drawn from the model, for its file name: sampler and steps,
     eta, guidance w and (when guided, but not at every t) its interval, autoguidance's guide run (the
     last part of its path), the noise seed when not 0, and how many captions or scenes
     (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500'.
@@ -339,9 +340,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
                     out: str | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
-    read; writes WORKDIR/eval/COMMAND_step_N.json (shapes: COMMAND_step_N_{`sampling_name`}.json; sr:
-    COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json).
-    Returns the result."""
+    read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json for what samples the model (fid, digits,
+    shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json), bpd_step_N_{split}_n{examples}
+    [_seed{seed}].json, and COMMAND_{the .npz's name}.json for --samples. Returns the result."""
     from ddpm_jax import checkpoints
 
     validate_eval(config)
@@ -393,6 +394,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             print(f"step {step}, {num_per_class} samples per class, classifier: evaluation.digits_classifier\n")
             print(table)
         return {"table": table}
+    # Every setting that changes the numbers is in the name, so results of other settings get other files.
     how = sampling_name(config)
     if command == "shapes":
         result = shapes(config, params)
@@ -405,9 +407,14 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         images, _ = real_images(config, split, num_examples)
         result = bits_per_dim(config, params, images)
         result.update(split=split, num_examples=len(images))
+        split_name = re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
+        name = f"{name}_{split_name}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
     else:
         if images is None:
             images, labels = generate(config, params)
+            name = f"{name}_{how}"
+        else:
+            name = f"{name}_{os.path.splitext(os.path.basename(samples))[0]}"
         if command == "fid":
             variables = parallel.replicate(inception.load_variables(weights, WEIGHTS_FIELD))
             result = fid_is_kid(images, variables, reference, per_device_batch=per_device_batch)
