@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from cli_helpers import run_command
 
-from ddpm_jax import cascade, evaluate, image_utils, main, sample, scenes
+from ddpm_jax import cascade, evaluate, main, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
@@ -24,6 +24,10 @@ SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
            evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"],
            cascade: ["--num_samples=2"]}
 # the runs the tests make; runs/shapes_t2i_2k (the docs' autoguidance guide) is a copy of runs/shapes_t2i
+# the docs' snippets that write the images the editing commands read (inputs/, shapes_inputs/, ...)
+INPUTS = "# the inputs of the lines above\n"
+# the "In Python" snippets, on the runs the tests make
+API = ("from ddpm_jax import checkpoints, generation\n", "from ddpm_jax import cascading\n")
 OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr", "runs/shapes_t2i_2k")
 
 
@@ -39,6 +43,15 @@ def documented_commands() -> list[str]:
                 if re.match(r"python -m ddpm_jax\.(sample|evaluate|cascade)\b", line):
                     commands.append(line)
     return list(dict.fromkeys(commands))  # README and docs repeat some
+
+
+def documented_python(start: str) -> list[str]:
+    """The ```python blocks of the README and docs/ that start with `start`."""
+    blocks = []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        with open(path) as f:
+            blocks += [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if b.startswith(start)]
+    return blocks
 
 
 def runnable(command: str) -> bool:
@@ -59,9 +72,9 @@ def test_docs_have_commands_and_most_run_offline():
 def cwd_with_runs(tmp_path_factory):
     """runs/digits, runs/digits_cond, runs/shapes_t2i and runs/shapes_sr trained by the documented
     command (a smaller model, 2 steps; shapes with 40 train / 20 test scenes), runs/shapes_t2i_2k (a
-    copy of runs/shapes_t2i: the same model, as a guide run must be), inputs/ with two digits
-    and mask.png, shapes_inputs/ and shapes_mask.png, shapes_low_res/ (16x16 scenes),
-    docs/shapes_prompts.txt, as the docs' commands expect them."""
+    copy of runs/shapes_t2i: the same model, as a guide run must be), docs/shapes_prompts.txt, and
+    the images the commands read (inputs/, mask.png, shapes_inputs/, shapes_mask.png,
+    shapes_low_res/), written by the docs' own snippets, as the docs' commands expect them."""
     from ddpm_jax.datasets import shapes as shapes_ds
 
     d = tmp_path_factory.mktemp("docs")
@@ -77,26 +90,10 @@ def cwd_with_runs(tmp_path_factory):
         shutil.copytree("runs/shapes_t2i", "runs/shapes_t2i_2k")
         os.makedirs("docs")
         shutil.copy(os.path.join(ROOT, "docs", "shapes_prompts.txt"), "docs/")
-        os.makedirs("shapes_inputs")
-        for i, objects in enumerate([[scenes.SceneObject("circle", "red", (8, 8, 20, 20))],
-                                     [scenes.SceneObject("square", "blue", (4, 14, 16, 26))]]):
-            name = "red_circle.png" if i == 0 else "blue_square.png"
-            image_utils.save_png(f"shapes_inputs/{name}", scenes.render(objects))
-        os.makedirs("shapes_low_res")
-        for name in os.listdir("shapes_inputs"):
-            scene = image_utils.load_images(f"shapes_inputs/{name}", channels=3)
-            low_res = scene[0].reshape(16, 2, 16, 2, 3).mean((1, 3)).astype(np.uint8)
-            image_utils.save_png(f"shapes_low_res/{name}", low_res)
-        shapes_mask = np.zeros((16, 16, 1), np.uint8)
-        shapes_mask[4:12, 4:12] = 255
-        image_utils.save_png("shapes_mask.png", shapes_mask)
-        os.makedirs("inputs")
-        rng = np.random.default_rng(0)
-        for i in range(2):
-            image_utils.save_png(f"inputs/{i}.png", rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
-        mask = np.zeros((8, 8, 1), np.uint8)
-        mask[2:6, 2:6] = 255
-        image_utils.save_png("mask.png", mask)
+        snippets = documented_python(INPUTS)
+        assert len(snippets) == 3, snippets  # sampling, text_to_image, super_resolution
+        for snippet in snippets:
+            exec(snippet, {})
     finally:
         os.chdir(old)
     return d
@@ -134,3 +131,13 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     assert written >= {"digits_step_2_ancestral200_w0_n10.json", "digits_step_2_ancestral5_w0_n10.json",
                        "digits_step_2_ancestral200_w0_seed1_n10.json", "bpd_step_2_train_n8.json",
                        "bpd_step_2_train_n4.json", "bpd_step_2_train_n4_seed1.json", "digits_mine.json"}, written
+
+
+@pytest.mark.parametrize("start, shapes", [(API[0], [(100, 8, 8, 1)]), (API[1], [(4, 16, 16, 3), (4, 32, 32, 3)])])
+def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
+    monkeypatch.chdir(cwd_with_runs)
+    (snippet,) = documented_python(start)
+    namespace = {}
+    exec(snippet, namespace)
+    images = namespace["images"]  # sampling.md: one array; super_resolution.md: one per stage
+    assert [np.shape(x) for x in (images if isinstance(images, list) else [images])] == shapes
