@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-4
     c.optim.warmup_steps = 5000
+    # 0: constant after warmup (Ho et al.); N: cosine decay to 0 at step N (>= training.num_train_steps)
+    c.optim.decay_steps = 0
     c.optim.grad_clip = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999

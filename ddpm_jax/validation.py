@@ -190,6 +190,12 @@ def validate_training(config: ConfigDict, num_devices: int):
     _require(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate!r}: must be positive.")
     _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
              f"optim.warmup_steps={o.warmup_steps!r}: must be a non-negative integer.")
+    _require(isinstance(o.decay_steps, int) and (o.decay_steps == 0 or o.decay_steps > o.warmup_steps),
+             f"optim.decay_steps={o.decay_steps!r}: must be 0 (constant after warmup) or a step after "
+             f"optim.warmup_steps={o.warmup_steps}.")
+    _require(not o.decay_steps or o.decay_steps >= t.num_train_steps,
+             f"optim.decay_steps={o.decay_steps}: the learning rate would be 0 for the last steps of "
+             f"training.num_train_steps={t.num_train_steps}; set it to at least that (or 0: no decay).")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip!r}: must be >= 0 (0 turns clipping off).")
     for name in ("b1", "b2"):
         _require(0.0 <= o[name] < 1.0, f"optim.{name}={o[name]!r}: must be in [0, 1).")

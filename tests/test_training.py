@@ -51,6 +51,35 @@ def test_load_config_gives_fields_added_later_their_defaults(tmp_path):
 
 
 @pytest.mark.slow
+def test_learning_rate_schedules():
+    """Warmup then constant (Ho et al.), or a cosine to 0 at optim.decay_steps, which Adam follows."""
+    import math
+
+    import optax
+    from ml_collections import ConfigDict
+
+    from ddpm_jax.train_state import learning_rate_schedule, make_optimizer
+
+    o = ConfigDict({"learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 0, "grad_clip": 0.0, "b1": 0.9,
+                    "b2": 0.999, "eps": 1e-8})
+    constant = learning_rate_schedule(o)
+    np.testing.assert_allclose([constant(i) for i in (0, 5, 10, 10_000)], [0.0, 0.5, 1.0, 1.0], atol=1e-7)
+    o.decay_steps = 110
+    cosine = learning_rate_schedule(o)
+    np.testing.assert_allclose([cosine(i) for i in (5, 10, 35, 60, 110, 500)],
+                               [0.5, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.0, 0.0], atol=1e-6)
+    o.warmup_steps, o.decay_steps = 0, 4
+    opt, params = make_optimizer(o), np.ones(3, np.float32)
+    state, moved = opt.init(params), []
+    for _ in range(6):
+        updates, state = opt.update(np.ones(3, np.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        moved.append(float(np.abs(updates).max()))
+    # Adam's first steps move by about the learning rate: cos schedule 1, 0.85, 0.5, 0.15, then 0
+    np.testing.assert_allclose(moved, [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(math.pi / 4)) / 2,
+                                       0.0, 0.0], atol=1e-4)
+
+
 def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     config = small_cifar10_config()
     workdir = str(tmp_path / "run")

@@ -35,6 +35,10 @@ def test_shipped_configs_are_valid():
     ("data.random_crop", 16, r"data\.random_crop=16: .* must be 0 \(no crop\) or at least 32"),
     ("data.random_crop", -1, r"data\.random_crop=-1: must be a non-negative integer"),
     ("optim.ema_decay", 1.0, r"optim\.ema_decay=1\.0: must be in \[0, 1\)"),
+    ("optim.decay_steps", 5, r"optim\.decay_steps=5: must be 0 \(constant after warmup\) or a step after "
+                             r"optim\.warmup_steps=10"),
+    ("optim.decay_steps", 15, r"optim\.decay_steps=15: the learning rate would be 0 for the last steps of "
+                              r"training\.num_train_steps=20"),
     ("model.attention", "flash", r"model\.attention='flash': must be one of \('xla', 'cudnn'\)"),
     ("model.attention", "cudnn", r"model\.attention='cudnn' needs model\.dtype bfloat16 or float16"),
 ])
