@@ -23,11 +23,11 @@ SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.
 SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
            evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"],
            cascade: ["--num_samples=2"]}
-# the runs the tests make; runs/shapes_t2i_2k (the docs' autoguidance guide) is a copy of runs/shapes_t2i
 # the docs' snippets that write the images the editing commands read (inputs/, shapes_inputs/, ...)
 INPUTS = "# the inputs of the lines above\n"
 # the "In Python" snippets, on the runs the tests make
 API = ("from ddpm_jax import checkpoints, generation\n", "from ddpm_jax import cascading\n")
+# the runs the tests make; runs/shapes_t2i_2k (the docs' autoguidance guide) is a copy of runs/shapes_t2i
 OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr", "runs/shapes_t2i_2k")
 
 

@@ -1,6 +1,7 @@
 """The training system: an end-to-end run, exact resume (also after SIGTERM), and the pmapped step."""
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -11,10 +12,13 @@ import time
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
 
 from ddpm_jax import checkpoints, generation, input_pipeline, parallel, training
+from ddpm_jax.train_state import learning_rate_schedule, make_optimizer
 from tests.train_helpers import (
     compilation_cache,
     prepare_digits,
@@ -50,16 +54,8 @@ def test_load_config_gives_fields_added_later_their_defaults(tmp_path):
     assert loaded.model.attention == "xla" and loaded.model.ch == config.model.ch
 
 
-@pytest.mark.slow
 def test_learning_rate_schedules():
     """Warmup then constant (Ho et al.), or a cosine to 0 at optim.decay_steps, which Adam follows."""
-    import math
-
-    import optax
-    from ml_collections import ConfigDict
-
-    from ddpm_jax.train_state import learning_rate_schedule, make_optimizer
-
     o = ConfigDict({"learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 0, "grad_clip": 0.0, "b1": 0.9,
                     "b2": 0.999, "eps": 1e-8})
     constant = learning_rate_schedule(o)
@@ -80,6 +76,7 @@ def test_learning_rate_schedules():
                                        0.0, 0.0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     config = small_cifar10_config()
     workdir = str(tmp_path / "run")
