@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -415,6 +416,10 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
         for i, img in enumerate(u8):
             paths.append(os.path.join(out, "images", f"{i:06d}.png"))
             image_utils.save_png(paths[-1], img)
+        # An earlier, larger run's numbered images would mix into a folder that FID tools read whole.
+        for name in os.listdir(os.path.join(out, "images")):
+            if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) >= len(u8):
+                os.remove(os.path.join(out, "images", name))
     for name, grid in zip(("forward_process.png", "reverse_process.png"), figures or ()):
         paths.append(os.path.join(out, name))
         image_utils.save_png(paths[-1], grid, scale)

@@ -48,7 +48,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("mask", None, "Inpainting: a PNG (or folder), white where to generate, black to keep; "
                         "'auto': DiffEdit's mask, where --prompt and --source_prompt (or the null text) disagree.",
                         flag_values=fv)
-    flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png.", flag_values=fv)
+    flags.DEFINE_bool("individual", False, "Also write each image as images/NNNNNN.png (numbered images "
+                      "beyond this run's count, from an earlier run, are removed).", flag_values=fv)
     flags.DEFINE_bool("figures", False, "Also draw the forward and reverse process figures.", flag_values=fv)
     flags.DEFINE_bool("ema", True, "Use the EMA params (--noema: the raw params).", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)

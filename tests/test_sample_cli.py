@@ -79,6 +79,22 @@ def test_cli_writes_the_files_it_promises(cond_run, tmp_path):
     assert "[##############################] 9/9 images" in r.stderr
 
 
+def test_individual_images_are_those_of_the_last_run(tmp_path):
+    """--individual into a folder that holds a larger earlier run's images: only this run's remain
+    (a folder read whole for FID must not mix runs); other files there are left alone."""
+    config = _config(num_classes=0)
+    out, rng = str(tmp_path), np.random.default_rng(0)
+    for n in (5, 3):
+        config.sampling.num_samples = n
+        images = rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32)
+        if n == 3:
+            (tmp_path / "images" / "notes.txt").write_text("mine")
+        generation.write_outputs(out, images, generation.make_request(config), 0, individual=True)
+    assert sorted(os.listdir(tmp_path / "images")) == ["000000.png", "000001.png", "000002.png", "notes.txt"]
+    np.testing.assert_array_equal(image_utils.load_images(str(tmp_path / "images" / "000002.png"), channels=1)[0],
+                                  image_utils.to_uint8(images)[2])
+
+
 def _request(config, *, label=None, init_images=None, mask=None, invert=False, **sampling):
     """`generation.make_request` as the command calls it: flags written into `sampling` first."""
     config = config.copy_and_resolve_references()
