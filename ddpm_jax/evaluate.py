@@ -23,6 +23,7 @@ Workdir commands read the run's config.json and its latest checkpoint (EMA param
 metrics and write them to WORKDIR/eval/{command}_step_{step}_...json, named by the settings (fid, digits,
 shapes: ..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_guide-{guide run's folder}]
 [_seed{seed}]_n{num_samples}.json, `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json;
+shapes and sr given --split: ..._step_{step}_{split}_...;
 bpd: ..._{split}_n{examples}[_seed{seed}].json; with --samples=F.npz: {command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
 (`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's); unset, the run's

@@ -116,7 +116,8 @@ def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
 
 def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypatch):
     """A result is named by what changes its numbers, so evaluating again with another setting keeps
-    the first result: digits by the sampling settings, bpd by split, examples and seed, --samples by file."""
+    the first result: digits by the sampling settings, bpd by split, examples and seed, --samples by file,
+    shapes also by a split given."""
     monkeypatch.chdir(cwd_with_runs)
     runs = [("digits", "--num_samples=10"), ("digits", "--num_samples=10", "--steps=5"),
             ("digits", "--num_samples=10", "--seed=1"), ("bpd", "--num_examples=8"), ("bpd", "--num_examples=4"),
@@ -127,6 +128,11 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
     assert status == 0, err[-2000:]
+    for args in [(), ("--split=train",)]:
+        status, _, err = run_command(evaluate, "shapes", "--workdir=runs/shapes_t2i", "--num_samples=4", *args)
+        assert status == 0, (args, err[-2000:])
+    assert {"shapes_step_2_ddim50_eta1_w3_t150-inf_n4.json",
+            "shapes_step_2_train_ddim50_eta1_w3_t150-inf_n4.json"} <= set(os.listdir("runs/shapes_t2i/eval"))
     written = set(os.listdir("runs/digits/eval"))  # with those of the documented commands
     assert written >= {"digits_step_2_ancestral200_w0_n10.json", "digits_step_2_ancestral5_w0_n10.json",
                        "digits_step_2_ancestral200_w0_seed1_n10.json", "bpd_step_2_train_n8.json",

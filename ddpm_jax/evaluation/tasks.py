@@ -341,8 +341,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
     read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json for what samples the model (fid, digits,
-    shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json), bpd_step_N_{split}_n{examples}
-    [_seed{seed}].json, and COMMAND_{the .npz's name}.json for --samples. Returns the result."""
+    shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json; shapes and sr with
+    `eval.split` set: COMMAND_step_N_{split}_...), bpd_step_N_{split}_n{examples}[_seed{seed}].json, and
+    COMMAND_{the .npz's name}.json for --samples. Returns the result."""
     from ddpm_jax import checkpoints
 
     validate_eval(config)
@@ -396,19 +397,20 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         return {"table": table}
     # Every setting that changes the numbers is in the name, so results of other settings get other files.
     how = sampling_name(config)
+    split_name = lambda split: re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
+    given_split = f"_{split_name(e.split)}" if e.split else ""  # shapes, sr: the held-out split unless given
     if command == "shapes":
         result = shapes(config, params)
-        name = f"{name}_{how}"
+        name = f"{name}{given_split}_{how}"
     elif command == "sr":
         result = super_resolution.sr(config, params)
-        name = f"{name}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
+        name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
     elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
         result = bits_per_dim(config, params, images)
         result.update(split=split, num_examples=len(images))
-        split_name = re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
-        name = f"{name}_{split_name}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
+        name = f"{name}_{split_name(split)}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
     else:
         if images is None:
             images, labels = generate(config, params)
