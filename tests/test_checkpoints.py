@@ -10,11 +10,12 @@ import subprocess
 import types
 
 import jax
+import numpy as np
 import pytest
 from etils import epath
 
 from configs import tiny
-from ddpm_jax import checkpoints, locking
+from ddpm_jax import checkpoints, locking, parallel
 from ddpm_jax.train_state import create_train_state
 from ddpm_jax.validation import UserError
 
@@ -25,6 +26,13 @@ def _config():
     c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 16, (1,), ()
     c.diffusion.num_timesteps = 20
     return c
+
+
+def test_the_saved_state_has_arrays_for_leaves_never_numpy_scalars():
+    """Orbax 0.11 (the oldest supported) refuses numpy scalars such as Adam's step count."""
+    leaves = jax.tree.leaves(parallel.to_host(parallel.replicate(create_train_state(_config(), 0))))
+    assert leaves and all(type(leaf) is np.ndarray for leaf in leaves)
+    assert any(leaf.ndim == 0 for leaf in leaves)
 
 
 @pytest.fixture(scope="module")
