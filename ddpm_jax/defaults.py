@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.model_output = "eps"  # eps | x0 | v
     c.diffusion.variance = "fixedlarge"  # fixedlarge | fixedsmall | learned_range (2C outputs, L_hybrid)
     c.diffusion.vlb_weight = 0.001  # learned_range: lambda of L_hybrid = L_simple + lambda L_vlb
+    c.diffusion.loss_weighting = "none"  # none (L_simple) | min_snr: Min-SNR-gamma (Hang et al. 2023)
+    c.diffusion.min_snr_gamma = 5.0  # min_snr: the x_0 error weighted by min(SNR_t, gamma); 5 in the paper
     # Super-resolution: training noises the low-res image to a level ~ U[0, this] (superres.augment;
     # on the linear schedule 0.15 is abar 0.79, 0.5 is 0.08: docs/super_resolution.md).
     c.diffusion.low_res_aug_max = 0.15

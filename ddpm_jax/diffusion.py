@@ -7,13 +7,14 @@ Paper equation -> function:
   Eq. 4   q(x_t | x_0)                      `q_sample`
   Eq. 6-7 q(x_{t-1} | x_t, x_0)              `q_posterior`
   Eq. 11  mu_theta from eps_theta            `p_mean_variance` (via `predict_x0`)
-  Eq. 14  L_simple                           `l_simple`
+  Eq. 14  L_simple                           `l_simple` (weighted per timestep: `loss_weight`)
   Alg. 2  one ancestral step                 `p_sample` (the loop: `sampling.generate`)
   Eq. 5   L_{t-1} and L_0 of the bound        `vb_terms` (also `evaluation.likelihood`)
 Nichol & Dhariwal 2021:
   Eq. 15  learned variance interpolation     `p_mean_variance(variance='learned_range')`
   Eq. 16  L_hybrid = L_simple + lambda L_vlb `training_loss`
 Saharia et al. 2022 (Imagen), dynamic thresholding of x_0: `threshold_x0`.
+Hang et al. 2023, Min-SNR-gamma loss weighting: `loss_weight`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from jax.scipy.special import log_ndtr
 MODEL_OUTPUTS = ("eps", "x0", "v")
 VARIANCES = ("fixedlarge", "fixedsmall", "learned_range")
 BETA_SCHEDULES = ("linear", "cosine")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 THRESHOLDS = ("none", "clip", "dynamic")  # and "auto": as clip_x0 says (`x0_method`)
 
 
@@ -356,22 +358,45 @@ def l_simple(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, noise: jax.A
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
+def loss_weight(s: Schedule, kind: str, t: jax.Array, weighting: str = "none", gamma: float = 5.0) -> jax.Array:
+    """The weight `[B]` of each example's L_simple term.
+
+    'none': 1, the paper's L_simple for every parameterisation. 'min_snr' (Hang et al. 2023, Min-SNR-gamma):
+    the error in x_0 weighted by min(SNR_t, gamma), SNR_t = abar_t / (1 - abar_t), written for the
+    network's target: since |eps - eps_hat|^2 = SNR_t |x_0 - x0_hat|^2 and |v - v_hat|^2 = (SNR_t + 1)
+    |x_0 - x0_hat|^2, the weight is min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) for x0 and
+    min(SNR_t, gamma) / (SNR_t + 1) for v.
+    """
+    _check_model_output(kind)
+    if weighting == "none":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"diffusion.loss_weighting={weighting!r}: must be one of {LOSS_WEIGHTINGS}.")
+    abar = jnp.take(s.alphas_cumprod, t)
+    snr = abar / (1.0 - abar)
+    weight = jnp.minimum(snr, gamma)
+    return {"eps": weight / snr, "x0": weight, "v": weight / (snr + 1.0)}[kind]
+
+
 def training_loss(s: Schedule, kind: str, out: jax.Array, x0: jax.Array, x_t: jax.Array, noise: jax.Array,
-                  t: jax.Array, *, variance: str = "fixedlarge", vlb_weight: float = 0.001) -> jax.Array:
+                  t: jax.Array, *, variance: str = "fixedlarge", vlb_weight: float = 0.001,
+                  weighting: str = "none", gamma: float = 5.0) -> jax.Array:
     """The per-example training loss `[B]` for the network output `out` at x_t = q_sample(x0, t, noise).
 
-    Fixed variances: L_simple (Eq. 14). 'learned_range': Nichol & Dhariwal's L_hybrid = L_simple +
-    lambda L_vlb (their Eq. 16), lambda = `vlb_weight`, where L_vlb = T L_t is the one-timestep
-    estimate of L_0 + ... + L_{T-1} (L_T has no parameters) in bits/dim, as in the authors' code
-    (at T = 1000 lambda T L_t is their `vb` term). L_vlb sees the mean output through a stop-gradient,
-    so it trains only the variance half and L_simple only the mean half; no x_0 clipping.
+    Fixed variances: L_simple (Eq. 14), each example's term times `loss_weight(weighting, gamma)`.
+    'learned_range': Nichol & Dhariwal's L_hybrid = L_simple + lambda L_vlb (their Eq. 16), lambda =
+    `vlb_weight`, where L_vlb = T L_t is the one-timestep estimate of L_0 + ... + L_{T-1} (L_T has no
+    parameters) in bits/dim, as in the authors' code (at T = 1000 lambda T L_t is their `vb` term).
+    L_vlb sees the mean output through a stop-gradient, so it trains only the variance half and the
+    (weighted) L_simple only the mean half; no x_0 clipping. L_vlb is never reweighted: it is the bound.
     """
+    weight = loss_weight(s, kind, t, weighting, gamma)
     if variance != "learned_range":
-        return l_simple(s, kind, out, x0, noise, t)
+        return weight * l_simple(s, kind, out, x0, noise, t)
     mean_out, v = split_output(out.astype(jnp.float32), variance)
     frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), v], axis=-1)
     l_vlb = s.num_timesteps * vb_terms(s, kind, frozen, x0, x_t, t, variance=variance, clip_x0=False)
-    return l_simple(s, kind, mean_out, x0, noise, t) + vlb_weight * l_vlb / math.log(2.0)
+    return weight * l_simple(s, kind, mean_out, x0, noise, t) + vlb_weight * l_vlb / math.log(2.0)
 
 
 def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax.Array:

@@ -75,6 +75,16 @@ def conditioning(config: ConfigDict, batch: dict, keys: jax.Array, schedule=None
     return cond
 
 
+def loss_by_quarter(losses: jax.Array, t: jax.Array, num_timesteps: int) -> dict:
+    """{'loss_qk'}: the expected loss over the timesteps of quarter k of [0, T), k = 0..3, estimated
+    from per-example `losses` `[B]` at timesteps `t` `[B]` without dividing by a count that may be 0:
+    mean(loss * [t in quarter k]) / P(t in quarter k). Their mean is the loss when 4 divides T."""
+    quarter = t * 4 // num_timesteps
+    sizes = np.bincount(np.arange(num_timesteps) * 4 // num_timesteps, minlength=4)
+    return {f"loss_q{k}": jnp.mean(jnp.where(quarter == k, losses, 0.0)) * (num_timesteps / sizes[k])
+            for k in range(4) if sizes[k]}
+
+
 def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
     """One Adam step on this device's share of the batch, under pmap with axis `AXIS_NAME`.
 
@@ -84,7 +94,7 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     configured probability. Gradients, loss and metrics are averaged over devices; the
     EMA of the params is updated here. A step whose loss or gradient norm is not finite changes
     nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
-    'learning_rate'}).
+    'learning_rate', 'loss_q0', ..., 'loss_q3' (`loss_by_quarter`)}).
     """
     model = unet_from_config(config)
     schedule = diffusion.schedule_from_config(config.diffusion)
@@ -105,11 +115,14 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
 
     def loss_fn(params):
         out = model.apply({"params": params}, x_t, t, cond, train=True, rngs=rngs)
-        return diffusion.training_loss(schedule, kind, out, x0, x_t, noise, t, variance=config.diffusion.variance,
-                                       vlb_weight=config.diffusion.vlb_weight).mean()
+        d = config.diffusion
+        losses = diffusion.training_loss(schedule, kind, out, x0, x_t, noise, t, variance=d.variance,
+                                         vlb_weight=d.vlb_weight, weighting=d.loss_weighting, gamma=d.min_snr_gamma)
+        return losses.mean(), losses
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    loss, grads = jax.lax.pmean((loss, grads), AXIS_NAME)
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    quarters = loss_by_quarter(losses, t, schedule.num_timesteps)
+    loss, grads, quarters = jax.lax.pmean((loss, grads, quarters), AXIS_NAME)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -119,7 +132,7 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32),
-               "learning_rate": learning_rate_schedule(config.optim)(state.step)}
+               "learning_rate": learning_rate_schedule(config.optim)(state.step), **quarters}
     state = state.replace(step=state.step + 1, params=keep(params, state.params),
                           ema_params=keep(ema_params, state.ema_params), opt_state=keep(opt_state, state.opt_state))
     return state, metrics

@@ -153,6 +153,10 @@ def validate_diffusion(config: ConfigDict):
     _require(_is_number(c.vlb_weight) and c.vlb_weight >= 0,
              f"diffusion.vlb_weight={c.vlb_weight!r}: must be a number >= 0 (lambda of L_hybrid = L_simple + "
              f"lambda L_vlb, used with diffusion.variance='learned_range'; 0.001 in Nichol & Dhariwal 2021).")
+    _one_of(c.loss_weighting, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
+    _require(_is_number(c.min_snr_gamma) and c.min_snr_gamma > 0,
+             f"diffusion.min_snr_gamma={c.min_snr_gamma!r}: must be a number > 0 (the cap on SNR_t of "
+             f"diffusion.loss_weighting='min_snr'; 5 in Hang et al. 2023).")
 
 
 def _is_number(value) -> bool:

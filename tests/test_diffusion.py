@@ -245,6 +245,30 @@ def test_learned_variance_optimum_is_the_exact_reverse_variance():
         np.testing.assert_allclose((np.asarray(r) + 1) / 2, frac, atol=2e-3)
 
 
+@pytest.mark.parametrize("kind", D.MODEL_OUTPUTS)
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma_in_every_parameterisation(kind):
+    """Hang et al. 2023: the loss is min(SNR_t, gamma) |x_0 - x0_hat|^2 whatever the network predicts."""
+    T, gamma = 1000, 5.0
+    betas = D.linear_betas(T)
+    s = D.make_schedule(betas)
+    rng = np.random.default_rng(0)
+    t = jnp.array([0, 5, 60, 300, 999])  # SNR_t from about 1e4 down to 4e-5, both sides of gamma
+    x0 = jnp.asarray(rng.uniform(-1, 1, (5, 4, 4, 3)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+    x_t = D.q_sample(s, x0, t, noise)
+    x0_hat = x0 + jnp.asarray(rng.normal(0, 0.1, x0.shape), jnp.float32)
+    # The output of this parameterisation that implies x0_hat at x_t.
+    out = D.model_target(s, kind, x0_hat, D.predict_eps(s, "x0", x0_hat, x_t, t), t)
+    abar = _abar64(betas)[np.asarray(t)]
+    mse_x0 = np.mean((np.asarray(x0, np.float64) - np.asarray(x0_hat, np.float64)) ** 2, axis=(1, 2, 3))
+    expected = np.minimum(abar / (1 - abar), gamma) * mse_x0
+    got = D.training_loss(s, kind, out, x0, x_t, noise, t, weighting="min_snr", gamma=gamma)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-4)
+    # 'none' is L_simple, to the bit.
+    np.testing.assert_array_equal(D.training_loss(s, kind, out, x0, x_t, noise, t),
+                                  D.l_simple(s, kind, out, x0, noise, t))
+
+
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_hybrid_loss_gradients_stop_at_the_mean():
     T = 100

@@ -54,6 +54,20 @@ def test_load_config_gives_fields_added_later_their_defaults(tmp_path):
     assert loaded.model.attention == "xla" and loaded.model.ch == config.model.ch
 
 
+@pytest.mark.parametrize("num_timesteps", [1000, 10, 2])
+def test_loss_by_quarter_estimates_the_mean_loss_in_each_quarter_of_the_timesteps(num_timesteps):
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, num_timesteps, 64)
+    losses = rng.uniform(0, 2, 64)
+    got = training.loss_by_quarter(jax.numpy.asarray(losses, np.float32), jax.numpy.asarray(t), num_timesteps)
+    # quarter k: the timesteps floor(4 t / T) = k, each drawn with probability 1/T
+    quarter_of = np.array([4 * i // num_timesteps for i in range(num_timesteps)])
+    expected = {f"loss_q{k}": losses[quarter_of[t] == k].sum() / 64 / np.mean(quarter_of == k)
+                for k in range(4) if (quarter_of == k).any()}
+    assert set(got) == set(expected)
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5)
+
+
 def test_learning_rate_schedules():
     """Warmup then constant (Ho et al.), or a cosine to 0 at optim.decay_steps, which Adam follows."""
     o = ConfigDict({"learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 0, "grad_clip": 0.0, "b1": 0.9,
@@ -210,6 +224,9 @@ def test_pmapped_step_on_8_devices_equals_the_global_batch_on_1(steps_on_8_and_1
     state, ((s8, m8), (s1, m1)) = steps_on_8_and_1_devices
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    quarters = [f"loss_q{k}" for k in range(4)]
+    np.testing.assert_allclose([m8[q] for q in quarters], [m1[q] for q in quarters], rtol=1e-5)
+    np.testing.assert_allclose(np.mean([m1[q] for q in quarters]), m1["loss"], rtol=1e-5)  # 4 divides T
     assert int(s8.step) == int(s1.step) == 3
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, state.params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the params

@@ -88,6 +88,18 @@ def test_learned_range_and_vlb_weight():
         validate_config(config, num_devices=8)
 
 
+def test_loss_weighting():
+    config = tiny.get_config()
+    config.diffusion.loss_weighting, config.diffusion.min_snr_gamma = "min_snr", 1
+    validate_config(config, num_devices=8)
+    config.diffusion.min_snr_gamma = 0.0
+    with pytest.raises(UserError, match=r"diffusion\.min_snr_gamma=0\.0: must be a number > 0"):
+        validate_config(config, num_devices=8)
+    config.diffusion.loss_weighting = "snr"
+    with pytest.raises(UserError, match=r"diffusion\.loss_weighting='snr': must be one of"):
+        validate_config(config, num_devices=8)
+
+
 def test_cudnn_attention_needs_a_gpu():
     config = tiny.get_config()
     config.model.dtype, config.model.attention = "bfloat16", "cudnn"
