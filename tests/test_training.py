@@ -115,7 +115,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_samples(tmp_path):
     events = read_events(workdir)
     assert [s for s, _ in events["loss"]] == [2, 4]
     assert all(0.1 < v < 10 for _, v in events["loss"])
-    assert {"grad_norm", "learning_rate"} <= set(events)
+    assert {"grad_norm", "learning_rate", "loss_q0", "loss_q3"} <= set(events)
     np.testing.assert_allclose([v for _, v in events["learning_rate"]], [1e-4, 3e-4], rtol=1e-5)
     assert [s for s, _ in events["samples"]] == [4]
 
