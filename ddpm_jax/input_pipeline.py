@@ -79,15 +79,19 @@ def prepared_builder(d, m=None) -> tfds.core.DatasetBuilder:
     """`get_builder`, with the dataset prepared in `data.data_dir` ('digits', 'faces' and 'folder' are
     built locally, others downloaded once), or a UserError naming the fields when it cannot be.
     `d`: `config.data`; `m`: `config.model` (for 'folder': which text is read beside the images)."""
-    return _prepare(get_builder(d, m), d)
+    return _prepare(get_builder(d, m), d, m)
 
 
-def _prepare(builder, d) -> tfds.core.DatasetBuilder:
+def _prepare(builder, d, m) -> tfds.core.DatasetBuilder:
     try:
         builder.download_and_prepare()
     except UserError:
         raise
     except Exception as e:  # no network, no space, an unwritable folder: say which field to change
+        if isinstance(e, FileExistsError) and (fresh := get_builder(d, m)).is_prepared():
+            # A run started beside this one prepared the same dataset and moved its copy into place first.
+            logging.info("data.dataset=%r: prepared by another process meanwhile; reading that copy.", d.dataset)
+            return fresh
         if d.dataset == "folder":
             raise UserError(
                 f"data.data_dir={d.data_dir!r}: could not write its prepared copy to {builder.data_dir} "
@@ -122,7 +126,7 @@ def check_dataset(config: ConfigDict) -> None:
         if label.num_classes != m.num_classes:
             raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
-    _check_split(_prepare(builder, d), d)
+    _check_split(_prepare(builder, d, m), d)
 
 
 def _check_split(builder, d) -> None:
@@ -152,10 +156,10 @@ def _check_folder(builder, config) -> None:
             from jax.experimental import multihost_utils
 
             if jax.process_index() == 0:
-                _prepare(builder, d)
+                _prepare(builder, d, config.model)
             multihost_utils.sync_global_devices("ddpm_jax: folder dataset prepared")
             builder = get_builder(d, config.model)  # one made before the copy existed does not read its info
-    builder = _prepare(builder, d)
+    builder = _prepare(builder, d, config.model)
     _check_split(builder, d)
     skipped = builder.info.metadata.get("skipped") or {}
     logging.info("data.data_dir=%s: %d images, prepared in %s%s", d.data_dir,

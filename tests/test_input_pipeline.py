@@ -165,3 +165,23 @@ def test_dataset_that_cannot_be_prepared_names_the_fields_before_anything_is_wri
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"data\.dataset='digits' is not prepared"):  # evaluation reads it too
         tasks.real_images(config, "train")
+
+
+def test_a_run_started_beside_another_reads_the_copy_the_other_prepared_first(tmp_path, monkeypatch):
+    """Two runs started at once both prepare 'digits'; the one whose copy lands second (tfds: FileExistsError
+    on moving it into place) reads the first one's instead of stopping."""
+    from ddpm_jax.datasets.digits import Digits
+
+    config = small_digits_config(str(tmp_path))
+    original, raced = Digits._download_and_prepare, []
+
+    def beaten(self, *args, **kwargs):
+        if not raced:
+            raced.append(True)
+            input_pipeline.get_builder(config.data, config.model).download_and_prepare()  # the other run
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Digits, "_download_and_prepare", beaten)
+    builder = input_pipeline.prepared_builder(config.data, config.model)
+    assert raced and builder.is_prepared() and builder.info.splits["train"].num_examples == NUM_EXAMPLES
+    assert [p.name for p in (tmp_path / "digits").iterdir()] == ["1.0.0"]  # no incomplete copy left
