@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.batch_size = 128  # global, over all devices and hosts
     c.training.num_train_steps = 800_000
     c.training.steps_per_call = 1  # train steps fused into one device call with lax.scan
+    c.training.grad_accum_steps = 1  # microbatches per device whose gradients are averaged into one step
     c.training.label_dropout = 0.1  # P(label -> null class) when model.num_classes > 0
     c.training.text_dropout = 0.1  # P(text -> the null text) when model.text_encoder != 'none'
     c.training.nonfinite = "stop"  # a non-finite loss/gradient: stop (exit 1, nothing saved) | skip the step

@@ -10,7 +10,8 @@ pmapped where they are called, over all local devices, with the replicated state
 Randomness is a function of the base key, the step and the device, never a Python-side key chain:
 step s uses fold_in(base, s); an example's timestep, noise and label drop come from its global index
 in the batch (device index * B_dev + i), so an update does not depend on how the batch is split over
-devices; dropout masks come from fold_in(step key, device index).
+devices; dropout masks come from fold_in(step key, device index) (and the microbatch with
+`training.grad_accum_steps` > 1).
 
 This module and its imports do not import TensorFlow; `train_and_evaluate` imports the input
 pipeline and clu's writers when it runs.
@@ -37,8 +38,8 @@ from ddpm_jax.parallel import AXIS_NAME
 from ddpm_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
 from ddpm_jax.validation import check_output_dir, validate_config
 
-__all__ = ["TrainState", "create_train_state", "train_step", "train_steps", "pmap_train_step", "Diverged",
-           "train_and_evaluate"]
+__all__ = ["TrainState", "create_train_state", "accumulated_grads", "train_step", "train_steps", "pmap_train_step",
+           "Diverged", "train_and_evaluate"]
 
 # fold_in tag of the training steps under the base key (other streams may take other tags).
 _TRAIN = 0
@@ -85,13 +86,37 @@ def loss_by_quarter(losses: jax.Array, t: jax.Array, num_timesteps: int) -> dict
             for k in range(4) if sizes[k]}
 
 
+def accumulated_grads(loss_fn: Callable, params, inputs, dropout_key: jax.Array, k: int):
+    """(losses `[B_dev]`, gradient of their mean) of `loss_fn(params, inputs, dropout_key) -> (mean, losses)`,
+    over k equal microbatches of `inputs` (arrays with leading dim B_dev) in a `lax.scan`, so only one
+    microbatch's activations are alive at a time. The mean of the k microbatch gradients is the
+    gradient of the whole device batch, as every example's noise and timestep are drawn beforehand;
+    dropout masks are drawn per microbatch (fold_in(dropout_key, j)). k = 1: one plain call."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        (_, losses), grads = grad_fn(params, inputs, dropout_key)
+        return losses, grads
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), inputs)
+
+    def body(grad_sum, j_and_inputs):
+        j, inputs = j_and_inputs
+        (_, losses), grads = grad_fn(params, inputs, jax.random.fold_in(dropout_key, j))
+        return jax.tree.map(jnp.add, grad_sum, grads), losses
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    # Unrolled on CPU, where XLA runs a loop body much slower (see `train_steps`).
+    grad_sum, losses = jax.lax.scan(body, zeros, (jnp.arange(k), micro), unroll=jax.default_backend() == "cpu")
+    return losses.reshape(-1), jax.tree.map(lambda g: g / k, grad_sum)
+
+
 def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
     """One Adam step on this device's share of the batch, under pmap with axis `AXIS_NAME`.
 
     batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], and what `config.model` is conditioned
     on: 'label' int32 `[B_dev]`, or the text: 'tokens' int32 + 'mask' bool `[B_dev, L]`, or
     'text_emb' `[B_dev, L, D]` + 'mask'}; `conditioning` drops each example's condition with the
-    configured probability. Gradients, loss and metrics are averaged over devices; the
+    configured probability. With `training.grad_accum_steps=k` the gradient is accumulated over k
+    microbatches of B_dev / k (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the
     EMA of the params is updated here. A step whose loss or gradient norm is not finite changes
     nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
     'learning_rate', 'loss_q0', ..., 'loss_q3' (`loss_by_quarter`)}).
@@ -111,16 +136,19 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
     cond = conditioning(config, batch, _example_keys(label_key, first, n), schedule)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    rngs = {"dropout": jax.random.fold_in(dropout_key, device)}
+    dropout_key = jax.random.fold_in(dropout_key, device)
 
-    def loss_fn(params):
-        out = model.apply({"params": params}, x_t, t, cond, train=True, rngs=rngs)
+    def loss_fn(params, inputs, dropout_key):
+        x0, x_t, noise, t, cond = inputs
+        out = model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_key})
         d = config.diffusion
         losses = diffusion.training_loss(schedule, kind, out, x0, x_t, noise, t, variance=d.variance,
                                          vlb_weight=d.vlb_weight, weighting=d.loss_weighting, gamma=d.min_snr_gamma)
         return losses.mean(), losses
 
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    losses, grads = accumulated_grads(loss_fn, state.params, (x0, x_t, noise, t, cond), dropout_key,
+                                      config.training.grad_accum_steps)
+    loss = losses.mean()
     quarters = loss_by_quarter(losses, t, schedule.num_timesteps)
     loss, grads, quarters = jax.lax.pmean((loss, grads, quarters), AXIS_NAME)
     grad_norm = optax.tree.norm(grads)

@@ -169,6 +169,12 @@ def validate_training(config: ConfigDict, num_devices: int):
     _require(batch % num_devices == 0,
              f"training.batch_size={batch} is not divisible by {num_devices} devices: use a multiple of "
              f"{num_devices}, e.g. {max(1, round(batch / num_devices)) * num_devices}.")
+    accum, per_device = _positive_int(config, "training.grad_accum_steps"), batch // num_devices
+    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    _require(per_device % accum == 0,
+             f"training.grad_accum_steps={accum} does not divide the {per_device} examples per device "
+             f"(training.batch_size={batch} over {num_devices} device{'s' if num_devices > 1 else ''}): use one of "
+             f"{divisors}.")
     k = _positive_int(config, "training.steps_per_call")
     for name in ("num_train_steps", "log_every", "checkpoint_every"):
         value = _positive_int(config, f"training.{name}")

@@ -192,7 +192,8 @@ def test_fused_steps_equal_the_steps_one_call_each(data_dir):
 
 @pytest.fixture(scope="module")
 def steps_on_8_and_1_devices(data_dir):
-    """Three conditional steps on global batches of 16, pmapped over 8 devices and over 1.
+    """Three conditional steps on global batches of 16, pmapped over 8 devices and over 1, each
+    also with the batch in microbatches: {(devices, training.grad_accum_steps): (state, metrics)}.
 
     Three, because the U-Net's zero-initialised output convs let the embeddings' gradients through
     only from the third step on.
@@ -209,41 +210,57 @@ def steps_on_8_and_1_devices(data_dir):
     batches = [{"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
                 "label": np.full((16,), 3, np.int32)} for _ in range(3)]
     state = training.create_train_state(config, 0)
-    results = []
-    for devices in (jax.devices()[:8], jax.devices()[:1]):
+    results = {}
+    for num_devices, accum in ((8, 1), (1, 1), (8, 2), (1, 4)):  # 2, 16, 2 x 1 and 4 x 4 examples per call
+        config.training.grad_accum_steps = accum
+        devices = jax.devices()[:num_devices]
         p_step = jax.pmap(functools.partial(training.train_step, config=config), axis_name=parallel.AXIS_NAME,
                           devices=devices, donate_argnums=0)
         s = parallel.replicate(state, devices)
         for b in batches:
-            s, metrics = p_step(s, jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), b))
-        results.append((parallel.to_host(s), parallel.to_host(metrics)))
+            s, metrics = p_step(s, jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), b))
+        results[num_devices, accum] = (parallel.to_host(s), parallel.to_host(metrics))
     return state, results
 
 
-def test_pmapped_step_on_8_devices_equals_the_global_batch_on_1(steps_on_8_and_1_devices):
-    state, ((s8, m8), (s1, m1)) = steps_on_8_and_1_devices
-    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+def assert_same_steps(a, b, state):
+    """The states and metrics `a` and `b` of `steps_on_8_and_1_devices` agree up to float round-off."""
+    (sa, ma), (sb, mb) = a, b
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-4)
     quarters = [f"loss_q{k}" for k in range(4)]
-    np.testing.assert_allclose([m8[q] for q in quarters], [m1[q] for q in quarters], rtol=1e-5)
-    np.testing.assert_allclose(np.mean([m1[q] for q in quarters]), m1["loss"], rtol=1e-5)  # 4 divides T
-    assert int(s8.step) == int(s1.step) == 3
-    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, state.params)
+    np.testing.assert_allclose([ma[q] for q in quarters], [mb[q] for q in quarters], rtol=1e-5)
+    np.testing.assert_allclose(np.mean([mb[q] for q in quarters]), mb["loss"], rtol=1e-5)  # 4 divides T
+    assert int(sa.step) == int(sb.step) == 3
+    moved = jax.tree.map(lambda x, y: np.abs(x - y).max(), sb.params, state.params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the params
     # Adam's moments hold the averaged gradients. Biases that a GroupNorm follows have gradient 0 up
     # to float noise, which the device split changes (and Adam's 1/sqrt(v) would blow up in the
     # params), so each moment is compared on the scale of its largest entry.
-    adam8, adam1 = s8.opt_state[-1][0], s1.opt_state[-1][0]
+    adam_a, adam_b = sa.opt_state[-1][0], sb.opt_state[-1][0]
     for moment in ("mu", "nu"):
-        leaves8, leaves1 = jax.tree.leaves(getattr(adam8, moment)), jax.tree.leaves(getattr(adam1, moment))
-        scale = max(np.abs(x).max() for x in leaves1)
+        leaves_a, leaves_b = jax.tree.leaves(getattr(adam_a, moment)), jax.tree.leaves(getattr(adam_b, moment))
+        scale = max(np.abs(x).max() for x in leaves_b)
         assert scale > 0
-        for a, b in zip(leaves8, leaves1):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+        for x, y in zip(leaves_a, leaves_b):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_pmapped_step_on_8_devices_equals_the_global_batch_on_1(steps_on_8_and_1_devices):
+    state, results = steps_on_8_and_1_devices
+    assert_same_steps(results[8, 1], results[1, 1], state)
+
+
+@pytest.mark.parametrize("num_devices, accum", [(8, 2), (1, 4)])
+def test_accumulated_microbatches_equal_the_whole_batch(steps_on_8_and_1_devices, num_devices, accum):
+    """training.grad_accum_steps: the gradient of k microbatches is the gradient of the batch."""
+    state, results = steps_on_8_and_1_devices
+    assert_same_steps(results[num_devices, accum], results[1, 1], state)
 
 
 def test_label_dropout_trains_the_null_class_embedding(steps_on_8_and_1_devices):
-    state, ((s8, _), _) = steps_on_8_and_1_devices
+    state, results = steps_on_8_and_1_devices
+    s8 = results[8, 1][0]
     before = state.params["label_emb"]["embedding"]
     changed = np.abs(s8.params["label_emb"]["embedding"] - before).max(axis=1) > 0
     # Every label is 3 and half are dropped to the null class 10: only rows 3 and 10 get gradients.

@@ -28,6 +28,9 @@ def test_shipped_configs_are_valid():
                                              r"'cosine'\)"),
     ("diffusion.model_output", "score", r"diffusion\.model_output='score': must be one of \('eps', 'x0', 'v'\)"),
     ("diffusion.variance", "learned", r"diffusion\.variance='learned': must be one of"),
+    ("training.grad_accum_steps", 3, r"training\.grad_accum_steps=3 does not divide the 2 examples per device "
+                                     r"\(training\.batch_size=16 over 8 devices\): use one of \[1, 2\]"),
+    ("training.grad_accum_steps", 0, r"training\.grad_accum_steps=0: must be a positive integer"),
     ("training.steps_per_call", 3, r"training\.num_train_steps=20 is not a multiple of training\.steps_per_call=3"),
     ("training.sample_every", -1, r"training\.sample_every=-1: must be 0 \(no samples\) or a multiple of "
                                  r"training\.steps_per_call=1"),
