@@ -133,14 +133,14 @@ def _check_fits(manager, step: int, items: dict) -> None:
                                 f"run was started with (its config.json) or use another --workdir.")
 
 
-def _newest_readable(manager, items: dict):
+def _newest_readable(manager, items: dict, steps=None):
     """(step, restored items, [(step, _Unreadable)] of the newer checkpoints that could not be read).
 
-    Tries the checkpoints newest first, logging each one that cannot be read. UserError when one
-    does not fit the config or none can be read.
+    Tries the checkpoints (`steps`, default all) newest first, logging each one that cannot be read.
+    UserError when one does not fit the config or none can be read.
     """
     unreadable = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    for step in sorted(steps or manager.all_steps(), reverse=True):
         try:
             _check_fits(manager, step, items)
             try:
@@ -152,6 +152,9 @@ def _newest_readable(manager, items: dict):
                             manager.directory / str(step), bad)
             unreadable.append((step, bad))
     reasons = "; ".join(f"step {step}: {bad}" for step, bad in unreadable)
+    if steps:
+        raise UserError(f"{manager.directory}: the chosen checkpoint cannot be read ({reasons}). Nothing was moved "
+                        f"or deleted; the run has checkpoints at steps {sorted(manager.all_steps())}.")
     raise UserError(f"{manager.directory}: none of its checkpoints can be read ({reasons}). Nothing was moved or "
                     f"deleted. Inspect them; to train this --workdir again from step 0, move that folder away "
                     f"(or use another --workdir).")
@@ -287,9 +290,10 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
     return changes
 
 
-def load_params(workdir, config=None, use_ema: bool = True):
-    """(params, step) of the newest checkpoint in `workdir` that can be read, on the host CPU. EMA
-    params by default.
+def load_params(workdir, config=None, use_ema: bool = True, step: int | None = None, flag: str = "--step"):
+    """(params, step) of the newest checkpoint in `workdir` that can be read, or of checkpoint `step`
+    (a UserError naming `flag` and the run's steps when there is none), on the host CPU. EMA params
+    by default.
 
     `config` defaults to the run's `config.json`. Reads only the one params item, not the optimizer.
     Newer checkpoints that cannot be read are skipped with a warning and left where they are: this
@@ -302,9 +306,13 @@ def load_params(workdir, config=None, use_ema: bool = True):
     manager = checkpoint_manager(workdir, read_only=True)
     if not manager.all_steps():
         raise UserError(f"--workdir={workdir}: {CHECKPOINT_DIR}/ holds no finished checkpoint.")
+    if step is not None and step not in manager.all_steps():
+        raise UserError(f"{flag}={step}: --workdir={workdir} has no checkpoint of that step; it has steps "
+                        f"{sorted(manager.all_steps())}.")
     cpu = jax.local_devices(backend="cpu")[0]
     abstract = _placed(jax.eval_shape(lambda: init_params(config, jax.random.key(0))), cpu)
     item = "ema_params" if use_ema else "params"
-    step, restored, _ = _newest_readable(manager, {item: ocp.args.StandardRestore(abstract)})
+    step, restored, _ = _newest_readable(manager, {item: ocp.args.StandardRestore(abstract)},
+                                         None if step is None else [step])
     manager.close()
     return restored[item], step

@@ -332,18 +332,19 @@ def autoguided(config: ConfigDict) -> bool:
 
 
 def guide_params(config: ConfigDict):
-    """(EMA params, step) of the newest checkpoint of `sampling.guide_workdir`, read once per process."""
+    """(EMA params, step) of `sampling.guide_workdir`'s checkpoint `sampling.guide_step` (0: its newest),
+    read once per process."""
     from ddpm_jax import checkpoints
 
-    path = config.sampling.guide_workdir
+    path, step = config.sampling.guide_workdir, config.sampling.guide_step
 
     def load():
         try:
-            return checkpoints.load_params(path, check_guide(config))
+            return checkpoints.load_params(path, check_guide(config), step=step or None, flag="sampling.guide_step")
         except UserError as e:  # its message says --workdir: name the field it came from
             raise UserError(f"sampling.guide_workdir: {e}") from None
 
-    return parallel.built_once(("guide", path), load)
+    return parallel.built_once(("guide", path, step), load)
 
 
 def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
@@ -430,10 +431,11 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
                    prompt: str | None = None, prompts_file: str | None = None, prompt_embedding: str | None = None,
                    negative_prompt: str | None = None, source_prompt: str | None = None,
                    init_images: str | None = None, mask: str | None = None, low_res: str | None = None,
-                   invert: bool = False, ema: bool = True, individual: bool = False, figures: bool = False,
-                   given: frozenset[str] = frozenset()) -> list[str]:
+                   invert: bool = False, ema: bool = True, step: int | None = None, individual: bool = False,
+                   figures: bool = False, given: frozenset[str] = frozenset()) -> list[str]:
     """`python -m ddpm_jax.sample`: samples the run in `workdir` with `config` (its config.json with
-    the flags written in) and writes the files to `out` (default WORKDIR/samples). Every input is
+    the flags written in) from its newest checkpoint or checkpoint `step`, and writes the files to `out`
+    (default WORKDIR/samples). Every input is
     checked before the checkpoint is read. Returns the paths written (and prints them); with several
     processes all sample and process 0 writes (the others return [])."""
     from ddpm_jax import checkpoints
@@ -448,7 +450,7 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
                        mask=mask, low_res=low_res, invert=invert, given=given)
     out = out or os.path.join(workdir, "samples")
     check_output_dir(out)
-    params, step = checkpoints.load_params(workdir, config, use_ema=ema)
+    params, step = checkpoints.load_params(workdir, config, use_ema=ema, step=step)
     sp = config.sampling
     is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
     if is_main:

@@ -128,6 +128,33 @@ def test_load_params_skips_an_unreadable_checkpoint_and_changes_nothing(workdir,
     assert _tree_hash(workdir) == before
 
 
+def test_load_params_of_a_chosen_step_reads_that_one_or_stops(tmp_path):
+    """`step=`: exactly that checkpoint's params; a step the run lacks, or one that cannot be read, is
+    an error naming the run's steps (never another checkpoint), and nothing changes."""
+    path, config = str(tmp_path), _config()
+    checkpoints.write_config(path, config)
+    manager = checkpoints.checkpoint_manager(path)
+    state = jax.device_get(create_train_state(config, 0))
+    shifted = lambda step: jax.tree.map(lambda p: p + step, state.ema_params)
+    for step in (2, 4):
+        checkpoints.save_train_state(manager, state.replace(step=step, ema_params=shifted(step)), {"position": step})
+    manager.wait_until_finished()
+    manager.close()
+    for step in (2, 4):
+        params, got = checkpoints.load_params(path, step=step)
+        assert got == step
+        jax.tree.map(np.testing.assert_array_equal, params, shifted(step))
+    with pytest.raises(UserError, match=rf"^--step=3: --workdir={path} has no checkpoint of that step; it has steps "
+                                        r"\[2, 4\]\.$"):
+        checkpoints.load_params(path, step=3)
+    _truncate(_largest_file(os.path.join(path, "checkpoints", "2", "ema_params")))
+    before = _tree_hash(path)
+    with pytest.raises(UserError, match=r"the chosen checkpoint cannot be read \(step 2: .*\)\. Nothing was moved or "
+                                        r"deleted; the run has checkpoints at steps \[2, 4\]\.$"):
+        checkpoints.load_params(path, step=2)
+    assert _tree_hash(path) == before
+
+
 def test_no_readable_checkpoint_is_an_error_and_nothing_moves(workdir):
     for step in (1, 3):
         for item in ("params", "ema_params"):
