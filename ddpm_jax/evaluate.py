@@ -1,4 +1,5 @@
-"""Evaluation from the command line: FID / IS / KID, reference statistics, bits/dim, digits and shapes rates.
+"""Evaluation from the command line: FID / IS / KID / precision and recall, reference statistics, bits/dim,
+digits and shapes rates.
 
     # one command: converts the weights and computes CIFAR-10 train statistics on first use
     python -m ddpm_jax.evaluate fid --workdir=runs/cifar10 --num_samples=50000 \\
@@ -54,8 +55,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write; accuracy: the folder "
                         "of its grids (default WORKDIR/accuracy).", flag_values=fv)
     cli.define_config_flags(fv, cli.EVAL_FLAGS)
-    flags.DEFINE_bool("keep_features", False, "reference_stats: also store the features, which KID needs.",
-                      flag_values=fv)
+    flags.DEFINE_bool("keep_features", False, "reference_stats: also store the features, which KID and "
+                      "precision/recall need.", flag_values=fv)
     flags.DEFINE_string("reference_split", None, "fid: if --reference_stats does not exist yet, first compute "
                         "it from this split of the run's dataset (e.g. train) and save it there.", flag_values=fv)
     flags.DEFINE_integer("num_examples", None, "reference_stats / bpd: examples of the split (default: all).",

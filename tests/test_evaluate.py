@@ -1,4 +1,5 @@
 """`python -m ddpm_jax.evaluate` and the in-loop evaluator, end to end on small inputs."""
+import functools
 import json
 import os
 
@@ -88,9 +89,10 @@ def test_in_loop_evaluator_on_digits(tmp_path):
 
 
 @pytest.mark.slow
-def test_fid_is_kid_with_random_inception(tmp_path):
-    """The whole FID path on 12 images with random Inception weights: identical sets have FID ~0 and
-    KID ~0; a different set does not."""
+def test_fid_is_kid_precision_recall_with_random_inception(tmp_path, monkeypatch):
+    """The whole FID path on 12 images with random Inception weights: identical sets have FID ~0, KID ~0
+    and precision = recall = 1; a different set does not. The same through `evaluate fid` (its JSON)
+    and the in-loop evaluator (its TensorBoard scalars)."""
     variables = inception.random_variables()
     flat = traverse_util.flatten_dict(variables, sep="/")
     np.savez(tmp_path / "w.npz", **{k: np.asarray(v) for k, v in flat.items()})
@@ -102,8 +104,32 @@ def test_fid_is_kid_with_random_inception(tmp_path):
     replicated = parallel.replicate(inception.load_variables(str(tmp_path / "w.npz")))
     same = tasks.fid_is_kid(real, replicated, reference, per_device_batch=1)
     assert abs(same["fid"]) < 1e-2 and abs(same["kid"]) < 1e-3 and same["is"] >= 1.0
+    assert same["precision"] == same["recall"] == 1.0
     other = tasks.fid_is_kid(np.full_like(real, 128), replicated, reference, per_device_batch=1)
     assert other["fid"] > 100 * max(abs(same["fid"]), 1e-3)
+    assert other["recall"] == 0.0  # 12 copies of one image: a manifold of one point, radius 0
+
+    np.savez(tmp_path / "samples.npz", arr_0=real)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    status, out, err = run_command(evaluate, "fid", f"--samples={tmp_path / 'samples.npz'}",
+                                   f"--workdir={tmp_path / 'run'}", f"--inception_weights={tmp_path / 'w.npz'}",
+                                   f"--reference_stats={tmp_path / 's.npz'}", "--per_device_batch=1")
+    assert status == 0, err[-2000:]
+    written = json.loads((tmp_path / "run" / "eval" / "fid_samples.json").read_text())
+    assert written["precision"] == written["recall"] == 1.0 and written["num_samples"] == 12
+    assert json.loads(out[out.index("{"):out.index("}") + 1]) == written
+
+    config = _digits_config(tmp_path)
+    config.data.dataset, config.eval.bpd_examples = "cifar10", 0  # FID alone: nothing reads the dataset
+    config.eval.inception_weights, config.eval.reference_stats = str(tmp_path / "w.npz"), str(tmp_path / "s.npz")
+    evaluator = in_loop.Evaluator(config)
+    np.testing.assert_array_equal(evaluator.reference["radii"], metrics.knn_radii(reference["features"]))
+    monkeypatch.setattr(tasks, "generate", lambda config, params: (real, None))
+    monkeypatch.setattr(tasks, "fid_is_kid", functools.partial(tasks.fid_is_kid, per_device_batch=1))  # compiled
+    writer = _Writer()
+    evaluator(3, None, writer)
+    assert writer.scalars[3]["eval/precision"] == writer.scalars[3]["eval/recall"] == 1.0
 
 
 def test_cli_errors_before_work(tmp_path):

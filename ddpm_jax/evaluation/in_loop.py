@@ -1,7 +1,8 @@
 """Evaluation inside the training loop, every `eval.eval_every` steps, as TensorBoard scalars.
 
 What runs follows the config: on `eval.num_samples` samples the digits metrics (digits datasets)
-and FID/IS/KID (when `eval.inception_weights` and `eval.reference_stats` are set); bits/dim on
+and FID/IS (when `eval.inception_weights` and `eval.reference_stats` are set; also KID and
+precision/recall when the reference statistics keep their features); bits/dim on
 `eval.bpd_examples` examples of the evaluation split (when > 0). Everything it needs is checked and
 loaded when it is built, before training compiles anything. The sampling noise (`eval.seed`) and
 the pmapped functions are the same at every evaluation: the curves move only with the params, and
@@ -30,6 +31,8 @@ class Evaluator:
             weights = tasks.inception_weights_file(e.inception_weights)
             self.variables = parallel.replicate(inception.load_variables(weights, tasks.WEIGHTS_FIELD))
             self.reference = metrics.load_statistics(e.reference_stats, tasks.STATS_FIELD)
+            if "features" in self.reference:  # precision/recall's radii of the reference: the same at every evaluation
+                self.reference["radii"] = metrics.knn_radii(self.reference["features"])
         self.digits = config.data.dataset == "digits" and e.num_samples > 0
         if self.digits:
             self.classifier = digits_classifier.load_or_fit(e.digits_classifier)

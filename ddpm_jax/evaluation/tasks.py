@@ -145,8 +145,9 @@ def reference_statistics(images: np.ndarray, inception_weights: str, out: str, *
 
 
 def fid_is_kid(images: np.ndarray, replicated_variables, reference: dict, *, per_device_batch: int = 50) -> dict:
-    """FID and IS (and KID when `reference` keeps features) of uint8 `images`. `replicated_variables`:
-    `parallel.replicate(inception.load_variables(...))`; `reference`: `metrics.load_statistics(...)`."""
+    """FID and IS (and KID, precision and recall when `reference` keeps features) of uint8 `images`.
+    `replicated_variables`: `parallel.replicate(inception.load_variables(...))`; `reference`:
+    `metrics.load_statistics(...)`."""
     features = metrics.inception_features(replicated_variables, images, per_device_batch)
     return metrics.sample_quality(features, reference)
 
