@@ -323,13 +323,15 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a result were drawn from the model, for its file name: sampler and steps,
     eta, guidance w and (when guided, but not at every t) its interval, autoguidance's guide run (the
-    last part of its path), the noise seed when not 0, and how many captions or scenes
-    (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500'.
+    last part of its path, and `sampling.guide_step` when given), the noise seed when not 0, and how many
+    captions or scenes (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000',
+    'ddim50_eta1_w2_guide-t2i_2k_n500', 'ddim50_eta1_w2_guide-t2i_steps_step2000_n500'.
     Results of other settings get other files."""
     sp = sampling_config(config).sampling
     interval = (sp.guidance_t_min, sp.guidance_t_max)
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
+    guide += f"_step{sp.guide_step}" if guide and sp.guide_step else ""
     return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
@@ -338,13 +340,14 @@ def sampling_name(config: ConfigDict) -> str:
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100,
-                    out: str | None = None) -> dict:
+                    out: str | None = None, step: int | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
-    the flags) or, for fid/digits, on a `samples` .npz. Checks every input before the checkpoint is
-    read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json for what samples the model (fid, digits,
-    shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the same}.json; shapes and sr with
-    `eval.split` set: COMMAND_step_N_{split}_...), bpd_step_N_{split}_n{examples}[_seed{seed}].json, and
-    COMMAND_{the .npz's name}.json for --samples. Returns the result."""
+    the flags; its newest checkpoint, or checkpoint `step`) or, for fid/digits, on a `samples` .npz.
+    Checks every input before the checkpoint is read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json
+    for what samples the model (fid, digits, shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the
+    same}.json; shapes and sr with `eval.split` set: COMMAND_step_N_{split}_...),
+    bpd_step_N_{split}_n{examples}[_seed{seed}].json, and COMMAND_{the .npz's name}.json for --samples.
+    Returns the result."""
     from ddpm_jax import checkpoints
 
     validate_eval(config)
@@ -359,6 +362,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
     if samples is None and not workdir:
         raise UserError(f"{command} needs --workdir (a training run) or, for fid and digits, --samples.")
+    if samples is not None and step is not None:
+        raise UserError(f"--step={step} chooses the checkpoint to sample; --samples={samples} scores that file "
+                        "instead: give one of them.")
     e = config.eval
     if command == "fid":
         weights = inception_weights_file(e.inception_weights)
@@ -382,11 +388,11 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     elif config.model.low_res_size and command != "bpd":
         raise UserError(f"{command} samples from noise; this run is a super-resolution model "
                         f"(model.low_res_size={config.model.low_res_size}): use `evaluate sr` or `evaluate cascade`.")
-    images = labels = step = None
+    images = labels = None
     if samples is not None:
         images, labels = load_samples(samples)
     else:
-        params, step = checkpoints.load_params(workdir, config)
+        params, step = checkpoints.load_params(workdir, config, step=step)
     name = command if step is None else f"{command}_step_{step}"
 
     if command == "accuracy":
