@@ -50,8 +50,10 @@ def replicate(tree, devices=None):
 def to_host(tree):
     """Device 0's slice of every `[D, ...]` leaf of a replicated pmap output, as numpy, no gather.
 
-    Leaves are arrays, 0-d included, never numpy scalars (which Orbax 0.11 refuses to save)."""
-    return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(
+    Leaves are arrays that own their memory, 0-d included, never numpy scalars (which Orbax 0.11
+    refuses to save). On CPU `device_get` returns views of the device buffers; a checkpoint written
+    in the background from such a view would read the train state that the next step donates."""
+    return jax.tree.map(lambda x: np.array(x[0]), jax.device_get(
         jax.tree.map(lambda x: x.addressable_shards[0].data, tree)))
 
 

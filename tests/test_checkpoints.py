@@ -28,11 +28,16 @@ def _config():
     return c
 
 
-def test_the_saved_state_has_arrays_for_leaves_never_numpy_scalars():
-    """Orbax 0.11 (the oldest supported) refuses numpy scalars such as Adam's step count."""
-    leaves = jax.tree.leaves(parallel.to_host(parallel.replicate(create_train_state(_config(), 0))))
-    assert leaves and all(type(leaf) is np.ndarray for leaf in leaves)
+def test_the_saved_state_has_arrays_for_leaves_never_numpy_scalars_nor_views_of_device_buffers():
+    """Orbax 0.11 (the oldest supported) refuses numpy scalars such as Adam's step count. The state is
+    saved in the background while the next train step runs on (and donates) the device state, so
+    the host copy must not be a view of it (on CPU `np.asarray` of a device array is one)."""
+    state = parallel.replicate(create_train_state(_config(), 0))
+    leaves = jax.tree.leaves(parallel.to_host(state))
+    assert leaves and all(type(leaf) is np.ndarray and leaf.flags.owndata for leaf in leaves)
     assert any(leaf.ndim == 0 for leaf in leaves)
+    buffers = {shard.data.unsafe_buffer_pointer() for x in jax.tree.leaves(state) for shard in x.addressable_shards}
+    assert not {leaf.__array_interface__["data"][0] for leaf in leaves if leaf.size} & buffers
 
 
 @pytest.fixture(scope="module")

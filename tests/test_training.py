@@ -297,7 +297,9 @@ def test_main_command_trains_and_keeps_compiled_programs(tmp_path, data_dir):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.listdir(workdir / "checkpoints") == ["2"]
-    assert any(name.startswith("jit_create_train_state") for name in os.listdir(cache))
+    # JAX 0.5 names a jitted functools.partial '_unnamed_wrapped_function_', later ones after the function.
+    assert any(name.startswith(("jit_create_train_state", "jit__unnamed_wrapped_function_"))
+               for name in os.listdir(cache))
 
 
 def _diverging(config):

@@ -191,8 +191,10 @@ def test_remat_keeps_params_outputs_and_gradients_and_recomputes_in_the_backward
               for m in (plain, remat)]
     (l1, out1), g1 = traced[0].lower().compile()(params)
     (l2, out2), g2 = traced[1].lower().compile()(params)
-    np.testing.assert_array_equal(out1, out2)
-    np.testing.assert_array_equal(l1, l2)
+    # Bitwise equal at JAX 0.10; JAX 0.5's XLA fuses the rematerialised graph differently (2e-7 apart).
+    # Another dropout mask would move the outputs by ~0.1.
+    np.testing.assert_allclose(out1, out2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
     assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(g1)) > 0
     # Each block is one rematerialised call: 1 + 2 + 2 res blocks (down, middle, up) and 1 + 1 + 2
