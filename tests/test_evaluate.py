@@ -142,6 +142,30 @@ def test_cli_errors_before_work(tmp_path):
     assert status == 2 and "config.json" in err
 
 
+def test_fid_inputs_that_cannot_give_fid_and_is_are_one_line(tmp_path):
+    """Reference statistics of other features than the 2048-d pool, or fewer images than the Inception
+    Score's 10 splits, stop before any work with one line naming the file or field."""
+    flat = traverse_util.flatten_dict(inception.random_variables(), sep="/")
+    np.savez(tmp_path / "w.npz", **{k: np.asarray(v) for k, v in flat.items()})
+    np.savez(tmp_path / "s16.npz", mu=np.zeros(16), sigma=np.eye(16))
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((9, 32, 32, 3), np.uint8))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    fid = ("fid", f"--samples={tmp_path / 'samples.npz'}", f"--inception_weights={tmp_path / 'w.npz'}")
+    for args, says in ((("fid", f"--workdir={tmp_path / 'run'}", "--num_samples=5",
+                         f"--inception_weights={tmp_path / 'w.npz'}", f"--reference_stats={tmp_path / 's.npz'}"),
+                        "error: eval.num_samples: 5 images; the Inception Score is computed over 10 splits"),
+                       ((*fid, f"--reference_stats={tmp_path / 's16.npz'}"),
+                        f"error: --reference_stats / eval.reference_stats={tmp_path / 's16.npz'}: its statistics are "
+                        "16-d; FID here uses the 2048-d Inception pool features"),
+                       ((*fid, f"--reference_stats={tmp_path / 's.npz'}"),
+                        f"error: --samples={tmp_path / 'samples.npz'}: 9 images; the Inception Score is computed "
+                        "over 10 splits, so fid needs at least 10")):
+        status, _, err = run_command(evaluate, *args)
+        assert status == 2 and says in err and "Traceback" not in err, err[-2000:]
+
+
 @pytest.mark.slow
 def test_training_loop_writes_eval_scalars(tmp_path):
     """The hook in `train_and_evaluate`: eval/ scalars at every eval.eval_every steps and at the end."""

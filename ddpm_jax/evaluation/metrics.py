@@ -18,6 +18,7 @@ from ddpm_jax import parallel
 from ddpm_jax.evaluation import inception
 from ddpm_jax.validation import UserError, load_npz
 
+IS_SPLITS = 10  # the Inception Score's chunks, as in Salimans et al. 2016's code
 PR_NEIGHBOURS = 3  # k of improved precision/recall, as in its paper and the ADM evaluator (Dhariwal & Nichol 2021)
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def load_statistics(path: str | None, field: str = "eval.reference_stats") -> di
 # Inception Score and KID.
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
     """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))) on each of `splits` contiguous chunks of
     `[N, K]` logits, p(y) being that chunk's mean prediction. Returns (mean, std) over chunks."""
     logits = np.asarray(logits, np.float64)
@@ -240,7 +241,7 @@ def inception_features(replicated_variables, images: np.ndarray, per_device_batc
                                     {"images": np.asarray(images)}, per_device_batch * jax.device_count())
 
 
-def sample_quality(features: dict, reference: dict, splits: int = 10) -> dict:
+def sample_quality(features: dict, reference: dict, splits: int = IS_SPLITS) -> dict:
     """FID, Inception Score and (when `reference` has 'features') KID and precision/recall of
     generated images.
 

@@ -337,6 +337,12 @@ def sampling_name(config: ConfigDict) -> str:
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
 
 
+def _enough_for_inception_score(n: int, what: str):
+    if n < metrics.IS_SPLITS:
+        raise UserError(f"{what}: {n} images; the Inception Score is computed over {metrics.IS_SPLITS} splits, so "
+                        f"fid needs at least {metrics.IS_SPLITS} (papers use 50,000).")
+
+
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100,
@@ -379,6 +385,11 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             config.eval.split = reference_split
             reference_stats_command(config, stats, per_device_batch=per_device_batch)
         reference = metrics.load_statistics(stats, STATS_FIELD)
+        if reference["mu"].shape != (inception.POOL_DIM,):
+            raise UserError(f"{STATS_FIELD}={stats}: its statistics are {len(reference['mu'])}-d; FID here uses the "
+                            f"{inception.POOL_DIM}-d Inception pool features (make them with `reference_stats`).")
+        if samples is None:
+            _enough_for_inception_score(e.num_samples, "eval.num_samples")
     if command == "accuracy":
         plans = conditional_accuracy.parse_settings(config, settings)
     if command == "shapes":
@@ -391,6 +402,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     images = labels = None
     if samples is not None:
         images, labels = load_samples(samples)
+        if command == "fid":
+            _enough_for_inception_score(len(images), f"--samples={samples}")
     else:
         params, step = checkpoints.load_params(workdir, config, step=step)
     name = command if step is None else f"{command}_step_{step}"
