@@ -290,7 +290,7 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
     return changes
 
 
-def load_params(workdir, config=None, use_ema: bool = True, step: int | None = None, flag: str = "--step"):
+def load_params(workdir, config=None, use_ema: bool = True, step: int | None = None, flag: str = "--checkpoint_step"):
     """(params, step) of the newest checkpoint in `workdir` that can be read, or of checkpoint `step`
     (a UserError naming `flag` and the run's steps when there is none), on the host CPU. EMA params
     by default.

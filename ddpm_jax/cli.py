@@ -45,8 +45,9 @@ SAMPLE_FLAGS = {
     "guide_workdir": ("sampling.guide_workdir", "Autoguidance: guide by this run, a weaker version of the model "
                                                 "(e.g. the same config trained for fewer steps), not by the null "
                                                 "condition."),
-    "guide_step": ("sampling.guide_step", "Autoguidance: the guide run's checkpoint of this step (0: its newest); "
-                                          "with --guide_workdir=this run, an earlier checkpoint guides a later one."),
+    "guide_checkpoint_step": ("sampling.guide_checkpoint_step", "Autoguidance: the guide run's checkpoint of this "
+                                                                "step (0: its newest); with --guide_workdir=this run, "
+                                                                "an earlier checkpoint guides a later one."),
     "strength": ("sampling.strength", "Image-to-image: noise the inputs to t = strength * T, in [0, 1] (with "
                                       "--mask: edit the masked part from there instead of from noise)."),
     "mask_strength": ("sampling.mask_strength", "--mask=auto (DiffEdit): compare the prompts' noise predictions "
@@ -73,8 +74,8 @@ EVAL_FLAGS = {
     "guidance_t_max": ("sampling.guidance_t_max", "Guide the samples only at model timesteps t <= this."),
     "guide_workdir": ("sampling.guide_workdir", "Autoguidance of the samples: guide by this weaker run of the "
                                                 "same model, not by the null condition."),
-    "guide_step": ("sampling.guide_step", "Autoguidance of the samples: the guide run's checkpoint of this step "
-                                          "(0: its newest)."),
+    "guide_checkpoint_step": ("sampling.guide_checkpoint_step", "Autoguidance of the samples: the guide run's "
+                                                                "checkpoint of this step (0: its newest)."),
     "aug_level": ("sampling.aug_level", "sr: the level the low-resolution inputs are noised to, in [0, 1]."),
     "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "
                                             "to t = sr_strength * T."),

@@ -127,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     # model (the same config trained for fewer steps, or smaller), under the same condition, instead
     # of from the model itself under the null condition; '' = classifier-free guidance.
     c.sampling.guide_workdir = ""
-    c.sampling.guide_step = 0  # the guide run's checkpoint of this step (0: its newest), e.g. an earlier one of ours
+    c.sampling.guide_checkpoint_step = 0  # the guide run's checkpoint of this step (0: its newest)
     c.sampling.aug_level = 0.1  # super-resolution: the level the low-res input is noised to (0: none)
     # super-resolution: 1 starts from pure noise (SR3); below 1, from the input upsampled and noised to
     # t = sr_strength * T (SDEdit), which the CPU-trained shapes_sr needs (docs/super_resolution.md)

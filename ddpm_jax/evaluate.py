@@ -20,10 +20,10 @@ digits and shapes rates.
     python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500] \\
         [--guidance_t_min=150]
 
-Workdir commands read the run's config.json and its latest checkpoint (--step=N: that of step N; EMA
+Workdir commands read the run's config.json and its latest checkpoint (--checkpoint_step=N: that of step N; EMA
 params), print the metrics and write them to WORKDIR/eval/{command}_step_{step}_...json, named by the settings
 (fid, digits, shapes: ..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_guide-{guide run's
-folder}[_step{guide_step}]]
+folder}[_step{guide_checkpoint_step}]]
 [_seed{seed}]_n{num_samples}.json, `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json;
 shapes and sr given --split: ..._step_{step}_{split}_...;
 bpd: ..._{split}_n{examples}[_seed{seed}].json; with --samples=F.npz: {command}_F.json).
@@ -50,8 +50,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_list("stages", None, "cascade: the cascade's runs, base first (each with its own sampling "
                       "settings).", flag_values=fv)
-    flags.DEFINE_integer("step", None, "Workdir commands: the checkpoint of this step (default: the newest).",
-                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step (default: "
+                         "the newest).", lower_bound=0, flag_values=fv)
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
@@ -82,8 +82,9 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     if len(args) != 1 or args[0] not in tasks.COMMANDS:
         raise UserError(f"usage: python -m ddpm_jax.evaluate COMMAND [--flags]; COMMAND is one of {tasks.COMMANDS}.")
     command = args[0]
-    if fv.step is not None and command in ("convert_inception", "reference_stats", "cascade"):
-        raise UserError(f"--step={fv.step}: chooses the checkpoint of a --workdir command's run; {command} has none.")
+    if fv.checkpoint_step is not None and command in ("convert_inception", "reference_stats", "cascade"):
+        raise UserError(f"--checkpoint_step={fv.checkpoint_step}: chooses the checkpoint of a --workdir command's "
+                        f"run; {command} has none.")
     if command == "convert_inception":
         inception.convert_pytorch_fid_weights(_required(fv, "pth"), _required(fv, "out"))
         print(f"wrote {fv.out}")
@@ -98,7 +99,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,
                               reference_split=fv.reference_split, num_examples=fv.num_examples,
                               per_device_batch=fv.per_device_batch, settings=fv.settings,
-                              num_per_class=fv.num_per_class, out=fv.out, step=fv.step)
+                              num_per_class=fv.num_per_class, out=fv.out, step=fv.checkpoint_step)
 
 
 if __name__ == "__main__":

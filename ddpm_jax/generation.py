@@ -332,15 +332,16 @@ def autoguided(config: ConfigDict) -> bool:
 
 
 def guide_params(config: ConfigDict):
-    """(EMA params, step) of `sampling.guide_workdir`'s checkpoint `sampling.guide_step` (0: its newest),
+    """(EMA params, step) of `sampling.guide_workdir`'s checkpoint `sampling.guide_checkpoint_step` (0: its newest),
     read once per process."""
     from ddpm_jax import checkpoints
 
-    path, step = config.sampling.guide_workdir, config.sampling.guide_step
+    path, step = config.sampling.guide_workdir, config.sampling.guide_checkpoint_step
 
     def load():
         try:
-            return checkpoints.load_params(path, check_guide(config), step=step or None, flag="sampling.guide_step")
+            return checkpoints.load_params(path, check_guide(config), step=step or None,
+                                           flag="sampling.guide_checkpoint_step")
         except UserError as e:  # its message says --workdir: name the field it came from
             raise UserError(f"sampling.guide_workdir: {e}") from None
 

@@ -251,9 +251,10 @@ def validate_sampling(config: ConfigDict):
              f"sampling.guidance={sp.guidance} needs a class- or text-conditional model (classifier-free) or "
              "sampling.guide_workdir (autoguidance); this one has model.num_classes=0 and "
              "model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
-    _non_negative_int(sp.guide_step, "sampling.guide_step")
-    _require(not sp.guide_step or sp.guide_workdir,
-             f"sampling.guide_step={sp.guide_step}: a checkpoint of sampling.guide_workdir, which is not set.")
+    _non_negative_int(sp.guide_checkpoint_step, "sampling.guide_checkpoint_step")
+    _require(not sp.guide_checkpoint_step or sp.guide_workdir,
+             f"sampling.guide_checkpoint_step={sp.guide_checkpoint_step}: a checkpoint of sampling.guide_workdir, "
+             "which is not set.")
     if sp.guide_workdir and sp.guidance:  # unguided, the guide is not used (generation.autoguided)
         check_guide(config)
     _require(_is_number(sp.strength) and 0.0 <= sp.strength <= 1.0,
@@ -293,10 +294,10 @@ def check_guide(config: ConfigDict) -> ConfigDict:
         _require(ours == theirs, f"sampling.guide_workdir={path}: its {field}={theirs!r} differs from this run's "
                                  f"{ours!r}; the guide must be a version of the same model (the same data, "
                                  "conditioning and diffusion; only its size and training may differ).")
-    step = config.sampling.guide_step
+    step = config.sampling.guide_checkpoint_step
     _require(not step or os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR, str(step))),
-             f"sampling.guide_step={step}: sampling.guide_workdir={path} has no checkpoint of that step (see its "
-             f"{checkpoints.CHECKPOINT_DIR}/ folder).")
+             f"sampling.guide_checkpoint_step={step}: sampling.guide_workdir={path} has no checkpoint of that step "
+             f"(see its {checkpoints.CHECKPOINT_DIR}/ folder).")
     return guide
 
 

@@ -149,8 +149,8 @@ def test_load_params_of_a_chosen_step_reads_that_one_or_stops(tmp_path):
         params, got = checkpoints.load_params(path, step=step)
         assert got == step
         jax.tree.map(np.testing.assert_array_equal, params, shifted(step))
-    with pytest.raises(UserError, match=rf"^--step=3: --workdir={path} has no checkpoint of that step; it has steps "
-                                        r"\[2, 4\]\.$"):
+    with pytest.raises(UserError, match=rf"^--checkpoint_step=3: --workdir={path} has no checkpoint of that step; it "
+                                        r"has steps \[2, 4\]\.$"):
         checkpoints.load_params(path, step=3)
     _truncate(_largest_file(os.path.join(path, "checkpoints", "2", "ema_params")))
     before = _tree_hash(path)

@@ -149,19 +149,21 @@ def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
     assert [np.shape(x) for x in (images if isinstance(images, list) else [images])] == shapes
 
 
-def test_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_runs, monkeypatch):
-    """evaluate --step: the run's checkpoint of that step, named in the result; a step the run lacks,
-    --step with --samples, or with a command that has no run, is one line before any work."""
+def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_runs, monkeypatch):
+    """evaluate --checkpoint_step: the run's checkpoint of that step, named in the result; a step the run
+    lacks, --checkpoint_step with --samples, or with a command that has no run, is one line before any work."""
     monkeypatch.chdir(cwd_with_runs)
     status, out, err = run_command(evaluate, "bpd", "--workdir=runs/digits", "--num_examples=4", "--seed=2",
-                                   "--step=2")
+                                   "--checkpoint_step=2")
     assert status == 0 and os.path.isfile("runs/digits/eval/bpd_step_2_train_n4_seed2.json"), err[-2000:]
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
-    for args, says in ((("bpd", "--workdir=runs/digits", "--step=1"),
-                        "error: --step=1: --workdir=runs/digits has no checkpoint of that step; it has steps [2]."),
-                       (("digits", "--workdir=runs/digits", "--samples=mine.npz", "--step=2"),
-                        "error: --step=2 chooses the checkpoint to sample; --samples=mine.npz scores that file"),
-                       (("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--step=2"),
-                        "error: --step=2: chooses the checkpoint of a --workdir command's run; cascade has none.")):
+    for args, says in ((("bpd", "--workdir=runs/digits", "--checkpoint_step=1"),
+                        "error: --checkpoint_step=1: --workdir=runs/digits has no checkpoint of that step; it has "
+                        "steps [2]."),
+                       (("digits", "--workdir=runs/digits", "--samples=mine.npz", "--checkpoint_step=2"),
+                        "error: --checkpoint_step=2 chooses the checkpoint to sample; --samples=mine.npz scores"),
+                       (("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--checkpoint_step=2"),
+                        "error: --checkpoint_step=2: chooses the checkpoint of a --workdir command's run; cascade "
+                        "has none.")):
         status, _, err = run_command(evaluate, *args)
         assert status == 2 and says in err and "Traceback" not in err, (args, err[-2000:])

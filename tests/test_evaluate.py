@@ -223,7 +223,7 @@ def test_result_names_tell_the_sampling_settings_apart():
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_seed1_n1000"  # a run on more captions: another file
     c.sampling.guide_workdir = "runs/t2i_2k/"
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_guide-t2i_2k_seed1_n1000"  # autoguidance
-    c.sampling.guide_step = 2000
+    c.sampling.guide_checkpoint_step = 2000
     assert tasks.sampling_name(c) == "ddim25_w2_t300-900_guide-t2i_2k_step2000_seed1_n1000"  # its checkpoint 2000
     c.sampling.guidance = 0.0
     assert tasks.sampling_name(c) == "ddim25_w0_seed1_n1000"  # unguided: no guide either

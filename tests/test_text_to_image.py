@@ -273,8 +273,8 @@ def test_sample_command_with_prompts(text_run, tmp_path):
 
 def test_sample_command_with_a_guide_run(text_run, tmp_path):
     """--guide_workdir: a run with the same params guides to the unguided samples; another changes them;
-    --guide_step and --step choose a checkpoint; a missing or mismatched guide run or step is one line
-    naming the field or flag."""
+    --guide_checkpoint_step and --checkpoint_step choose a checkpoint; a missing or mismatched guide run or
+    step is one line naming the field or flag."""
     same = _save_run(tmp_path / "same", _text_config())  # _random_params: the same params as text_run
     other_config = _text_config()
     other_config.model.ch = 16  # a smaller guide network is allowed
@@ -288,11 +288,11 @@ def test_sample_command_with_a_guide_run(text_run, tmp_path):
         npz[name] = np.load(tmp_path / name / "samples.npz")["arr_0"].astype(int)
     assert np.abs(npz["same"] - npz["unguided"]).max() <= 1  # (1 + w) a - w a: float rounding only
     assert np.abs(npz["other"] - npz["unguided"]).mean() > 5
-    # An earlier checkpoint of a run as the guide (--guide_step), and sampling one (--step): step 1
-    # of `two` has text_run's params, its newest (2) others.
+    # An earlier checkpoint of a run as the guide (--guide_checkpoint_step), and sampling one
+    # (--checkpoint_step): step 1 of `two` has text_run's params, its newest (2) others.
     params = _random_params(_text_config())
     two = _save_run(tmp_path / "two", _text_config(), {1: params, 2: _perturbed(params, 0.5)})
-    for name, flags in {"guide_step_1": ["--guidance=2", f"--guide_workdir={two}", "--guide_step=1"],
+    for name, flags in {"guide_step_1": ["--guidance=2", f"--guide_workdir={two}", "--guide_checkpoint_step=1"],
                         "guide_newest": ["--guidance=2", f"--guide_workdir={two}"]}.items():
         status, _, err = run_command(sample, f"--workdir={text_run}", "--prompt=a red circle", "--num_samples=4",
                                      f"--out={tmp_path / name}", *flags)
@@ -301,8 +301,8 @@ def test_sample_command_with_a_guide_run(text_run, tmp_path):
     assert "autoguidance by " + two + " step 2" in err
     assert np.abs(npz["guide_step_1"] - npz["unguided"]).max() <= 1
     assert np.abs(npz["guide_newest"] - npz["unguided"]).mean() > 5
-    status, _, err = run_command(sample, f"--workdir={two}", "--step=1", "--prompt=a red circle", "--num_samples=4",
-                                 "--guidance=0", f"--out={tmp_path / 'step_1'}")
+    status, _, err = run_command(sample, f"--workdir={two}", "--checkpoint_step=1", "--prompt=a red circle",
+                                 "--num_samples=4", "--guidance=0", f"--out={tmp_path / 'step_1'}")
     assert status == 0 and "step 1 (EMA params)" in err, err[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "step_1" / "samples.npz")["arr_0"], npz["unguided"])
     mismatched = _text_config()
@@ -312,16 +312,17 @@ def test_sample_command_with_a_guide_run(text_run, tmp_path):
     for flags, says in (([f"--guide_workdir={tmp_path / 'none'}"], "sampling.guide_workdir="),
                         ([f"--guide_workdir={tmp_path / 'mismatched'}"], "model_output='v'"),
                         ([f"--guide_workdir={tmp_path / 'untrained'}"], "sampling.guide_workdir: --workdir="),
-                        ([f"--guide_workdir={two}", "--guide_step=3"],
-                         f"error: sampling.guide_step=3: sampling.guide_workdir={two} has no checkpoint of that step"),
-                        (["--guide_step=1"], "error: sampling.guide_step=1: a checkpoint of sampling.guide_workdir, "
-                                             "which is not set.")):
+                        ([f"--guide_workdir={two}", "--guide_checkpoint_step=3"],
+                         f"error: sampling.guide_checkpoint_step=3: sampling.guide_workdir={two} has no checkpoint"),
+                        (["--guide_checkpoint_step=1"],
+                         "error: sampling.guide_checkpoint_step=1: a checkpoint of sampling.guide_workdir, which is "
+                         "not set.")):
         status, _, err = run_command(sample, f"--workdir={text_run}", "--prompt=a red circle", "--guidance=2",
                                      *flags, f"--out={tmp_path / 'bad'}")
         assert status != 0 and says in err and "Traceback" not in err, err[-2000:]
-    status, _, err = run_command(sample, f"--workdir={two}", "--step=3", f"--out={tmp_path / 'bad'}")
-    assert status == 2 and err.strip().endswith(f"error: --step=3: --workdir={two} has no checkpoint of that step; "
-                                                "it has steps [1, 2]."), err[-2000:]
+    status, _, err = run_command(sample, f"--workdir={two}", "--checkpoint_step=3", f"--out={tmp_path / 'bad'}")
+    assert status == 2 and err.strip().endswith(f"error: --checkpoint_step=3: --workdir={two} has no checkpoint of "
+                                                "that step; it has steps [1, 2]."), err[-2000:]
     assert not (tmp_path / "bad").exists()
 
 

@@ -244,7 +244,7 @@ def shapes(config: ConfigDict, params) -> dict:
     result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
                   steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
     if generation.autoguided(config):
-        result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
+        result.update(guide_workdir=sp.guide_workdir, guide_checkpoint_step=generation.guide_params(config)[1])
     return result
 
 
@@ -323,7 +323,7 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a result were drawn from the model, for its file name: sampler and steps,
     eta, guidance w and (when guided, but not at every t) its interval, autoguidance's guide run (the
-    last part of its path, and `sampling.guide_step` when given), the noise seed when not 0, and how many
+    last part of its path, and `sampling.guide_checkpoint_step` when given), the noise seed when not 0, and how many
     captions or scenes (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000',
     'ddim50_eta1_w2_guide-t2i_2k_n500', 'ddim50_eta1_w2_guide-t2i_steps_step2000_n500'.
     Results of other settings get other files."""
@@ -331,7 +331,7 @@ def sampling_name(config: ConfigDict) -> str:
     interval = (sp.guidance_t_min, sp.guidance_t_max)
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
-    guide += f"_step{sp.guide_step}" if guide and sp.guide_step else ""
+    guide += f"_step{sp.guide_checkpoint_step}" if guide and sp.guide_checkpoint_step else ""
     return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
@@ -369,8 +369,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if samples is None and not workdir:
         raise UserError(f"{command} needs --workdir (a training run) or, for fid and digits, --samples.")
     if samples is not None and step is not None:
-        raise UserError(f"--step={step} chooses the checkpoint to sample; --samples={samples} scores that file "
-                        "instead: give one of them.")
+        raise UserError(f"--checkpoint_step={step} chooses the checkpoint to sample; --samples={samples} scores "
+                        "that file instead: give one of them.")
     e = config.eval
     if command == "fid":
         weights = inception_weights_file(e.inception_weights)
