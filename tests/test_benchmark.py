@@ -63,6 +63,28 @@ def test_benchmark_reports_consistent_figures(result):
             f"{tr['compile_s']:.1f} | {sa['total_s']:.2f} |") in text
 
 
+@pytest.mark.slow  # a minute of loops that XLA:CPU runs slowly
+def test_flops_per_step_count_every_step_and_microbatch_of_a_call_also_where_it_loops(monkeypatch):
+    """XLA's cost analysis counts a loop body once: where a call loops over steps and microbatches (off
+    CPU), the FLOPs per step are still those of one plain step, as where they are unrolled (CPU)."""
+    from configs import tiny
+    from ddpm_jax import benchmarking, training
+
+    config = tiny.get_config()
+    config.data.image_size, config.model.ch, config.model.ch_mult, config.model.attn_resolutions = 8, 16, (1,), ()
+    plain = benchmarking.bench_train(config, num_calls=1)
+    config.training.steps_per_call, config.training.grad_accum_steps = 2, 2
+    unrolled = benchmarking.bench_train(config, num_calls=1)
+    monkeypatch.setattr(training, "unrolled_loops", lambda: False)
+    looped = benchmarking.bench_train(config, num_calls=1)
+    assert plain["flops_per_step"] > 0 and plain["bytes_per_step"] > 0
+    # The microbatches add a gradient sum (4% here); the lowered step has 7% fewer FLOPs than the
+    # compiled one here. Counting each loop body once would give a quarter.
+    assert unrolled["flops_per_step"] == pytest.approx(plain["flops_per_step"], rel=0.1)
+    assert looped["flops_per_step"] == pytest.approx(plain["flops_per_step"], rel=0.1)
+    assert looped["bytes_per_step"] is None  # fusion decides them: unknown without compiling a plain step
+
+
 def test_benchmark_skips_the_forward_flop_count_without_sampling():
     from configs import tiny
     from ddpm_jax import benchmarking
