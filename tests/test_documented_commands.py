@@ -4,6 +4,7 @@ command with a smaller model. Only sample counts are made smaller, by flags appe
 (the last value of a flag wins). Commands on data or weights that cannot exist offline (CIFAR-10,
 pytorch-fid's weights) are listed and left out."""
 import glob
+import json
 import os
 import re
 import shlex
@@ -156,6 +157,12 @@ def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_ru
     status, out, err = run_command(evaluate, "bpd", "--workdir=runs/digits", "--num_examples=4", "--seed=2",
                                    "--checkpoint_step=2")
     assert status == 0 and os.path.isfile("runs/digits/eval/bpd_step_2_train_n4_seed2.json"), err[-2000:]
+    status, _, err = run_command(evaluate, "shapes", "--workdir=runs/shapes_t2i", "--guide_workdir=runs/shapes_t2i_2k",
+                                 "--guide_checkpoint_step=2", "--guidance=2", "--num_samples=4")
+    assert status == 0, err[-2000:]
+    with open("runs/shapes_t2i/eval/shapes_step_2_ddim50_eta1_w2_t150-inf_guide-shapes_t2i_2k_step2_n4.json") as f:
+        result = json.load(f)
+    assert (result["guide_workdir"], result["guide_step"]) == ("runs/shapes_t2i_2k", 2)
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     for args, says in ((("bpd", "--workdir=runs/digits", "--checkpoint_step=1"),
                         "error: --checkpoint_step=1: --workdir=runs/digits has no checkpoint of that step; it has "

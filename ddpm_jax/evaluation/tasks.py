@@ -244,7 +244,7 @@ def shapes(config: ConfigDict, params) -> dict:
     result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
                   steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
     if generation.autoguided(config):
-        result.update(guide_workdir=sp.guide_workdir, guide_checkpoint_step=generation.guide_params(config)[1])
+        result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
 
 
