@@ -6,7 +6,8 @@
 --stages lists the runs, base first; each later one a super-resolution model of the previous
 stage's size. --sampler, --steps, --guidance (and its interval --guidance_t_min, --guidance_t_max),
 --eta and --aug_level take one value for every stage or one per stage (aug_level is read by
-super-resolution stages only); unset, each run's own `sampling` section holds. Writes
+super-resolution stages only); unset, each run's own `sampling` section holds. --checkpoint_step
+chooses each run's checkpoint the same way (0: the run's newest, the default). Writes
 OUT/stage_K/samples.png and .npz per stage and OUT/cascade.png (the stages side by side). The logic
 is in `ddpm_jax.cascading`.
 """
@@ -30,6 +31,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                          flag_values=fv)
     flags.DEFINE_bool("individual", False, "Also write each final image as stage_K/images/NNNNNN.png.",
                       flag_values=fv)
+    flags.DEFINE_list("checkpoint_step", None, "The runs' checkpoints of these steps: one, or one per stage "
+                      "(0: the newest, the default).", flag_values=fv)
     for name in cascading.STAGE_FIELDS:
         flags.DEFINE_list(name, None, f"sampling.{name}: one value, or one per stage.", flag_values=fv)
     flags.mark_flag_as_required("stages", flag_values=fv)
@@ -42,7 +45,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     prompts = [fv.prompt] if fv.prompt is not None else generation.read_prompts(fv.prompts) if fv.prompts else None
     overrides = {name: fv[name].value for name in cascading.STAGE_FIELDS if fv[name].value is not None}
     cascading.cascade_command(fv.stages, overrides, out=fv.out, prompts=prompts, label=fv.label,
-                              num_samples=fv.num_samples, seed=fv.seed, individual=fv.individual)
+                              num_samples=fv.num_samples, seed=fv.seed,
+                              checkpoint_steps=fv.checkpoint_step, individual=fv.individual)
 
 
 if __name__ == "__main__":

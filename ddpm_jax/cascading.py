@@ -27,6 +27,7 @@ from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
 STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "guidance_t_min": float, "guidance_t_max": float,
                 "eta": float, "aug_level": float, "sr_strength": float}
+KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}  # as errors name the types
 
 
 @dataclasses.dataclass
@@ -34,25 +35,43 @@ class Stage:
     workdir: str
     config: ConfigDict
     params: object = None
-    step: int | None = None
+    step: int | None = None  # of the checkpoint read (before: the one asked for; None: the newest)
 
 
-def per_stage(name: str, values, num_stages: int) -> list:
-    """`values` (one, or one per stage) of the --`name` flag as a list of `num_stages` typed values."""
-    kind = STAGE_FIELDS[name]
+def per_stage(name: str, values, num_stages: int, kind=None) -> list:
+    """`values` (one, or one per stage) of the --`name` flag as a list of `num_stages` values of
+    `kind` (default: the field's type in `STAGE_FIELDS`)."""
+    kind = kind or STAGE_FIELDS[name]
     if len(values) not in (1, num_stages):
         raise UserError(f"--{name}={','.join(map(str, values))}: give one value, or one per stage ({num_stages}).")
     try:
         typed = [kind(v) for v in values]
     except ValueError:
-        raise UserError(f"--{name}={','.join(map(str, values))}: each value must be a {kind.__name__}.") from None
+        raise UserError(f"--{name}={','.join(map(str, values))}: each value must be {KIND_NAMES[kind]}.") from None
     return typed * num_stages if len(typed) == 1 else typed
 
 
+def choose_checkpoints(values, stages: list[Stage]) -> None:
+    """Sets each stage's checkpoint to read from --checkpoint_step `values` (one, or one per stage;
+    0: the newest), after checking that the run has it."""
+    from ddpm_jax import checkpoints
+
+    flag = f"--checkpoint_step={','.join(map(str, values))}"
+    steps = per_stage("checkpoint_step", values, len(stages), int)
+    for k, (stage, step) in enumerate(zip(stages, steps)):
+        folder = os.path.join(stage.workdir, checkpoints.CHECKPOINT_DIR)
+        have = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+        if step < 0 or step and step not in have:
+            raise UserError(f"{flag}: stage {k} ({stage.workdir}) has no checkpoint of step {step}; it has steps "
+                            f"{have} (0: the newest).")
+        stage.step = step or None
+
+
 def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_samples: int | None = None,
-                seed: int | None = None) -> list[Stage]:
+                seed: int | None = None, checkpoint_steps: list | None = None) -> list[Stage]:
     """The stages' configs (each run's config.json with `overrides` {field: [value per stage or one]}
-    written into `sampling`), checked as a chain; no checkpoint is read yet."""
+    written into `sampling`), checked as a chain, with the checkpoints to read (`checkpoint_steps`:
+    `choose_checkpoints`); no checkpoint is read yet."""
     from ddpm_jax import checkpoints
 
     if len(workdirs) < 1:
@@ -88,6 +107,8 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
                                 f"{stages[k - 1].workdir} makes {size}x{size} images with {prev.channels} "
                                 "channels; each stage must upscale the previous one's images.")
             size = out or c.data.image_size
+    if checkpoint_steps is not None:
+        choose_checkpoints(checkpoint_steps, stages)
     return stages
 
 
@@ -114,7 +135,7 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
         progress=None) -> list[np.ndarray]:
     """Runs the cascade: uint8 `[N, S_k, S_k, C]` per stage, the rows of every stage in the same
     order (prompt by prompt, `sampling.num_samples` of stage 0 each). Reads each stage's EMA
-    params on first use."""
+    params on first use (of checkpoint `stage.step`; None: the newest that can be read)."""
     from ddpm_jax import checkpoints
 
     check_conditioning(stages, prompts, label)
@@ -122,7 +143,7 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
     for k, stage in enumerate(stages):
         req = _stage_request(stage, outputs[-1] if outputs else None, prompts, label)
         if stage.params is None:
-            stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config)
+            stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config, step=stage.step)
         images = generation.run(stage.config, stage.params, req, progress=progress)["images"]
         if not np.isfinite(images).all():
             raise UserError(f"stage {k} ({stage.workdir}): the samples are not finite (a diverged run?).")
@@ -140,11 +161,12 @@ def side_by_side(outputs: list[np.ndarray], rows: int = 8) -> np.ndarray:
 
 def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: list[str] | None = None,
                     label: str | None = None, num_samples: int | None = None, seed: int | None = None,
-                    individual: bool = False) -> list[str]:
+                    checkpoint_steps: list | None = None, individual: bool = False) -> list[str]:
     """`python -m ddpm_jax.cascade`: runs the stages and writes OUT/stage_K/ (each stage's grid and
     .npz, as `python -m ddpm_jax.sample` writes them) and OUT/cascade.png (the stages side by side).
     Returns the paths written."""
-    stages = load_stages(workdirs, overrides, num_samples=num_samples, seed=seed)
+    stages = load_stages(workdirs, overrides, num_samples=num_samples, seed=seed,
+                         checkpoint_steps=checkpoint_steps)
     check_conditioning(stages, prompts, label)
     first = _stage_request(stages[0], None, prompts, label)  # checks the base's prompts/label now
     check_output_dir(out)

@@ -29,7 +29,8 @@ shapes and sr given --split: ..._step_{step}_{split}_...;
 bpd: ..._{split}_n{examples}[_seed{seed}].json; with --samples=F.npz: {command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
 (`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's); unset, the run's
-values hold. For cascade, the sampling flags (and --steps) set that field of every stage; the result file,
+values hold. For cascade, the sampling flags (and --steps) set that field of every stage, and
+--checkpoint_step chooses each stage's checkpoint (one step, or one per stage; 0: the newest); the result file,
 BASE_RUN/eval/cascade_step_{step}_{run}-{step}..., is named by the later stages' runs and the flags
 given. The logic is in `ddpm_jax.evaluation.tasks`.
 """
@@ -50,8 +51,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_list("stages", None, "cascade: the cascade's runs, base first (each with its own sampling "
                       "settings).", flag_values=fv)
-    flags.DEFINE_integer("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step (default: "
-                         "the newest).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_list("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step (default: the "
+                      "newest); cascade: one step, or one per stage (0: the newest).", flag_values=fv)
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
@@ -78,13 +79,21 @@ def _required(fv, name):
     return fv[name].value
 
 
+def _one_step(values: list[str] | None) -> int | None:
+    """A workdir command's --checkpoint_step: one step."""
+    if values is not None and (len(values) != 1 or not values[0].isdigit()):
+        raise UserError(f"--checkpoint_step={','.join(values)}: give one step (a whole number) of the --workdir run; "
+                        "one per stage is for cascade.")
+    return None if values is None else int(values[0])
+
+
 def main(fv: flags.FlagValues, args: list[str]) -> None:
     if len(args) != 1 or args[0] not in tasks.COMMANDS:
         raise UserError(f"usage: python -m ddpm_jax.evaluate COMMAND [--flags]; COMMAND is one of {tasks.COMMANDS}.")
     command = args[0]
-    if fv.checkpoint_step is not None and command in ("convert_inception", "reference_stats", "cascade"):
-        raise UserError(f"--checkpoint_step={fv.checkpoint_step}: chooses the checkpoint of a --workdir command's "
-                        f"run; {command} has none.")
+    if fv.checkpoint_step is not None and command in ("convert_inception", "reference_stats"):
+        raise UserError(f"--checkpoint_step={','.join(fv.checkpoint_step)}: chooses the checkpoint of a run; "
+                        f"{command} has none.")
     if command == "convert_inception":
         inception.convert_pytorch_fid_weights(_required(fv, "pth"), _required(fv, "out"))
         print(f"wrote {fv.out}")
@@ -93,13 +102,14 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         tasks.reference_stats_command(config, _required(fv, "out"), num_examples=fv.num_examples,
                                       keep_features=fv.keep_features, per_device_batch=fv.per_device_batch)
     elif command == "cascade":
-        tasks.cascade_command(fv.stages, {f: fv[f].value for f in cli.EVAL_FLAGS if fv[f].value is not None})
+        tasks.cascade_command(fv.stages, {f: fv[f].value for f in cli.EVAL_FLAGS if fv[f].value is not None},
+                              checkpoint_steps=fv.checkpoint_step)
     else:
         config = checkpoints.load_config(fv.workdir) if fv.samples is None or fv.workdir else defaults.get_config()
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,
                               reference_split=fv.reference_split, num_examples=fv.num_examples,
                               per_device_batch=fv.per_device_batch, settings=fv.settings,
-                              num_per_class=fv.num_per_class, out=fv.out, step=fv.checkpoint_step)
+                              num_per_class=fv.num_per_class, out=fv.out, step=_one_step(fv.checkpoint_step))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     for args in runs:
         status, _, err = run_command(evaluate, args[0], "--workdir=runs/digits", *args[1:])
         assert status == 0, (args, err[-2000:])
+    status, _, err = run_command(evaluate, "cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--num_samples=2",
+                                 "--checkpoint_step=2,0")
+    assert status == 0 and os.path.isfile("runs/shapes_t2i/eval/cascade_step_2_shapes_sr-2_num_samples2.json"), err
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
     assert status == 0, err[-2000:]
@@ -151,8 +154,9 @@ def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
 
 
 def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_runs, monkeypatch):
-    """evaluate --checkpoint_step: the run's checkpoint of that step, named in the result; a step the run
-    lacks, --checkpoint_step with --samples, or with a command that has no run, is one line before any work."""
+    """evaluate --checkpoint_step: the run's checkpoint of that step (cascade: of each stage), named in the
+    result; a step the run lacks, --checkpoint_step with --samples, or with a command that has no run, is one
+    line before any work."""
     monkeypatch.chdir(cwd_with_runs)
     status, out, err = run_command(evaluate, "bpd", "--workdir=runs/digits", "--num_examples=4", "--seed=2",
                                    "--checkpoint_step=2")
@@ -163,14 +167,22 @@ def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_ru
     with open("runs/shapes_t2i/eval/shapes_step_2_ddim50_eta1_w2_t150-inf_guide-shapes_t2i_2k_step2_n4.json") as f:
         result = json.load(f)
     assert (result["guide_workdir"], result["guide_step"]) == ("runs/shapes_t2i_2k", 2)
+    status, _, err = run_command(evaluate, "cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--num_samples=2",
+                                 "--checkpoint_step=2,0")
+    assert status == 0 and os.path.isfile("runs/shapes_t2i/eval/cascade_step_2_shapes_sr-2_num_samples2.json"), err
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     for args, says in ((("bpd", "--workdir=runs/digits", "--checkpoint_step=1"),
                         "error: --checkpoint_step=1: --workdir=runs/digits has no checkpoint of that step; it has "
                         "steps [2]."),
                        (("digits", "--workdir=runs/digits", "--samples=mine.npz", "--checkpoint_step=2"),
                         "error: --checkpoint_step=2 chooses the checkpoint to sample; --samples=mine.npz scores"),
-                       (("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--checkpoint_step=2"),
-                        "error: --checkpoint_step=2: chooses the checkpoint of a --workdir command's run; cascade "
-                        "has none.")):
+                       (("bpd", "--workdir=runs/digits", "--checkpoint_step=2,2"),
+                        "error: --checkpoint_step=2,2: give one step (a whole number) of the --workdir run; one per "
+                        "stage is for cascade."),
+                       (("convert_inception", "--checkpoint_step=2"),
+                        "error: --checkpoint_step=2: chooses the checkpoint of a run; convert_inception has none."),
+                       (("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--checkpoint_step=0,1"),
+                        "error: --checkpoint_step=0,1: stage 1 (runs/shapes_sr) has no checkpoint of step 1; it has "
+                        "steps [2] (0: the newest).")):
         status, _, err = run_command(evaluate, *args)
         assert status == 2 and says in err and "Traceback" not in err, (args, err[-2000:])

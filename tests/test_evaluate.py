@@ -234,16 +234,16 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
 
     calls = []
 
-    def fake_cascade(workdirs, num_samples, split, overrides, seed=None):
-        calls.append((workdirs, num_samples, split, overrides, seed))
+    def fake_cascade(workdirs, num_samples, split, overrides, seed=None, checkpoint_steps=None):
+        calls.append((workdirs, num_samples, split, overrides, seed, checkpoint_steps))
         return {"stages": [{"workdir": workdirs[0], "step": 8}, {"workdir": workdirs[1], "step": 15}]}
 
     monkeypatch.setattr(super_resolution, "cascade", fake_cascade)
     base, sr = str(tmp_path / "base"), str(tmp_path / "sr")
     status, out, err = run_command(evaluate, "cascade", f"--stages={base},{sr}", "--guidance_t_min=150",
-                                   "--steps=7", "--num_samples=4", "--seed=3")
+                                   "--steps=7", "--num_samples=4", "--seed=3", "--checkpoint_step=8,0")
     assert status == 0, err[-2000:]
-    assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3)]
+    assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3, ["8", "0"])]
     # named by the SR run too: another SR run at step 15 must not overwrite it
     name = "cascade_step_8_sr-15_guidance_t_min150_num_samples4_seed3_steps7.json"
     assert os.listdir(os.path.join(base, "eval")) == [name]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_helpers import run_command
-from test_text_to_image import _random_params, _save_run, _text_config
+from test_text_to_image import _perturbed, _random_params, _save_run, _text_config
 from train_helpers import prepare_digits, small_digits_config
 
 from ddpm_jax import cascade, cascading, checkpoints, evaluate, generation, image_utils, sample, superres, training
@@ -235,6 +235,37 @@ def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
     outputs = cascading.run(cascading.load_stages([base, crops], {"steps": ["2"]}, num_samples=1),
                             prompts=prompts[:1])
     assert [o.shape for o in outputs] == [(1, 8, 8, 3), (1, 16, 16, 3)]
+
+
+def test_cascade_checkpoint_step_chooses_each_stage_checkpoint(tmp_path):
+    """--checkpoint_step=1,0: stage 0 reads its run's step 1 (bit for bit the cascade of a run holding
+    those params), stage 1 its newest; a step a run lacks, or too many values, is one line naming the stage."""
+    params = _random_params(_text_config())
+    two = _save_run(tmp_path / "two", _text_config(), {1: params, 2: _perturbed(params, 0.5)})
+    one = _save_run(tmp_path / "one", _text_config(), {1: params})
+    sr_config = _text_config()
+    sr_config.data.image_size, sr_config.model.low_res_size = 16, 8
+    sr_config.model.attn_resolutions = (16,)
+    sr = _save_run(tmp_path / "sr", sr_config, {3: _random_params(sr_config)})
+    images, errs = {}, {}
+    for name, stages, flags in (("chosen", f"{two},{sr}", ["--checkpoint_step=1,0"]), ("one", f"{one},{sr}", []),
+                                ("newest", f"{two},{sr}", [])):
+        status, _, errs[name] = run_command(cascade, f"--stages={stages}", "--prompt=a red circle", "--num_samples=2",
+                                            "--steps=3,2", *flags, f"--out={tmp_path / name}")
+        assert status == 0, errs[name][-2000:]
+        images[name] = [np.load(tmp_path / name / f"stage_{k}" / "samples.npz")["arr_0"] for k in (0, 1)]
+    assert f"stage 0: {two} (step 1)" in errs["chosen"] and f"stage 1: {sr} (step 3)" in errs["chosen"]
+    for k in (0, 1):
+        np.testing.assert_array_equal(images["chosen"][k], images["one"][k])
+    assert np.abs(images["newest"][0].astype(int) - images["chosen"][0]).mean() > 5
+    for flag, says in (("--checkpoint_step=3,0", f"stage 0 ({two}) has no checkpoint of step 3; it has steps [1, 2]"),
+                       ("--checkpoint_step=0,1", f"stage 1 ({sr}) has no checkpoint of step 1; it has steps [3]"),
+                       ("--checkpoint_step=1,0,0", "give one value, or one per stage (2)"),
+                       ("--checkpoint_step=1,x", "each value must be a whole number")):
+        status, _, err = run_command(cascade, f"--stages={two},{sr}", "--prompt=a red circle", flag,
+                                     f"--out={tmp_path / 'bad'}")
+        assert status == 2 and f"error: {flag}: " in err and says in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it

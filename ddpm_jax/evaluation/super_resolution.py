@@ -76,10 +76,11 @@ def sr(config: ConfigDict, params) -> dict:
 
 
 def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
-            overrides: dict | None = None, seed: int | None = None) -> dict:
+            overrides: dict | None = None, seed: int | None = None, checkpoint_steps: list | None = None) -> dict:
     """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
-    samples. `overrides` (per-stage sampling fields) and `seed`: as `cascading.load_stages` takes them."""
-    stages = cascading.load_stages(workdirs, overrides, seed=seed)
+    samples. `overrides` (per-stage sampling fields), `seed` and `checkpoint_steps`: as
+    `cascading.load_stages` takes them."""
+    stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps)
     base = stages[0].config
     if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
         raise UserError(f"cascade evaluates a text-to-image cascade on shapes (the base run {workdirs[0]} has "

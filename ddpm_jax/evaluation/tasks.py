@@ -295,10 +295,12 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
 CASCADE_FLAGS = ("num_samples", "split", "seed", *cascading.STAGE_FIELDS)
 
 
-def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> dict:
+def cascade_command(workdirs: list[str] | None, given: dict | None = None,
+                    checkpoint_steps: list | None = None) -> dict:
     """`evaluate cascade --stages=...`: `super_resolution.cascade`, written to the base run's
-    eval/cascade_step_S0_RUN1-S1...[_FLAGVALUE...].json, RUN1 the second stage's run folder's name.
-    `given`: the evaluation flags that were set ({flag: value}), from `CASCADE_FLAGS`."""
+    eval/cascade_step_S0_RUN1-S1...[_FLAGVALUE...].json, RUN1 the second stage's run folder's name and
+    S0, S1 the steps read. `given`: the evaluation flags that were set ({flag: value}), from
+    `CASCADE_FLAGS`; `checkpoint_steps`: as `cascading.choose_checkpoints` takes them."""
     from ddpm_jax.evaluation import super_resolution
 
     given = given or {}
@@ -309,7 +311,7 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None) -> di
             raise UserError(f"--{flag} does not apply to cascade; it takes --{', --'.join(CASCADE_FLAGS)}.")
     overrides = {flag: [value] for flag, value in given.items() if flag in cascading.STAGE_FIELDS}
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
-                                      seed=given.get("seed"))
+                                      seed=given.get("seed"), checkpoint_steps=checkpoint_steps)
     # Named by every later stage's run and step, and by every flag given, so no other cascade or
     # setting overwrites the result.
     base, *later = result["stages"]
