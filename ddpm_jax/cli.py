@@ -80,6 +80,11 @@ EVAL_FLAGS = {
     "sr_strength": ("sampling.sr_strength", "sr: 1 starts from noise; below 1 from the upsampled input noised "
                                             "to t = sr_strength * T."),
     "seed": ("eval.seed", "Seed of the sampling and bound noise."),
+    "bpd_method": ("eval.bpd_method", "bpd: 'vlb' (the paper's variational bound) or 'ode' (the probability-flow "
+                                      "ODE, Song et al. 2021)."),
+    "ode_tolerance": ("eval.ode_tolerance", "bpd --bpd_method=ode: the ODE solver's relative and absolute tolerance."),
+    "ode_sigma_min": ("eval.ode_sigma_min", "bpd --bpd_method=ode: the noise level the ODE starts from (0: the "
+                                            "model's smallest)."),
     "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),
     "inception_weights": ("eval.inception_weights", "The converted Inception .npz; a .pth is converted "
                                                     "once to the .npz beside it."),

@@ -154,6 +154,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256  # images per device call, over all local devices (sampling and bpd)
     c.eval.seed = 0  # sampling and bound noise: the same at every evaluation, so curves carry no sampling noise
     c.eval.bpd_examples = 0  # bits/dim on this many examples of eval.split; 0: none (in-loop)
+    # bits/dim by 'vlb', the paper's variational bound (Eq. 5), or 'ode', the probability-flow ODE
+    # (Song et al. 2021) with uniform dequantisation, solved to eval.ode_tolerance (rtol = atol; theirs
+    # 1e-5) from noise level eval.ode_sigma_min (0: the model's smallest, timestep 0's; below it the
+    # network is told timestep 0)
+    c.eval.bpd_method = "vlb"
+    c.eval.ode_tolerance = 1e-5
+    c.eval.ode_sigma_min = 0.0
     c.eval.split = ml_collections.FieldReference(None, field_type=str)  # None: 'test' if any, else data.split
     # FID/IS: the .npz from `evaluate convert_inception` and one from `evaluate reference_stats` (or
     # pytorch-fid's statistics file); both or neither.

@@ -12,7 +12,7 @@ digits and shapes rates.
     python -m ddpm_jax.evaluate fid --workdir=runs/cifar10 --num_samples=50000 \\
         --inception_weights=inception_fid.npz --reference_stats=cifar10_train_stats.npz
     python -m ddpm_jax.evaluate fid --samples=samples.npz --inception_weights=... --reference_stats=...
-    python -m ddpm_jax.evaluate bpd --workdir=runs/cifar10 [--split=test] [--num_examples=10000]
+    python -m ddpm_jax.evaluate bpd --workdir=runs/cifar10 [--split=test] [--num_examples=10000] [--bpd_method=ode]
     python -m ddpm_jax.evaluate digits --workdir=runs/digits [--samples=samples.npz]
     python -m ddpm_jax.evaluate accuracy --workdir=runs/digits_cond --settings=ddim:50,ddim:10,ddim:50:0
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i [--num_samples=500] [--guidance=0]
@@ -26,7 +26,8 @@ params), print the metrics and write them to WORKDIR/eval/{command}_step_{step}_
 folder}[_step{guide_checkpoint_step}]]
 [_seed{seed}]_n{num_samples}.json, `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json;
 shapes and sr given --split: ..._step_{step}_{split}_...;
-bpd: ..._{split}_n{examples}[_seed{seed}].json; with --samples=F.npz: {command}_F.json).
+bpd: ...[_ode_tol{tolerance}[_smin{sigma_min}]]_{split}_n{examples}[_seed{seed}].json; with --samples=F.npz:
+{command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
 (`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's); unset, the run's
 values hold. For cascade, the sampling flags (and --steps) set that field of every stage, and

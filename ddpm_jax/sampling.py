@@ -166,7 +166,7 @@ def heun_plan(s: Schedule, start: int, opts: StepOptions, rho: float = 7.0):
     return i, {"sigma": sigma, "sigma_next": levels[i], "gamma": gamma}
 
 
-def _denoised(s: Schedule, kind: str, model_fn: ModelFn, x_ve: jax.Array, sigma, opts: StepOptions):
+def denoised(s: Schedule, kind: str, model_fn: ModelFn, x_ve: jax.Array, sigma, opts: StepOptions):
     """EDM's D(x; sigma) for the variance-preserving model: x0_hat at x_ve = x_t / sqrt(abar), sigma.
 
     The model sees x_t = x_ve / sqrt(1 + sigma^2) and the timestep interpolated (as a float) from
@@ -200,12 +200,12 @@ def heun_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise:
         # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (2 + gamma)): never the root of a rounded negative.
         x_hat = x_hat + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * opts.s_noise * noise
         sigma = sigma * (1.0 + gamma)
-    x0 = _denoised(s, kind, model_fn, x_hat, sigma, opts)
+    x0 = denoised(s, kind, model_fn, x_hat, sigma, opts)
     d = (x_hat - x0) / sigma
 
     def heun(_):
         x_next = x_hat + (sigma_next - sigma) * d
-        d_next = (x_next - _denoised(s, kind, model_fn, x_next, sigma_next, opts)) / sigma_next
+        d_next = (x_next - denoised(s, kind, model_fn, x_next, sigma_next, opts)) / sigma_next
         return x_hat + (sigma_next - sigma) * 0.5 * (d + d_next)
 
     # Euler to sigma = 0 lands on x0_hat: x_hat - sigma d = x0 (written so, without rounding).

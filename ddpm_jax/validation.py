@@ -31,6 +31,9 @@ class UserError(ValueError):
     """Input that cannot work (a config value, flag or file); the message names it and what is valid."""
 
 
+BPD_METHODS = ("vlb", "ode")  # `evaluation.likelihood.bpd`, `ode_bpd`
+
+
 def _require(ok: bool, message: str):
     if not ok:
         raise UserError(message)
@@ -312,6 +315,11 @@ def validate_eval(config: ConfigDict, in_loop: bool = False):
              "eval.inception_weights and eval.reference_stats: FID in the training loop needs both (or "
              f"neither); got {e.inception_weights!r} and {e.reference_stats!r}.")
     _require(e.num_samples != 1, "eval.num_samples=1: need at least 2 for a covariance (or 0: none).")
+    _one_of(e.bpd_method, "eval.bpd_method", BPD_METHODS)
+    _require(0 < e.ode_tolerance < 1, f"eval.ode_tolerance={e.ode_tolerance}: the ODE solver's relative and absolute "
+                                      "tolerance, in (0, 1) (e.g. 1e-5).")
+    _require(0 <= e.ode_sigma_min < 1, f"eval.ode_sigma_min={e.ode_sigma_min}: the noise level (std) the ODE starts "
+                                       "from, in [0, 1) (0: the model's smallest; e.g. 1e-3).")
 
 
 def validate_config(config: ConfigDict, num_devices: int | None = None):

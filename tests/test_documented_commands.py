@@ -117,18 +117,18 @@ def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
 
 def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypatch):
     """A result is named by what changes its numbers, so evaluating again with another setting keeps
-    the first result: digits by the sampling settings, bpd by split, examples and seed, --samples by file,
+    the first result: digits by the sampling settings, bpd by split, examples, seed and method, --samples by file,
     shapes also by a split given."""
     monkeypatch.chdir(cwd_with_runs)
     runs = [("digits", "--num_samples=10"), ("digits", "--num_samples=10", "--steps=5"),
             ("digits", "--num_samples=10", "--seed=1"), ("bpd", "--num_examples=8"), ("bpd", "--num_examples=4"),
-            ("bpd", "--num_examples=4", "--seed=1")]
+            ("bpd", "--num_examples=4", "--seed=1"), ("bpd", "--num_examples=4", "--bpd_method=ode")]
     for args in runs:
         status, _, err = run_command(evaluate, args[0], "--workdir=runs/digits", *args[1:])
         assert status == 0, (args, err[-2000:])
-    status, _, err = run_command(evaluate, "cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--num_samples=2",
-                                 "--checkpoint_step=2,0")
-    assert status == 0 and os.path.isfile("runs/shapes_t2i/eval/cascade_step_2_shapes_sr-2_num_samples2.json"), err
+    with open("runs/digits/eval/bpd_step_2_ode_tol1e-05_train_n4.json") as f:
+        ode = json.load(f)
+    assert ode["bpd_method"] == "ode" and ode["ode_unfinished"] == 0 and 0 < ode["bpd"] < 20 and ode["ode_evals"] > 7
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
     assert status == 0, err[-2000:]

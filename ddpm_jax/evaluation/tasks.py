@@ -12,6 +12,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -153,11 +154,14 @@ def fid_is_kid(images: np.ndarray, replicated_variables, reference: dict, *, per
 
 
 def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
-    """The variational bound on uint8 `images` on all local devices (`likelihood.bpd`), averaged,
-    in batches of `eval.batch_size` with the noise of `eval.seed`.
+    """Bits/dim of uint8 `images` on all local devices, averaged, in batches of `eval.batch_size` with
+    the noise of `eval.seed`, by `eval.bpd_method`.
 
-    Returns bits/dim: 'bpd' (total), 'bpd_prior' (L_T), 'bpd_decoder' (L_0), 'bpd_kl' (sum of the KL
-    terms L_1..L_{T-1}) and 'bpd_terms' `[T]` (mean of each term; [0] is L_0). Class-conditional
+    'vlb', the variational bound (`likelihood.bpd`): 'bpd' (total), 'bpd_prior' (L_T), 'bpd_decoder'
+    (L_0), 'bpd_kl' (sum of the KL terms L_1..L_{T-1}) and 'bpd_terms' `[T]` (mean of each term; [0]
+    is L_0). 'ode', the probability-flow ODE (`likelihood.ode_bpd`, network in float32, solved to
+    `eval.ode_tolerance`): 'bpd', 'ode_evals' (network evaluations per example, mean) and
+    'ode_unfinished' (examples whose solve did not finish; 'bpd' is NaN if any). Class-conditional
     models are evaluated with the null label (text models with the null text): the unconditional
     likelihood; super-resolution models given each image's own low-resolution version (level 0).
     """
@@ -170,19 +174,29 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
     inputs = {"x0": x0, "cond": cond}
     out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
                                    config.eval.batch_size)
+    if config.eval.bpd_method == "ode":
+        return {"bpd": float(out["total"].mean()), "ode_evals": float(out["evals"].mean()),
+                "ode_unfinished": int((~out["converged"]).sum())}
     terms = out["terms"].mean(0)
     return {"bpd": float(out["total"].mean()), "bpd_prior": float(out["prior"].mean()),
             "bpd_decoder": float(terms[0]), "bpd_kl": float(terms[1:].sum()), "bpd_terms": terms}
 
 
 def _pmapped_bpd(config: ConfigDict):
-    c = config.diffusion
+    c, e = config.diffusion, config.eval
     s = diffusion.schedule_from_config(c)
     model = unet_from_config(config)
+    if e.bpd_method == "ode":  # an adaptive solver needs a smooth map: bfloat16's rounding is not
+        model = model.clone(dtype=jnp.float32)
 
     def device_fn(params, key, batch):
         key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
         model_fn = sampling.unet_model_fn(model, params, batch["cond"])
+        if e.bpd_method == "ode":
+            out = likelihood.ode_bpd(s, c.model_output, model_fn, batch["x0"], key, variance=c.variance,
+                                     sigma_min=e.ode_sigma_min, rtol=e.ode_tolerance, atol=e.ode_tolerance)
+            return {**out, "evals": jnp.broadcast_to(out["evals"], out["total"].shape),
+                    "converged": jnp.broadcast_to(out["converged"], out["total"].shape)}
         return likelihood.bpd(s, c.model_output, model_fn, batch["x0"], key, variance=c.variance, clip_x0=c.clip_x0)
 
     return jax.pmap(device_fn, parallel.AXIS_NAME, in_axes=(None, None, 0))
@@ -354,7 +368,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     Checks every input before the checkpoint is read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json
     for what samples the model (fid, digits, shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the
     same}.json; shapes and sr with `eval.split` set: COMMAND_step_N_{split}_...),
-    bpd_step_N_{split}_n{examples}[_seed{seed}].json, and COMMAND_{the .npz's name}.json for --samples.
+    bpd_step_N[_ode_tol{ode_tolerance}[_smin{ode_sigma_min}]]_{split}_n{examples}[_seed{seed}].json, and
+    COMMAND_{the .npz's name}.json for --samples.
     Returns the result."""
     from ddpm_jax import checkpoints
 
@@ -431,8 +446,10 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
         result = bits_per_dim(config, params, images)
-        result.update(split=split, num_examples=len(images))
-        name = f"{name}_{split_name(split)}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
+        result.update(split=split, num_examples=len(images), bpd_method=e.bpd_method)
+        ode = f"_ode_tol{e.ode_tolerance:g}{f'_smin{e.ode_sigma_min:g}' if e.ode_sigma_min else ''}" \
+            if e.bpd_method == "ode" else ""
+        name = f"{name}{ode}_{split_name(split)}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
     else:
         if images is None:
             images, labels = generate(config, params)
