@@ -52,8 +52,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_list("stages", None, "cascade: the cascade's runs, base first (each with its own sampling "
                       "settings).", flag_values=fv)
-    flags.DEFINE_list("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step (default: the "
-                      "newest); cascade: one step, or one per stage (0: the newest).", flag_values=fv)
+    flags.DEFINE_list("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step; cascade: one "
+                      "step, or one per stage (0 or unset: the newest).", flag_values=fv)
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
@@ -81,11 +81,11 @@ def _required(fv, name):
 
 
 def _one_step(values: list[str] | None) -> int | None:
-    """A workdir command's --checkpoint_step: one step."""
+    """A workdir command's --checkpoint_step: one step (None: the newest, as 0 is)."""
     if values is not None and (len(values) != 1 or not values[0].isdigit()):
         raise UserError(f"--checkpoint_step={','.join(values)}: give one step (a whole number) of the --workdir run; "
                         "one per stage is for cascade.")
-    return None if values is None else int(values[0])
+    return (int(values[0]) or None) if values else None
 
 
 def main(fv: flags.FlagValues, args: list[str]) -> None:

@@ -52,7 +52,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "beyond this run's count, from an earlier run, are removed).", flag_values=fv)
     flags.DEFINE_bool("figures", False, "Also draw the forward and reverse process figures.", flag_values=fv)
     flags.DEFINE_bool("ema", True, "Use the EMA params (--noema: the raw params).", flag_values=fv)
-    flags.DEFINE_integer("checkpoint_step", None, "Sample the run's checkpoint of this step (default: the newest).",
+    flags.DEFINE_integer("checkpoint_step", None, "Sample the run's checkpoint of this step (0 or unset: the newest).",
                          lower_bound=0, flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
 
@@ -64,7 +64,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         fv.workdir, config, out=fv.out, label=fv.label, prompt=fv.prompt, prompts_file=fv.prompts,
         prompt_embedding=fv.prompt_embedding, negative_prompt=fv.negative_prompt, source_prompt=fv.source_prompt,
         init_images=fv.init_images, mask=fv.mask, low_res=fv.low_res, invert=fv.invert, ema=fv.ema,
-        step=fv.checkpoint_step, individual=fv.individual, figures=fv.figures,
+        step=fv.checkpoint_step or None, individual=fv.individual, figures=fv.figures,
         given=frozenset(name for name in cli.SAMPLE_FLAGS if fv[name].present))
 
 

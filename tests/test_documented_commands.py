@@ -161,6 +161,10 @@ def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_ru
     status, out, err = run_command(evaluate, "bpd", "--workdir=runs/digits", "--num_examples=4", "--seed=2",
                                    "--checkpoint_step=2")
     assert status == 0 and os.path.isfile("runs/digits/eval/bpd_step_2_train_n4_seed2.json"), err[-2000:]
+    os.remove("runs/digits/eval/bpd_step_2_train_n4_seed2.json")
+    status, out, err = run_command(evaluate, "bpd", "--workdir=runs/digits", "--num_examples=4", "--seed=2",
+                                   "--checkpoint_step=0")  # the newest
+    assert status == 0 and os.path.isfile("runs/digits/eval/bpd_step_2_train_n4_seed2.json"), err[-2000:]
     status, _, err = run_command(evaluate, "shapes", "--workdir=runs/shapes_t2i", "--guide_workdir=runs/shapes_t2i_2k",
                                  "--guide_checkpoint_step=2", "--guidance=2", "--num_samples=4")
     assert status == 0, err[-2000:]
