@@ -52,7 +52,9 @@ def test_eval_config_errors_name_the_field(tmp_path):
     config = _digits_config(tmp_path)
     for field, value, match in [("eval_every", -1, "eval.eval_every=-1"), ("batch_size", 0, "eval.batch_size=0"),
                                 ("steps", 11, "eval.steps=11"), ("num_samples", 1, "eval.num_samples=1"),
-                                ("seed", -2, "eval.seed=-2"),
+                                ("seed", -2, "eval.seed=-2"), ("bpd_method", "x", "eval.bpd_method='x'"),
+                                ("ode_tolerance", 1.0, "eval.ode_tolerance=1.0"),
+                                ("ode_sigma_min", 1.0, "eval.ode_sigma_min=1.0"),
                                 ("inception_weights", "w.npz", "eval.inception_weights and eval.reference_stats")]:
         bad = config.copy_and_resolve_references()
         bad.eval[field] = value
@@ -74,7 +76,8 @@ class _Writer:
 
 @pytest.mark.slow
 def test_in_loop_evaluator_on_digits(tmp_path):
-    """Digits metrics on generated samples and bits/dim on real digits, written as eval/ scalars."""
+    """Digits metrics on generated samples and bits/dim on real digits (by the bound, then the ODE),
+    written as eval/ scalars."""
     from ddpm_jax.models import unet_from_config
     config = _digits_config(tmp_path)
     params = unet_from_config(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
@@ -86,6 +89,10 @@ def test_in_loop_evaluator_on_digits(tmp_path):
     np.testing.assert_allclose(out["bpd"], out["bpd_prior"] + out["bpd_decoder"] + out["bpd_kl"], rtol=1e-5)
     assert writer.scalars[7]["eval/digits_fd"] == out["digits_fd"]
     assert out["digits_fd"] > 50  # an untrained model makes noise, far from the digits
+    config.eval.bpd_method, config.eval.num_samples = "ode", 0
+    out = in_loop.Evaluator(config)(8, params, writer)
+    assert set(out) == {"bpd", "ode_evals", "ode_unfinished"} and np.isfinite(out["bpd"]) and out["ode_evals"] > 7
+    assert writer.scalars[8]["eval/ode_evals"] == out["ode_evals"]
 
 
 @pytest.mark.slow
