@@ -471,8 +471,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
 class ProgressBar:
     """`progress(done, total)` callback drawing a one-line bar with rate and time left on stderr."""
 
-    def __init__(self, what="images", stream=sys.stderr):
-        self.what, self.stream, self.start = what, stream, time.time()
+    def __init__(self, what="images", stream=None):
+        self.what, self.stream, self.start = what, stream or sys.stderr, time.time()  # sys.stderr of now
 
     def __call__(self, done: int, total: int):
         dt = time.time() - self.start

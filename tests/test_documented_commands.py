@@ -126,6 +126,8 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     for args in runs:
         status, _, err = run_command(evaluate, args[0], "--workdir=runs/digits", *args[1:])
         assert status == 0, (args, err[-2000:])
+        # a progress bar of the sampling or the bits/dim batches
+        assert re.search(r"\] (10/10|[48]/[48]) images, ", err), (args, err[-2000:])
     with open("runs/digits/eval/bpd_step_2_ode_tol1e-05_train_n4.json") as f:
         ode = json.load(f)
     assert ode["bpd_method"] == "ode" and ode["ode_unfinished"] == 0 and 0 < ode["bpd"] < 20 and ode["ode_evals"] > 7

@@ -52,8 +52,9 @@ def bicubic(low_res: np.ndarray, size: int) -> np.ndarray:
     return image_utils.to_uint8(superres.upsample(image_utils.from_uint8(low_res), size, "bicubic"))
 
 
-def sr(config: ConfigDict, params) -> dict:
-    """See the module doc: {'model': {...}, 'bicubic': {...}[, 'originals': {...}], ...}."""
+def sr(config: ConfigDict, params, progress=None) -> dict:
+    """See the module doc: {'model': {...}, 'bicubic': {...}[, 'originals': {...}], ...}. `progress`:
+    as `generation.run` takes it."""
     check_sr(config)
     split = T.eval_split(config)
     originals, _ = T.real_images(config, split, config.eval.num_samples)
@@ -62,7 +63,7 @@ def sr(config: ConfigDict, params) -> dict:
     captions = T.captions(config, split, len(originals)) if text or config.data.dataset == "shapes" else None
     config = T.sampling_config(config)
     req = generation.paired_request(config, low_res, prompts=captions if text else None)
-    out = image_utils.to_uint8(generation.run(config, params, req)["images"])
+    out = image_utils.to_uint8(generation.run(config, params, req, progress)["images"])
     up = bicubic(low_res, config.data.image_size)
     result = {"model": image_metrics(out, originals, low_res), "bicubic": image_metrics(up, originals, low_res)}
     if config.data.dataset == "shapes":
@@ -76,10 +77,11 @@ def sr(config: ConfigDict, params) -> dict:
 
 
 def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
-            overrides: dict | None = None, seed: int | None = None, checkpoint_steps: list | None = None) -> dict:
+            overrides: dict | None = None, seed: int | None = None, checkpoint_steps: list | None = None,
+            progress=None) -> dict:
     """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
     samples. `overrides` (per-stage sampling fields), `seed` and `checkpoint_steps`: as
-    `cascading.load_stages` takes them."""
+    `cascading.load_stages` takes them; `progress`: as `cascading.run`."""
     stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps)
     base = stages[0].config
     if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
@@ -89,7 +91,7 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
     texts = T.captions(base, split, num_samples or base.eval.num_samples)
     for stage in stages:
         stage.config.sampling.num_samples = 1
-    outputs = cascading.run(stages, prompts=texts)
+    outputs = cascading.run(stages, prompts=texts, progress=progress)
     result = {f"stage_{k}": {"size": o.shape[1], **shape_rates(o, texts)} for k, o in enumerate(outputs)}
     if len(outputs) > 1:
         result["bicubic_base"] = {"size": outputs[-1].shape[1],

@@ -104,12 +104,13 @@ def sampling_config(config: ConfigDict):
     return config
 
 
-def generate(config: ConfigDict, params) -> tuple[np.ndarray, np.ndarray | None]:
+def generate(config: ConfigDict, params, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
     """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, and their labels
-    (classes in equal blocks for class-conditional models, else None)."""
+    (classes in equal blocks for class-conditional models, else None). `progress(done, total)`: as
+    `generation.run` takes it."""
     config = sampling_config(config)
     req = generation.make_request(config)
-    images = generation.run(config, params, req)["images"]
+    images = generation.run(config, params, req, progress)["images"]
     if not np.isfinite(images).all():
         raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
     return image_utils.to_uint8(images), (req.labels if config.model.num_classes else None)
@@ -153,7 +154,7 @@ def fid_is_kid(images: np.ndarray, replicated_variables, reference: dict, *, per
     return metrics.sample_quality(features, reference)
 
 
-def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
+def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None) -> dict:
     """Bits/dim of uint8 `images` on all local devices, averaged, in batches of `eval.batch_size` with
     the noise of `eval.seed`, by `eval.bpd_method`.
 
@@ -164,6 +165,7 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
     'ode_unfinished' (examples whose solve did not finish; 'bpd' is NaN if any). Class-conditional
     models are evaluated with the null label (text models with the null text): the unconditional
     likelihood; super-resolution models given each image's own low-resolution version (level 0).
+    `progress(done, total)`: called after each batch.
     """
     fn = parallel.built_once(("bpd", config.to_json_best_effort(sort_keys=True)), lambda: _pmapped_bpd(config))
     key = jax.random.key(config.eval.seed)
@@ -173,7 +175,7 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray) -> dict:
         cond["low_res"] = np.asarray(superres.downsample(x0, config.model.low_res_size))
     inputs = {"x0": x0, "cond": cond}
     out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
-                                   config.eval.batch_size)
+                                   config.eval.batch_size, progress)
     if config.eval.bpd_method == "ode":
         return {"bpd": float(out["total"].mean()), "ode_evals": float(out["evals"].mean()),
                 "ode_unfinished": int((~out["converged"]).sum())}
@@ -232,19 +234,19 @@ def check_shapes(config: ConfigDict) -> None:
     validate_sampling(sampling_config(config))
 
 
-def shapes(config: ConfigDict, params) -> dict:
+def shapes(config: ConfigDict, params, progress=None) -> dict:
     """Text-to-image on `shapes`: one sample (see `sampling_config`; guidance `sampling.guidance`) for
     each of the first `eval.num_samples` captions of the held-out split, checked by
     `shapes_checker` at the model's resolution. Rates over all images ('colour', 'count', 'shape',
     'all'), over two-object captions ('relation', 'reversed': the opposite one), and split by
-    one/two objects ('*_one', '*_two')."""
+    one/two objects ('*_one', '*_two'). `progress`: as `generation.run` takes it."""
     check_shapes(config)
     split = eval_split(config)
     texts = captions(config, split, config.eval.num_samples)
     config = sampling_config(config)
     config.sampling.num_samples = 1  # per caption
     req = generation.make_request(config, prompts=texts)
-    images = generation.run(config, params, req)["images"]
+    images = generation.run(config, params, req, progress)["images"]
     if not np.isfinite(images).all():
         raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
     v = shapes_checker.per_image(image_utils.to_uint8(images), texts)
@@ -325,7 +327,8 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
             raise UserError(f"--{flag} does not apply to cascade; it takes --{', --'.join(CASCADE_FLAGS)}.")
     overrides = {flag: [value] for flag, value in given.items() if flag in cascading.STAGE_FIELDS}
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
-                                      seed=given.get("seed"), checkpoint_steps=checkpoint_steps)
+                                      seed=given.get("seed"), checkpoint_steps=checkpoint_steps,
+                                      progress=generation.ProgressBar() if jax.process_index() == 0 else None)
     # Named by every later stage's run and step, and by every flag given, so no other cascade or
     # setting overwrites the result.
     base, *later = result["stages"]
@@ -424,6 +427,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     else:
         params, step = checkpoints.load_params(workdir, config, step=step)
     name = command if step is None else f"{command}_step_{step}"
+    progress = generation.ProgressBar() if jax.process_index() == 0 else None  # of sampling or bits/dim
 
     if command == "accuracy":
         out = out or os.path.join(workdir, "accuracy")
@@ -437,22 +441,22 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     split_name = lambda split: re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
     given_split = f"_{split_name(e.split)}" if e.split else ""  # shapes, sr: the held-out split unless given
     if command == "shapes":
-        result = shapes(config, params)
+        result = shapes(config, params, progress)
         name = f"{name}{given_split}_{how}"
     elif command == "sr":
-        result = super_resolution.sr(config, params)
+        result = super_resolution.sr(config, params, progress)
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
     elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
-        result = bits_per_dim(config, params, images)
+        result = bits_per_dim(config, params, images, progress)
         result.update(split=split, num_examples=len(images), bpd_method=e.bpd_method)
         ode = f"_ode_tol{e.ode_tolerance:g}{f'_smin{e.ode_sigma_min:g}' if e.ode_sigma_min else ''}" \
             if e.bpd_method == "ode" else ""
         name = f"{name}{ode}_{split_name(split)}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
     else:
         if images is None:
-            images, labels = generate(config, params)
+            images, labels = generate(config, params, progress)
             name = f"{name}_{how}"
         else:
             name = f"{name}_{os.path.splitext(os.path.basename(samples))[0]}"
