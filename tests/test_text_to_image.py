@@ -271,6 +271,7 @@ def test_sample_command_with_prompts(text_run, tmp_path):
     assert one["arr_0"].shape == (3, 8, 8, 3) and list(one["prompts"]) == ["a red circle"] * 3
 
 
+@pytest.mark.slow  # a minute; the default suite checks the guidance (test_autoguidance_...) and chosen steps elsewhere
 def test_sample_command_with_a_guide_run(text_run, tmp_path):
     """--guide_workdir: a run with the same params guides to the unguided samples; another changes them;
     --guide_checkpoint_step and --checkpoint_step choose a checkpoint; a missing or mismatched guide run or
