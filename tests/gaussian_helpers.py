@@ -8,7 +8,6 @@ The exact denoiser: for x_0 ~ N(mu, Sigma) (vectors of d pixels), x_t = a_t x_0 
 a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t) is Gaussian with covariance C_t = a_t^2 Sigma + s_t^2 I,
 and eps, x_t are jointly Gaussian with Cov(eps, x_t) = s_t I, so E[eps | x_t] = s_t C_t^{-1} (x_t - a_t mu).
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -184,18 +183,3 @@ def heun64(sigma_max, sigma_min, n, rho=7.0, mu=GAUSS_MU, Sigma=GAUSS_SIGMA):
         M, c = Me, ce
     return M, c
 
-
-
-def gaussian_eps_at_level(s: Schedule, mu: np.ndarray, Sigma: np.ndarray):
-    """model_fn(x_t `[B, d]`, t `[B]` float) -> E[eps | x_t] at any level: t between the model's
-    timesteps maps back to log sigma on the schedule's table (`s.model_t`, `s.model_log_sigma`), the
-    inverse of what samplers in continuous levels do, so the denoiser is exact at every level they ask."""
-    mu, Sigma = jnp.asarray(mu, jnp.float32), jnp.asarray(Sigma, jnp.float32)
-
-    def model_fn(x_t, t):
-        sigma = jnp.exp(jnp.interp(t, s.model_t, s.model_log_sigma))[:, None, None]
-        a = jax.lax.rsqrt(1.0 + sigma ** 2)
-        C = a ** 2 * Sigma + (sigma * a) ** 2 * jnp.eye(len(mu))
-        return sigma[:, 0] * a[:, 0] * jnp.linalg.solve(C, (x_t - a[:, 0] * mu)[..., None])[..., 0]
-
-    return model_fn

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, gaussian_eps_at_level, gaussian_eps_model
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, continuous_eps_model, gaussian_eps_model
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import log_ndtr, ndtr
 from scipy.stats import multivariate_normal
@@ -206,7 +206,7 @@ def test_ode_log_likelihood_of_gaussian_data_is_exact():
     Hutchinson's estimate averaged over all 16 sign vectors of 4 dimensions is the exact trace (the
     cross terms cancel), while single probes scatter."""
     s = D.make_schedule(np.linspace(1e-4, 0.02, 1000))
-    model = gaussian_eps_at_level(s, GAUSS_MU, GAUSS_SIGMA)
+    model = continuous_eps_model(s, GAUSS_MU, GAUSS_SIGMA)
     y = GAUSS_MU + np.random.default_rng(0).standard_normal((6, 4)) @ np.linalg.cholesky(GAUSS_SIGMA).T
     want, sig0 = _pushforward_log_p(s, GAUSS_MU, GAUSS_SIGMA, y)
     errors = []
@@ -245,7 +245,7 @@ def test_ode_bpd_of_discretised_gaussian_data():
     x0 = GRID[np.stack([rng.choice(256, N, p=p) for p in P], axis=1)]
     v = sd ** 2 + W ** 2 / 12
     s = D.make_schedule(np.linspace(1e-4, 0.02, T))
-    out = jax.jit(lambda x: L.ode_bpd(s, "eps", gaussian_eps_at_level(s, mu, np.diag(v)), x, jax.random.key(0)))(
+    out = jax.jit(lambda x: L.ode_bpd(s, "eps", continuous_eps_model(s, mu, np.diag(v)), x, jax.random.key(0)))(
         jnp.asarray(x0, jnp.float32))
     assert bool(out["converged"]) and out["total"].shape == (N,)
     total = np.asarray(out["total"], np.float64)
