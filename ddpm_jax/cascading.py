@@ -144,10 +144,10 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
         req = _stage_request(stage, outputs[-1] if outputs else None, prompts, label)
         if stage.params is None:
             stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config, step=stage.step)
-        images = generation.run(stage.config, stage.params, req, progress=progress)["images"]
-        if not np.isfinite(images).all():
-            raise UserError(f"stage {k} ({stage.workdir}): the samples are not finite (a diverged run?).")
-        outputs.append(image_utils.to_uint8(images))
+        try:
+            outputs.append(generation.run(stage.config, stage.params, req, progress=progress, uint8=True)["images"])
+        except UserError as e:  # non-finite samples: name the stage
+            raise UserError(f"stage {k} ({stage.workdir}): {e}") from None
     return outputs
 
 
@@ -176,7 +176,7 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
         print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
               f"{stage.config.sampling.sampler} {stage.config.sampling.steps} steps, guidance "
               f"{stage.config.sampling.guidance:g}", file=sys.stderr)
-        paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), image_utils.from_uint8(images),
+        paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), images,
                                           first, stages[0].config.model.num_classes,
                                           individual=individual and k == len(stages) - 1)
     paths.append(os.path.join(out, "cascade.png"))

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from ddpm_jax import chunk_store, image_utils, parallel, superres, text
 from ddpm_jax import diffusion as D
-from ddpm_jax import image_utils, parallel, superres, text
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.train_state import example_cond
@@ -33,6 +33,7 @@ from ddpm_jax.validation import UserError, check_guide, check_output_dir, load_n
 
 FIGURE_ROWS = 8  # images in each process figure
 AUTO_MASK = "auto"  # --mask=auto: DiffEdit's mask, computed from the prompts
+PARTIAL_DIR = "partial"  # OUT/partial: the batches sampled so far (`chunk_store`), gone once the files are written
 _FORWARD = 2 ** 31 - 1  # fold_in tag of the forward-process figure's noise; no batch index reaches it
 
 
@@ -348,13 +349,18 @@ def guide_params(config: ConfigDict):
     return parallel.built_once(("guide", path, step), load)
 
 
-def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
+def run(config: ConfigDict, params, req: Request, progress=None, *, uint8: bool = False,
+        resume_dir: str | None = None) -> dict:
     """Samples `req` on all devices in batches of `sampling.batch_size`: {'images': float `[N, H, W,
     C]` in [-1, 1][, 'frames' `[N, F, H, W, C]` when `req.spec.num_frames`]}. With several processes
     every process calls it and gets every image. With `autoguided(config)` the guide's params
     (`guide_params`) travel beside `params`.
 
     Batch c uses fold_in(key, c), device d in it fold_in(that, d), key = key(sampling.seed).
+    uint8: 'images' come as uint8 (`image_utils.to_uint8`), each batch checked: non-finite samples
+    are a UserError as soon as a batch has one. resume_dir: finished batches are kept there
+    (`chunk_store`), so a rerun of the same config, params and request after a stop computes only
+    the rest; the caller `chunk_store.clear`s it when its results are written.
     """
     fn = pmapped_sampler(config, req.spec, req.image_size)
     if autoguided(config):
@@ -363,8 +369,23 @@ def run(config: ConfigDict, params, req: Request, progress=None) -> dict:
     inputs = {name: value for name, value in (("cond", req.cond), ("null_cond", req.null_cond),
                                               ("source_cond", req.source_cond), ("x0", req.x0), ("mask", req.mask))
               if value is not None}
+    store = None
+    if resume_dir is not None:
+        store = chunk_store.ChunkStore(resume_dir, {
+            "config": config.to_json_best_effort(sort_keys=True), "spec": repr(req.spec),
+            "image_size": req.image_size, "uint8": uint8, "params": chunk_store.digest(params)})
     return parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
-                                    config.sampling.batch_size, progress)
+                                    config.sampling.batch_size, progress, post=_checked_uint8 if uint8 else None,
+                                    store=store)
+
+
+def _checked_uint8(c: int, out: dict) -> dict:
+    """A batch's outputs with its images as uint8, after checking that they are finite."""
+    bad = int((~np.isfinite(out["images"])).any(axis=tuple(range(1, out["images"].ndim))).sum())
+    if bad:
+        raise UserError(f"{bad} of the {len(out['images'])} samples of batch {c} are not finite: the checkpoint's "
+                        "params are broken (a diverged run?).")
+    return {**out, "images": image_utils.to_uint8(out["images"])}
 
 
 def process_figures(config: ConfigDict, params, req: Request) -> tuple[np.ndarray, np.ndarray]:
@@ -389,22 +410,15 @@ def process_figures(config: ConfigDict, params, req: Request) -> tuple[np.ndarra
 
 def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, *, individual=False,
                   figures=None, masks=None) -> list[str]:
-    """Writes the grid, the .npz, optionally each image, the figures and DiffEdit's masks (bool
-    `[N, H, W, 1]`, as masks.png and in the .npz); returns the paths written.
-
-    Non-finite samples (a diverged model) are a UserError rather than images of garbage.
-    """
-    if not np.isfinite(images).all():
-        raise UserError(f"{int((~np.isfinite(images)).any(axis=(1, 2, 3)).sum())} of {len(images)} samples "
-                        "are not finite: the checkpoint's params are broken (a diverged run?).")
+    """Writes the grid, the .npz of uint8 `images` `[N, H, W, C]`, optionally each image, the figures
+    and DiffEdit's masks (bool `[N, H, W, 1]`, as masks.png and in the .npz); returns the paths written."""
     os.makedirs(out, exist_ok=True)
-    u8 = image_utils.to_uint8(images)
-    scale = max(1, 32 // u8.shape[1])
+    scale = max(1, 32 // images.shape[1])
     per_class = req.label == "all" and req.num_samples % num_classes == 0
     nrow = (req.num_samples // num_classes if per_class else
             req.num_samples // len(req.prompts) if req.prompts and len(req.prompts) > 1 else None)
     paths = [os.path.join(out, "samples.png"), os.path.join(out, "samples.npz")]
-    image_utils.save_png(paths[0], image_utils.make_grid(u8, nrow=nrow), scale)
+    image_utils.save_png(paths[0], image_utils.make_grid(images, nrow=nrow), scale)
     extra = {"labels": req.labels} if num_classes else {}
     if req.prompts:  # each image's prompt, as unicode (readable without pickles)
         extra["prompts"] = np.repeat(np.asarray(req.prompts), req.num_samples // len(req.prompts))
@@ -413,14 +427,14 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
         paths.append(os.path.join(out, "masks.png"))
         image_utils.save_png(paths[-1], image_utils.make_grid(masks.astype(np.uint8) * 255, nrow=nrow, pad_value=128),
                               scale)
-    np.savez(paths[1], arr_0=u8, **extra)
+    np.savez(paths[1], arr_0=images, **extra)
     if individual:
-        for i, img in enumerate(u8):
+        for i, img in enumerate(images):
             paths.append(os.path.join(out, "images", f"{i:06d}.png"))
             image_utils.save_png(paths[-1], img)
         # An earlier, larger run's numbered images would mix into a folder that FID tools read whole.
         for name in os.listdir(os.path.join(out, "images")):
-            if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) >= len(u8):
+            if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) >= len(images):
                 os.remove(os.path.join(out, "images", name))
     for name, grid in zip(("forward_process.png", "reverse_process.png"), figures or ()):
         paths.append(os.path.join(out, name))
@@ -458,26 +472,34 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
         guide = f" (autoguidance by {sp.guide_workdir} step {guide_params(config)[1]})" if autoguided(config) else ""
         print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
               f"{sp.guidance}{guide}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
-    result = run(config, params, req, progress=ProgressBar() if is_main else None)
+    partial = os.path.join(out, PARTIAL_DIR)
+    result = run(config, params, req, progress=ProgressBar() if is_main else None, uint8=True, resume_dir=partial)
     grids = process_figures(config, params, req) if figures else None
-    if not is_main:
-        return []
-    paths = write_outputs(out, result["images"], req, config.model.num_classes, individual=individual, figures=grids,
-                          masks=result.get("masks"))
-    print("\n".join(p for p in paths if "/images/" not in p))
+    paths = []
+    if is_main:
+        paths = write_outputs(out, result["images"], req, config.model.num_classes, individual=individual,
+                              figures=grids, masks=result.get("masks"))
+        print("\n".join(p for p in paths if "/images/" not in p))
+    chunk_store.clear(partial)
     return paths
 
 
 class ProgressBar:
-    """`progress(done, total)` callback drawing a one-line bar with rate and time left on stderr."""
+    """`progress(done, total)` callback drawing a one-line bar with rate and time left on stderr;
+    `progress(done, total, resumed=True)`: `done` were read from an earlier run, not computed now."""
 
     def __init__(self, what="images", stream=None):
         self.what, self.stream, self.start = what, stream or sys.stderr, time.time()  # sys.stderr of now
+        self.resumed = 0
 
-    def __call__(self, done: int, total: int):
+    def __call__(self, done: int, total: int, resumed: bool = False):
+        if resumed:
+            self.resumed, self.start = done, time.time()
+            self.stream.write(f"resuming: {done}/{total} {self.what} read from the last run\n")
+            return
         dt = time.time() - self.start
         bar = "#" * (30 * done // total)
-        left = dt / done * (total - done)
-        self.stream.write(f"\r[{bar:<30}] {done}/{total} {self.what}, {done / dt:.1f}/s, {left:.0f}s left")
+        rate = (done - self.resumed) / dt
+        self.stream.write(f"\r[{bar:<30}] {done}/{total} {self.what}, {rate:.1f}/s, {(total - done) / rate:.0f}s left")
         self.stream.write("\n" if done == total else "")
         self.stream.flush()

@@ -58,7 +58,8 @@ def to_host(tree):
 
 
 def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: int,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
+                    progress: Callable[[int, int], None] | None = None, *,
+                    post: Callable[[int, dict], dict] | None = None, store=None) -> dict:
     """Runs a pmapped `fn(c, shard)` over `inputs` (a pytree of `[N, ...]` arrays, e.g. {name: array}
     or nested dicts) in chunks c of `batch_size` rows, on the devices of all processes (every process
     calls it with the same inputs).
@@ -69,6 +70,12 @@ def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: i
     0's devices, then process 1's, ...). Returns {name: numpy `[N, ...]`} of `fn`'s outputs in input
     order, padding dropped, on every process. flax's `jax_utils.pad_shard_unpad` pads one call; this
     also chunks.
+
+    post(c, outputs) -> outputs: applied on the host to each chunk's {name: numpy `[chunk, ...]`}
+    (e.g. to check and quantize images). store: a `chunk_store.ChunkStore`; the chunks it holds are
+    read instead of computed, and each chunk computed is saved to it after `post`.
+    progress(done rows, n): called after each chunk computed; once before them, with resumed=True,
+    for the chunks read from `store`.
     """
     n = len(jax.tree.leaves(inputs)[0])
     if not n:
@@ -82,13 +89,19 @@ def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: i
         padded = np.concatenate([v[start:start + chunk]] + [v[-1:]] * max(0, start + chunk - n))
         return padded[mine].reshape((n_local, per_dev) + v.shape[1:])
 
-    outs = []
+    outs = store.resume(inputs, chunk) if store is not None else []
+    if progress and outs:  # the chunks read, reported once and flagged, so that a rate leaves them out
+        progress(min(len(outs) * chunk, n), n, resumed=True)
     for c, start in enumerate(range(0, n, chunk)):
-        shard = jax.tree.map(functools.partial(rows, start=start), inputs)
-        out = fn(c, shard)
+        if c < len(outs):
+            continue
+        out = fn(c, jax.tree.map(functools.partial(rows, start=start), inputs))
         if jax.process_count() > 1:  # pmap returns this process's rows; every process gets them all
             out = multihost_utils.process_allgather(out, tiled=True)
-        outs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()})
+        out = {k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()}
+        outs.append(post(c, out) if post else out)
+        if store is not None:
+            store.save(c, outs[c])
         if progress:
             progress(min(start + chunk, n), n)
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

@@ -145,6 +145,44 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
                        "bpd_step_2_train_n4.json", "bpd_step_2_train_n4_seed1.json", "digits_mine.json"}, written
 
 
+class _Preempted(Exception):
+    pass
+
+
+def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_one(cwd_with_runs, monkeypatch):
+    """evaluate digits (sampling) and bpd stopped after 2 of 3 batches: eval/NAME.partial holds them,
+    the same command again computes only the last, writes the uninterrupted result and removes it."""
+    from ddpm_jax import generation
+
+    monkeypatch.chdir(cwd_with_runs)
+    for args, name in ((("digits", "--num_samples=24"), "digits_step_2_ancestral200_w0_seed3_n24"),
+                       (("bpd", "--num_examples=24"), "bpd_step_2_train_n24_seed3")):
+        args = (args[0], "--workdir=runs/digits", *args[1:], "--batch_size=8", "--seed=3")
+        status, _, err = run_command(evaluate, *args)
+        assert status == 0, err[-2000:]
+        with open(f"runs/digits/eval/{name}.json") as f:
+            whole = json.load(f)
+        os.remove(f"runs/digits/eval/{name}.json")
+
+        class StopAt24(generation.ProgressBar):
+            def __call__(self, done, total, resumed=False):
+                if done == 24:  # the third batch is saved: remove it, as if stopped while drawing it
+                    os.remove(f"runs/digits/eval/{name}.partial/process_0/chunk_000002.npz")
+                    raise _Preempted
+                super().__call__(done, total, resumed)
+
+        with monkeypatch.context() as m:
+            m.setattr(generation, "ProgressBar", StopAt24)
+            with pytest.raises(_Preempted):
+                run_command(evaluate, *args)
+        assert not os.path.exists(f"runs/digits/eval/{name}.json")
+        status, _, err = run_command(evaluate, *args)
+        assert status == 0 and "resuming: 16/24 images read from the last run" in err, err[-2000:]
+        with open(f"runs/digits/eval/{name}.json") as f:
+            assert json.load(f) == whole
+        assert not os.path.exists(f"runs/digits/eval/{name}.partial")
+
+
 @pytest.mark.parametrize("start, shapes", [(API[0], [(100, 8, 8, 1)]), (API[1], [(4, 16, 16, 3), (4, 32, 32, 3)])])
 def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
     monkeypatch.chdir(cwd_with_runs)

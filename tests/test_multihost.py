@@ -162,6 +162,33 @@ def test_sample_command_on_two_processes_writes_one_grid_of_the_same_images(stop
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
+def test_sample_command_killed_on_two_processes_resumes_and_draws_the_same_images(stopped_and_resumed, tmp_path):
+    """Both processes killed part way: each kept its finished batches in OUT/partial/process_P; the
+    same command resumes from the first batch one of them lacks and writes the images of a run that
+    was never stopped."""
+    workdir = stopped_and_resumed[0]
+    flags = [f"--workdir={workdir}", "--num_samples=800", "--batch_size=8", "--steps=100"]  # 100 batches
+    _run("ddpm_jax.sample", [*flags, f"--out={tmp_path / 'whole'}"], tmp_path / "log")
+    partial = tmp_path / "out" / "partial"
+    procs = _start("ddpm_jax.sample", [*flags, f"--out={tmp_path / 'out'}"], tmp_path / "log1")
+    try:
+        while not all((partial / f"process_{i}" / "chunk_000002.npz").exists() for i in (0, 1)):
+            assert all(p.poll() is None for p in procs), "a process ended before its third batch"
+            time.sleep(0.01)
+    finally:
+        for p in procs:
+            p.kill()
+    _wait(procs, tmp_path / "log1")
+    kept = [sum(name.endswith(".npz") for name in os.listdir(partial / f"process_{i}")) for i in (0, 1)]
+    assert min(kept) >= 3 and max(kept) < 100, kept
+    (_, out0), _ = _run("ddpm_jax.sample", [*flags, f"--out={tmp_path / 'out'}"], tmp_path / "log2")
+    assert f"resuming: {8 * min(kept)}/800 images read from the last run" in out0, out0[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples.npz", "samples.png"]
+    whole, resumed = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("whole", "out"))
+    np.testing.assert_array_equal(resumed, whole)
+
+
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_a_workdir_the_processes_do_not_share_is_refused(data_dir, tmp_path):
     # A relative workdir from two folders: two local disks, as for processes on two hosts.
     cwds = [tmp_path / "host0", tmp_path / "host1"]

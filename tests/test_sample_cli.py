@@ -86,13 +86,13 @@ def test_individual_images_are_those_of_the_last_run(tmp_path):
     out, rng = str(tmp_path), np.random.default_rng(0)
     for n in (5, 3):
         config.sampling.num_samples = n
-        images = rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32)
+        images = rng.integers(0, 256, (n, 8, 8, 1), np.uint8)
         if n == 3:
             (tmp_path / "images" / "notes.txt").write_text("mine")
         generation.write_outputs(out, images, generation.make_request(config), 0, individual=True)
     assert sorted(os.listdir(tmp_path / "images")) == ["000000.png", "000001.png", "000002.png", "notes.txt"]
     np.testing.assert_array_equal(image_utils.load_images(str(tmp_path / "images" / "000002.png"), channels=1)[0],
-                                  image_utils.to_uint8(images)[2])
+                                  images[2])
 
 
 def _request(config, *, label=None, init_images=None, mask=None, invert=False, **sampling):
@@ -162,3 +162,43 @@ def test_relative_workdir_loads(cond_run, monkeypatch):
     monkeypatch.chdir(os.path.dirname(cond_run))
     params, step = checkpoints.load_params(os.path.basename(cond_run))
     assert step == 0 and jax.tree.leaves(params)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def test_a_stopped_sample_command_resumes_and_writes_the_images_of_an_uninterrupted_run(cond_run, tmp_path,
+                                                                                         monkeypatch):
+    """The sample command stopped while it draws the last of its 3 batches (after it, and that batch's
+    file removed): OUT/partial holds the first 2, the same command again samples only the last and
+    writes what one run writes; OUT/partial is gone then."""
+    from cli_helpers import run_command
+
+    from ddpm_jax import sample
+
+    args = [f"--workdir={cond_run}", "--num_samples=20", "--batch_size=8", "--label=all"]  # 8 devices: 3 batches
+    status, _, err = run_command(sample, *args, f"--out={tmp_path / 'whole'}")
+    assert status == 0, err[-2000:]
+
+    class StopAfter16(generation.ProgressBar):
+        def __call__(self, done, total, resumed=False):
+            if done > 16:
+                raise _Preempted
+            super().__call__(done, total, resumed)
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "ProgressBar", StopAfter16)
+        with pytest.raises(_Preempted):
+            run_command(sample, *args, f"--out={tmp_path / 'out'}")
+    assert sorted(os.listdir(tmp_path / "out" / "partial" / "process_0")) == [
+        "chunk_000000.npz", "chunk_000001.npz", "chunk_000002.npz", "meta.json"]  # the 3rd saved, then stopped
+    os.remove(tmp_path / "out" / "partial" / "process_0" / "chunk_000002.npz")
+    status, _, err = run_command(sample, *args, f"--out={tmp_path / 'out'}")
+    assert status == 0 and "resuming: 16/20 images read from the last run" in err, err[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples.npz", "samples.png"]
+    with np.load(tmp_path / "whole" / "samples.npz") as whole, np.load(tmp_path / "out" / "samples.npz") as resumed:
+        assert len({img.tobytes() for img in whole["arr_0"]}) == 20  # each row its own noise
+        np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
+        np.testing.assert_array_equal(resumed["labels"], whole["labels"])
+

@@ -62,7 +62,7 @@ def evaluate(config: ConfigDict, params, classifier, num_per_class: int) -> dict
     config.sampling.num_samples = K * num_per_class
     req = generation.make_request(config, label="all")
     start = time.time()
-    images = image_utils.to_uint8(generation.run(config, params, req)["images"])
+    images = generation.run(config, params, req, uint8=True)["images"]
     seconds = time.time() - start
     predicted = digits_classifier.features_and_logits(classifier, images)[1].argmax(-1)
     fd = digits_classifier.digits_metrics(classifier, images)["digits_fd"]

@@ -52,9 +52,9 @@ def bicubic(low_res: np.ndarray, size: int) -> np.ndarray:
     return image_utils.to_uint8(superres.upsample(image_utils.from_uint8(low_res), size, "bicubic"))
 
 
-def sr(config: ConfigDict, params, progress=None) -> dict:
-    """See the module doc: {'model': {...}, 'bicubic': {...}[, 'originals': {...}], ...}. `progress`:
-    as `generation.run` takes it."""
+def sr(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
+    """See the module doc: {'model': {...}, 'bicubic': {...}[, 'originals': {...}], ...}. `progress`,
+    `resume_dir`: as `generation.run` takes them."""
     check_sr(config)
     split = T.eval_split(config)
     originals, _ = T.real_images(config, split, config.eval.num_samples)
@@ -63,7 +63,7 @@ def sr(config: ConfigDict, params, progress=None) -> dict:
     captions = T.captions(config, split, len(originals)) if text or config.data.dataset == "shapes" else None
     config = T.sampling_config(config)
     req = generation.paired_request(config, low_res, prompts=captions if text else None)
-    out = image_utils.to_uint8(generation.run(config, params, req, progress)["images"])
+    out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
     up = bicubic(low_res, config.data.image_size)
     result = {"model": image_metrics(out, originals, low_res), "bicubic": image_metrics(up, originals, low_res)}
     if config.data.dataset == "shapes":

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import cascading, diffusion, generation, image_utils, parallel, sampling, superres
+from ddpm_jax import cascading, chunk_store, diffusion, generation, image_utils, parallel, sampling, superres
 from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics, shapes_checker
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval, validate_sampling
@@ -24,6 +24,7 @@ from ddpm_jax.validation import UserError, check_output_file, load_npz, validate
 COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy", "shapes", "sr", "cascade")
 WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
 STATS_FIELD = "--reference_stats / eval.reference_stats"
+PARTIAL_SUFFIX = ".partial"  # WORKDIR/eval/NAME.partial: the finished batches of NAME.json (`chunk_store`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,16 +105,14 @@ def sampling_config(config: ConfigDict):
     return config
 
 
-def generate(config: ConfigDict, params, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+def generate(config: ConfigDict, params, progress=None, resume_dir=None) -> tuple[np.ndarray, np.ndarray | None]:
     """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, and their labels
-    (classes in equal blocks for class-conditional models, else None). `progress(done, total)`: as
-    `generation.run` takes it."""
+    (classes in equal blocks for class-conditional models, else None). `progress`, `resume_dir`: as
+    `generation.run` takes them."""
     config = sampling_config(config)
     req = generation.make_request(config)
-    images = generation.run(config, params, req, progress)["images"]
-    if not np.isfinite(images).all():
-        raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
-    return image_utils.to_uint8(images), (req.labels if config.model.num_classes else None)
+    images = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
+    return images, (req.labels if config.model.num_classes else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def fid_is_kid(images: np.ndarray, replicated_variables, reference: dict, *, per
     return metrics.sample_quality(features, reference)
 
 
-def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None) -> dict:
+def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None, resume_dir=None) -> dict:
     """Bits/dim of uint8 `images` on all local devices, averaged, in batches of `eval.batch_size` with
     the noise of `eval.seed`, by `eval.bpd_method`.
 
@@ -165,7 +164,8 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None) 
     'ode_unfinished' (examples whose solve did not finish; 'bpd' is NaN if any). Class-conditional
     models are evaluated with the null label (text models with the null text): the unconditional
     likelihood; super-resolution models given each image's own low-resolution version (level 0).
-    `progress(done, total)`: called after each batch.
+    `progress(done, total)`: called after each batch; `resume_dir`: finished batches are kept there
+    (`chunk_store`; the caller clears it).
     """
     fn = parallel.built_once(("bpd", config.to_json_best_effort(sort_keys=True)), lambda: _pmapped_bpd(config))
     key = jax.random.key(config.eval.seed)
@@ -174,8 +174,10 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None) 
     if config.model.low_res_size:
         cond["low_res"] = np.asarray(superres.downsample(x0, config.model.low_res_size))
     inputs = {"x0": x0, "cond": cond}
+    store = None if resume_dir is None else chunk_store.ChunkStore(resume_dir, {
+        "bpd": config.to_json_best_effort(sort_keys=True), "params": chunk_store.digest(params)})
     out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
-                                   config.eval.batch_size, progress)
+                                   config.eval.batch_size, progress, store=store)
     if config.eval.bpd_method == "ode":
         return {"bpd": float(out["total"].mean()), "ode_evals": float(out["evals"].mean()),
                 "ode_unfinished": int((~out["converged"]).sum())}
@@ -234,22 +236,20 @@ def check_shapes(config: ConfigDict) -> None:
     validate_sampling(sampling_config(config))
 
 
-def shapes(config: ConfigDict, params, progress=None) -> dict:
+def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     """Text-to-image on `shapes`: one sample (see `sampling_config`; guidance `sampling.guidance`) for
     each of the first `eval.num_samples` captions of the held-out split, checked by
     `shapes_checker` at the model's resolution. Rates over all images ('colour', 'count', 'shape',
     'all'), over two-object captions ('relation', 'reversed': the opposite one), and split by
-    one/two objects ('*_one', '*_two'). `progress`: as `generation.run` takes it."""
+    one/two objects ('*_one', '*_two'). `progress`, `resume_dir`: as `generation.run` takes them."""
     check_shapes(config)
     split = eval_split(config)
     texts = captions(config, split, config.eval.num_samples)
     config = sampling_config(config)
     config.sampling.num_samples = 1  # per caption
     req = generation.make_request(config, prompts=texts)
-    images = generation.run(config, params, req, progress)["images"]
-    if not np.isfinite(images).all():
-        raise UserError("the samples are not finite: the checkpoint's params are broken (a diverged run?).")
-    v = shapes_checker.per_image(image_utils.to_uint8(images), texts)
+    images = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
+    v = shapes_checker.per_image(images, texts)
     two = v["two_objects"]
     rate = lambda x: float(x.mean()) if x.size else float("nan")
     result = {k: rate(v[k]) for k in ("colour", "count", "shape", "all")}
@@ -440,24 +440,25 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     how = sampling_name(config)
     split_name = lambda split: re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
     given_split = f"_{split_name(e.split)}" if e.split else ""  # shapes, sr: the held-out split unless given
+    partial = lambda name: os.path.join(workdir, "eval", name + PARTIAL_SUFFIX)  # until the result is written
     if command == "shapes":
-        result = shapes(config, params, progress)
         name = f"{name}{given_split}_{how}"
+        result = shapes(config, params, progress, partial(name))
     elif command == "sr":
-        result = super_resolution.sr(config, params, progress)
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
+        result = super_resolution.sr(config, params, progress, partial(name))
     elif command == "bpd":
         split = eval_split(config)
         images, _ = real_images(config, split, num_examples)
-        result = bits_per_dim(config, params, images, progress)
-        result.update(split=split, num_examples=len(images), bpd_method=e.bpd_method)
         ode = f"_ode_tol{e.ode_tolerance:g}{f'_smin{e.ode_sigma_min:g}' if e.ode_sigma_min else ''}" \
             if e.bpd_method == "ode" else ""
         name = f"{name}{ode}_{split_name(split)}_n{len(images)}{f'_seed{e.seed}' if e.seed else ''}"
+        result = bits_per_dim(config, params, images, progress, partial(name))
+        result.update(split=split, num_examples=len(images), bpd_method=e.bpd_method)
     else:
         if images is None:
-            images, labels = generate(config, params, progress)
             name = f"{name}_{how}"
+            images, labels = generate(config, params, progress, partial(name))
         else:
             name = f"{name}_{os.path.splitext(os.path.basename(samples))[0]}"
         if command == "fid":
@@ -468,4 +469,6 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         result.update(num_samples=len(images))
     result.update(step=step)
     write_result(workdir, name, result)
+    if workdir:
+        chunk_store.clear(partial(name))
     return result
