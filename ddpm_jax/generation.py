@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 
 from ddpm_jax import chunk_store, image_utils, parallel, superres, text
@@ -412,7 +413,7 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
                   figures=None, masks=None) -> list[str]:
     """Writes the grid, the .npz of uint8 `images` `[N, H, W, C]`, optionally each image, the figures
     and DiffEdit's masks (bool `[N, H, W, 1]`, as masks.png and in the .npz); returns the paths written."""
-    os.makedirs(out, exist_ok=True)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)  # a local folder or gs://... (a workdir on a bucket)
     scale = max(1, 32 // images.shape[1])
     per_class = req.label == "all" and req.num_samples % num_classes == 0
     nrow = (req.num_samples // num_classes if per_class else
@@ -427,15 +428,16 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
         paths.append(os.path.join(out, "masks.png"))
         image_utils.save_png(paths[-1], image_utils.make_grid(masks.astype(np.uint8) * 255, nrow=nrow, pad_value=128),
                               scale)
-    np.savez(paths[1], arr_0=images, **extra)
+    with epath.Path(paths[1]).open("wb") as f:
+        np.savez(f, arr_0=images, **extra)
     if individual:
         for i, img in enumerate(images):
             paths.append(os.path.join(out, "images", f"{i:06d}.png"))
             image_utils.save_png(paths[-1], img)
         # An earlier, larger run's numbered images would mix into a folder that FID tools read whole.
-        for name in os.listdir(os.path.join(out, "images")):
-            if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) >= len(images):
-                os.remove(os.path.join(out, "images", name))
+        for path in epath.Path(out, "images").iterdir():
+            if re.fullmatch(r"\d{6,}\.png", path.name) and int(path.name[:-4]) >= len(images):
+                path.unlink()
     for name, grid in zip(("forward_process.png", "reverse_process.png"), figures or ()):
         paths.append(os.path.join(out, name))
         image_utils.save_png(paths[-1], grid, scale)

@@ -14,6 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 
 from ddpm_jax import cascading, chunk_store, diffusion, generation, image_utils, parallel, sampling, superres
@@ -285,10 +286,9 @@ def write_result(workdir: str | None, name: str, result: dict) -> None:
     printable = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}
     print(json.dumps({k: v for k, v in printable.items() if k != "bpd_terms"}, indent=1))
     if workdir:
-        path = os.path.join(workdir, "eval", f"{name}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(printable, f, indent=1)
+        path = epath.Path(workdir, "eval", f"{name}.json")  # a local folder or gs://... (a workdir on a bucket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(printable, indent=1))
         print(f"wrote {path}")
 
 
