@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from ddpm_jax.validation import UserError
+
 META_FILE = "meta.json"
 _CHUNK = re.compile(r"chunk_(\d{6,})\.npz(\.tmp)?")
 
@@ -75,10 +77,14 @@ class ChunkStore:
                 except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # cut short by the stop: computed again
                     break
         if not same:
-            for p in self._files():
-                p.unlink()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta_path.write_text(json.dumps(meta, indent=1))
+            try:
+                for p in self._files():
+                    p.unlink()
+                self.dir.mkdir(parents=True, exist_ok=True)
+                meta_path.write_text(json.dumps(meta, indent=1))
+            except OSError as e:  # before any work: a folder that cannot be written, or a file in the way
+                raise UserError(f"{self.root}: cannot keep the finished batches there, for a rerun to resume from "
+                                f"({type(e).__name__}: {e}); make it a writable folder.") from None
         if jax.process_count() > 1:  # every process resumes at the same chunk
             from jax.experimental import multihost_utils
             done = done[:int(multihost_utils.process_allgather(np.int32(len(done))).min())]

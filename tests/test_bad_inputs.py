@@ -91,6 +91,9 @@ def files(tmp_path_factory):
     (d / "notdict.py").write_text("def get_config():\n    return 3\n")
     f.update(syntax=str(d / "syntax.py"), notdict=str(d / "notdict.py"), file=str(d / "good.npz"))
     f["tfds"] = str(d / "tfds")
+    os.makedirs(d / "blocked")
+    (d / "blocked" / "partial").write_text("a file where the sample command keeps its finished batches")
+    f["blocked"] = str(d / "blocked")
     return f
 
 
@@ -200,6 +203,7 @@ CASES = [
     (sample, ["--workdir={cond}", "--batch_size=0"], "sampling.batch_size=0"),
     (sample, ["--workdir={cond}", "--seed=-1"], "sampling.seed=-1"),
     (sample, ["--workdir={cond}", "--out={file}"], "--out="),
+    (sample, ["--workdir={cond}", "--out={blocked}"], "{blocked}/partial: cannot keep the finished batches there"),
     (sample, ["--workdir={cond}", "--nonsense=1"], "nonsense"),
     (sample, ["--workdir={cond}", "more"], "unexpected arguments"),
     # --- python -m ddpm_jax.evaluate

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import chunk_store, parallel
+from ddpm_jax.validation import UserError
 
 
 class Stop(Exception):
@@ -94,3 +95,11 @@ def test_post_runs_before_a_chunk_is_saved(tmp_path):
         assert z["y"].dtype == np.uint16 and z["z"].dtype == np.float32
     out = _run(store(), x, [], post=post)
     np.testing.assert_array_equal(out["y"], (x ** 2 + 1000 * (np.arange(30) // 8)).astype(np.uint16))
+
+
+def test_a_file_in_the_way_is_a_user_error_before_any_chunk(tmp_path):
+    (tmp_path / "p").write_text("mine")
+    calls = []
+    with pytest.raises(UserError, match=f"{tmp_path / 'p'}: cannot keep the finished batches there"):
+        _run(chunk_store.ChunkStore(str(tmp_path / "p"), {}), np.arange(30, dtype=np.float32), calls)
+    assert calls == [] and (tmp_path / "p").read_text() == "mine"
