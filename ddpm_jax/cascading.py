@@ -8,8 +8,8 @@ per-stage overrides of `STAGE_FIELDS`; all stages run on all local devices throu
 `generation.run`.
 
     from ddpm_jax import cascading
-    stages = cascading.load_stages(["runs/shapes_t2i", "runs/shapes_sr"], {"guidance": [3.0, 0.0]})
-    images = cascading.run(stages, prompts=["a red circle"], num_samples=4)  # one array per stage
+    stages = cascading.load_stages(["runs/shapes_t2i", "runs/shapes_sr"], {"guidance": [3.0, 0.0]}, num_samples=4)
+    images = cascading.run(stages, prompts=["a red circle"])  # uint8, one array per stage
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import generation, image_utils
+from ddpm_jax import chunk_store, generation, image_utils
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
@@ -132,10 +132,12 @@ def _stage_request(stage: Stage, previous: np.ndarray | None, prompts, label) ->
 
 
 def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | None = None,
-        progress=None) -> list[np.ndarray]:
+        progress=None, resume_dir: str | None = None) -> list[np.ndarray]:
     """Runs the cascade: uint8 `[N, S_k, S_k, C]` per stage, the rows of every stage in the same
     order (prompt by prompt, `sampling.num_samples` of stage 0 each). Reads each stage's EMA
-    params on first use (of checkpoint `stage.step`; None: the newest that can be read)."""
+    params on first use (of checkpoint `stage.step`; None: the newest that can be read).
+    resume_dir: each stage keeps its finished batches in RESUME_DIR/stage_K (`generation.run`), so a
+    rerun after a stop resumes; the caller clears them (`clear_resume_dir`)."""
     from ddpm_jax import checkpoints
 
     check_conditioning(stages, prompts, label)
@@ -145,10 +147,19 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
         if stage.params is None:
             stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config, step=stage.step)
         try:
-            outputs.append(generation.run(stage.config, stage.params, req, progress=progress, uint8=True)["images"])
+            kept = None if resume_dir is None else os.path.join(resume_dir, f"stage_{k}")
+            outputs.append(generation.run(stage.config, stage.params, req, progress=progress, uint8=True,
+                                          resume_dir=kept)["images"])
         except UserError as e:  # non-finite samples: name the stage
             raise UserError(f"stage {k} ({stage.workdir}): {e}") from None
     return outputs
+
+
+def clear_resume_dir(resume_dir: str, num_stages: int) -> None:
+    """Removes what `run(..., resume_dir=)` kept, once the outputs are written."""
+    for k in range(num_stages):
+        chunk_store.clear(os.path.join(resume_dir, f"stage_{k}"))
+    chunk_store.clear(resume_dir)  # the folder itself, now empty
 
 
 def side_by_side(outputs: list[np.ndarray], rows: int = 8) -> np.ndarray:
@@ -170,7 +181,8 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
     check_conditioning(stages, prompts, label)
     first = _stage_request(stages[0], None, prompts, label)  # checks the base's prompts/label now
     check_output_dir(out)
-    outputs = run(stages, prompts=prompts, label=label, progress=generation.ProgressBar())
+    partial = os.path.join(out, generation.PARTIAL_DIR)
+    outputs = run(stages, prompts=prompts, label=label, progress=generation.ProgressBar(), resume_dir=partial)
     paths = []
     for k, (stage, images) in enumerate(zip(stages, outputs)):
         print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
@@ -181,5 +193,6 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
                                           individual=individual and k == len(stages) - 1)
     paths.append(os.path.join(out, "cascade.png"))
     image_utils.save_png(paths[-1], side_by_side(outputs), scale=max(1, 64 // outputs[-1].shape[1]))
+    clear_resume_dir(partial, len(stages))
     print("\n".join(p for p in paths if "/images/" not in p))
     return paths

@@ -488,7 +488,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
 
 class ProgressBar:
     """`progress(done, total)` callback drawing a one-line bar with rate and time left on stderr;
-    `progress(done, total, resumed=True)`: `done` were read from an earlier run, not computed now."""
+    `progress(done, total, resumed=True)`: `done` were read from an earlier run, not computed now.
+    A pass that reaches `total` ends its line; the next pass (a cascade's next stage) is timed anew."""
 
     def __init__(self, what="images", stream=None):
         self.what, self.stream, self.start = what, stream or sys.stderr, time.time()  # sys.stderr of now
@@ -496,12 +497,13 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int, resumed: bool = False):
         if resumed:
-            self.resumed, self.start = done, time.time()
             self.stream.write(f"resuming: {done}/{total} {self.what} read from the last run\n")
+            self.resumed, self.start = (0 if done == total else done), time.time()
             return
-        dt = time.time() - self.start
+        rate = (done - self.resumed) / max(time.time() - self.start, 1e-6)
         bar = "#" * (30 * done // total)
-        rate = (done - self.resumed) / dt
         self.stream.write(f"\r[{bar:<30}] {done}/{total} {self.what}, {rate:.1f}/s, {(total - done) / rate:.0f}s left")
-        self.stream.write("\n" if done == total else "")
+        if done == total:
+            self.stream.write("\n")
+            self.resumed, self.start = 0, time.time()
         self.stream.flush()

@@ -183,6 +183,36 @@ def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_
         assert not os.path.exists(f"runs/digits/eval/{name}.partial")
 
 
+def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_with_runs, monkeypatch):
+    """The cascade command stopped while its SR stage samples: the base stage's batches are read
+    again, the SR stage is sampled, and the files equal an uninterrupted cascade's."""
+    from ddpm_jax import generation
+
+    monkeypatch.chdir(cwd_with_runs)
+    args = ("--stages=runs/shapes_t2i,runs/shapes_sr", "--prompt=a red circle", "--num_samples=2")
+    status, _, err = run_command(cascade, *args, "--out=cascade_whole")
+    assert status == 0, err[-2000:]
+
+    class StopInStage1(generation.ProgressBar):
+        def __call__(self, done, total, resumed=False):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:  # stage 1's batch is saved: remove it, as if stopped while drawing it
+                shutil.rmtree("cascade_stop/partial/stage_1")
+                raise _Preempted
+            super().__call__(done, total, resumed)
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "ProgressBar", StopInStage1)
+        with pytest.raises(_Preempted):
+            run_command(cascade, *args, "--out=cascade_stop")
+    status, _, err = run_command(cascade, *args, "--out=cascade_stop")
+    assert status == 0 and err.count("resuming: 2/2 images read from the last run") == 1, err[-2000:]
+    assert sorted(os.listdir("cascade_stop")) == ["cascade.png", "stage_0", "stage_1"]
+    for k in (0, 1):
+        with np.load(f"cascade_whole/stage_{k}/samples.npz") as a, np.load(f"cascade_stop/stage_{k}/samples.npz") as b:
+            np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
 @pytest.mark.parametrize("start, shapes", [(API[0], [(100, 8, 8, 1)]), (API[1], [(4, 16, 16, 3), (4, 32, 32, 3)])])
 def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
     monkeypatch.chdir(cwd_with_runs)
