@@ -55,7 +55,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list("checkpoint_step", None, "Workdir commands: the run's checkpoint of this step; cascade: one "
                       "step, or one per stage (0 or unset: the newest).", flag_values=fv)
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
-                        "'labels' optional) instead of sampling the workdir's model.", flag_values=fv)
+                        "'labels' optional) or a folder of PNG/JPEG images, instead of sampling the workdir's "
+                        "model.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
     flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write; accuracy: the folder "
                         "of its grids (default WORKDIR/accuracy).", flag_values=fv)

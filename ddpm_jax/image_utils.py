@@ -46,8 +46,9 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
-def load_images(path: str, image_size: int | None = None, channels: int = 3) -> np.ndarray:
-    """A PNG/JPEG file or a folder of them -> uint8 `[N, H, W, channels]`, resized when asked."""
+def load_images(path: str, image_size: int | None = None, channels: int | None = 3) -> np.ndarray:
+    """A PNG/JPEG file or a folder of them -> uint8 `[N, H, W, channels]`, resized when asked;
+    channels None: as stored (1 for grayscale files, else 3), the same for every file."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if f.lower().endswith((".png", ".jpg", ".jpeg")))
@@ -60,11 +61,16 @@ def load_images(path: str, image_size: int | None = None, channels: int = 3) -> 
     out = []
     for f in files:
         try:
-            img = Image.open(f).convert("L" if channels == 1 else "RGB")
+            img = Image.open(f)
+            gray = img.mode in ("1", "L", "I", "I;16", "F") if channels is None else channels == 1
+            img = img.convert("L" if gray else "RGB")
         except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, or too large to read
             raise ValueError(f"{f}: cannot read it as an image ({e}).") from None
         if image_size and img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BILINEAR)
         a = np.asarray(img, np.uint8)
-        out.append(a[..., None] if channels == 1 else a)
+        out.append(a[..., None] if gray else a)
+        if out[-1].shape != out[0].shape:
+            raise ValueError(f"{f} is {'x'.join(map(str, out[-1].shape))} (height x width x channels), "
+                             f"{files[0]} {'x'.join(map(str, out[0].shape))}: the images must all be alike.")
     return np.stack(out)

@@ -226,6 +226,7 @@ CASES = [
     (evaluate, ["digits", "--samples={flat_npz}"], "images must be [N >= 1, H, W, 1 or 3]"),
     (evaluate, ["digits", "--samples={rgb32_npz}"], "8x8 greyscale"),
     (evaluate, ["digits", "--samples=nowhere.npz"], "--samples='nowhere.npz': no such file"),
+    (evaluate, ["digits", "--samples={noimages}"], "noimages: folder has no .png/.jpg images"),
     (evaluate, ["digits"], "--workdir"),
     (evaluate, ["bpd", "--samples={good_npz}", "--workdir={cond}"], "--samples applies to fid and digits"),
     (evaluate, ["digits", "--workdir={cond}", "--num_samples=1"], "eval.num_samples=1"),

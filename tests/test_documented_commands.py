@@ -134,6 +134,11 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
     assert status == 0, err[-2000:]
+    status, _, err = run_command(sample, "--workdir=runs/digits", "--num_samples=10", "--individual",
+                                 "--out=mine_images")
+    assert status == 0, err[-2000:]
+    status, out, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine_images/images/")
+    assert status == 0 and '"num_samples": 10' in out, err[-2000:]
     for args in [(), ("--split=train",)]:
         status, _, err = run_command(evaluate, "shapes", "--workdir=runs/shapes_t2i", "--num_samples=4", *args)
         assert status == 0, (args, err[-2000:])
@@ -142,7 +147,8 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     written = set(os.listdir("runs/digits/eval"))  # with those of the documented commands
     assert written >= {"digits_step_2_ancestral200_w0_n10.json", "digits_step_2_ancestral5_w0_n10.json",
                        "digits_step_2_ancestral200_w0_seed1_n10.json", "bpd_step_2_train_n8.json",
-                       "bpd_step_2_train_n4.json", "bpd_step_2_train_n4_seed1.json", "digits_mine.json"}, written
+                       "bpd_step_2_train_n4.json", "bpd_step_2_train_n4_seed1.json", "digits_mine.json",
+                       "digits_images.json"}, written
 
 
 class _Preempted(Exception):

@@ -11,7 +11,7 @@ from absl import flags
 from cli_helpers import run_command
 from flax import traverse_util
 
-from ddpm_jax import checkpoints, cli, evaluate, parallel
+from ddpm_jax import checkpoints, cli, evaluate, image_utils, parallel
 from ddpm_jax.evaluation import in_loop, inception, metrics, tasks
 from ddpm_jax.validation import UserError, validate_eval
 
@@ -34,6 +34,27 @@ def test_load_samples_formats(tmp_path):
     np.savez(tmp_path / "nan.npz", images=np.full((2, 8, 8, 1), np.nan, np.float32))
     with pytest.raises(UserError, match="2 images have non-finite values"):
         tasks.load_samples(str(tmp_path / "nan.npz"))
+
+
+
+def test_samples_from_a_folder_of_images(tmp_path):
+    """A folder of PNGs (`sample --individual`'s images/, another program's samples): read in name
+    order as stored, greyscale as 1 channel and colour as 3; no labels; images of different sizes or
+    a folder without images are one line."""
+    rng = np.random.default_rng(0)
+    for name, shape in (("grey", (3, 8, 8, 1)), ("rgb", (2, 6, 6, 3))):
+        u8 = rng.integers(0, 256, shape, dtype=np.uint8)
+        for i, img in enumerate(u8):
+            image_utils.save_png(str(tmp_path / name / f"{i:06d}.png"), img)
+        images, labels = tasks.load_samples(str(tmp_path / name))
+        np.testing.assert_array_equal(images, u8)
+        assert labels is None
+    image_utils.save_png(str(tmp_path / "rgb" / "000002.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match=r"000002.png is 8x8x3 .*000000.png 6x6x3: the images must all be alike"):
+        tasks.load_samples(str(tmp_path / "rgb"))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UserError, match="--samples=.*none: .*folder has no .png/.jpg images"):
+        tasks.load_samples(str(tmp_path / "none"))
 
 
 def _digits_config(tmp_path):

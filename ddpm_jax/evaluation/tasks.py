@@ -79,7 +79,14 @@ def real_images(config: ConfigDict, split: str,
 
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples from a `.npz`: uint8 images under 'arr_0' (as `python -m ddpm_jax.sample` writes) or
-    'images', or float images in [-1, 1]; optional 'labels'. Returns (uint8 `[N, H, W, C]`, labels)."""
+    'images', or float images in [-1, 1]; optional 'labels'. Or a folder of PNG/JPEG images of one
+    size (`sample --individual`'s images/, or another program's), read in file-name order, without
+    labels. Returns (uint8 `[N, H, W, C]`, labels)."""
+    if os.path.isdir(path):
+        try:
+            return image_utils.load_images(path, channels=None), None
+        except (ValueError, OSError) as e:
+            raise UserError(f"--samples={path}: {e}") from None
     f = load_npz(path, "--samples", ("arr_0", "images"))
     images, labels = f.get("arr_0", f.get("images")), f.get("labels")
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
@@ -460,7 +467,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             name = f"{name}_{how}"
             images, labels = generate(config, params, progress, partial(name))
         else:
-            name = f"{name}_{os.path.splitext(os.path.basename(samples))[0]}"
+            name = f"{name}_{os.path.splitext(os.path.basename(os.path.normpath(samples)))[0]}"
         if command == "fid":
             variables = parallel.replicate(inception.load_variables(weights, WEIGHTS_FIELD))
             result = fid_is_kid(images, variables, reference, per_device_batch=per_device_batch)
