@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import zipfile
 
 import jax
@@ -97,6 +98,13 @@ class ChunkStore:
         with tmp.open("wb") as f:
             np.savez(f, **out)
         tmp.replace(self._chunk(c))
+
+    def log_stop(self, done: int, total: int) -> None:
+        """Says on stderr (process 0), when a run stops part way, what it keeps for the next: on a
+        line of its own after the progress bar's."""
+        if jax.process_index() == 0:
+            print(f"\nStopped with {done} of {total} batches done; they are kept in {self.root}, and the same "
+                  "command resumes from them.", file=sys.stderr)
 
     def clear(self) -> None:
         """Deletes this process's saved chunks (the result is written), and the folders when nothing

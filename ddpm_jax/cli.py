@@ -31,6 +31,7 @@ from ddpm_jax import defaults
 from ddpm_jax.validation import UserError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 # flag -> (config field, help). Types and defaults come from the field in `defaults.get_config()`.
 SAMPLE_FLAGS = {
@@ -271,5 +272,8 @@ def run(define_flags: Callable[[flags.FlagValues], None], main: Callable, argv: 
         fail(f"{e}. (--help lists the flags.)")
     except UserError as e:
         fail(e)
+    except KeyboardInterrupt:  # what was saved is logged where it was saved (checkpoints, kept batches)
+        print("stopped by Ctrl-C.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         sys.argv = saved_argv

@@ -92,16 +92,22 @@ def pad_shard_unpad(fn: Callable[[int, dict], dict], inputs: dict, batch_size: i
     outs = store.resume(inputs, chunk) if store is not None else []
     if progress and outs:  # the chunks read, reported once and flagged, so that a rate leaves them out
         progress(min(len(outs) * chunk, n), n, resumed=True)
-    for c, start in enumerate(range(0, n, chunk)):
-        if c < len(outs):
-            continue
-        out = fn(c, jax.tree.map(functools.partial(rows, start=start), inputs))
-        if jax.process_count() > 1:  # pmap returns this process's rows; every process gets them all
-            out = multihost_utils.process_allgather(out, tiled=True)
-        out = {k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()}
-        outs.append(post(c, out) if post else out)
+    try:
+        for c, start in enumerate(range(0, n, chunk)):
+            if c < len(outs):
+                continue
+            out = fn(c, jax.tree.map(functools.partial(rows, start=start), inputs))
+            if jax.process_count() > 1:  # pmap returns this process's rows; every process gets them all
+                out = multihost_utils.process_allgather(out, tiled=True)
+            out = {k: np.asarray(v).reshape((chunk,) + v.shape[2:]) for k, v in out.items()}
+            out = post(c, out) if post else out
+            if store is not None:
+                store.save(c, out)
+            outs.append(out)
+            if progress:
+                progress(min(start + chunk, n), n)
+    except KeyboardInterrupt:
         if store is not None:
-            store.save(c, outs[c])
-        if progress:
-            progress(min(start + chunk, n), n)
+            store.log_stop(len(outs), -(-n // chunk))
+        raise
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}

@@ -164,14 +164,10 @@ def test_relative_workdir_loads(cond_run, monkeypatch):
     assert step == 0 and jax.tree.leaves(params)
 
 
-class _Preempted(Exception):
-    pass
-
-
-def test_a_stopped_sample_command_resumes_and_writes_the_images_of_an_uninterrupted_run(cond_run, tmp_path,
-                                                                                         monkeypatch):
-    """The sample command stopped while it draws the last of its 3 batches (after it, and that batch's
-    file removed): OUT/partial holds the first 2, the same command again samples only the last and
+def test_a_sample_command_stopped_by_ctrl_c_resumes_and_writes_the_images_of_an_uninterrupted_run(
+        cond_run, tmp_path, monkeypatch):
+    """Ctrl-C after 2 of its 3 batches: two lines say what is kept and that it stopped (exit 130, no
+    traceback), OUT/partial holds those batches, the same command again samples only the last and
     writes what one run writes; OUT/partial is gone then."""
     from cli_helpers import run_command
 
@@ -181,19 +177,20 @@ def test_a_stopped_sample_command_resumes_and_writes_the_images_of_an_uninterrup
     status, _, err = run_command(sample, *args, f"--out={tmp_path / 'whole'}")
     assert status == 0, err[-2000:]
 
-    class StopAfter16(generation.ProgressBar):
+    class CtrlCAt16(generation.ProgressBar):
         def __call__(self, done, total, resumed=False):
-            if done > 16:
-                raise _Preempted
             super().__call__(done, total, resumed)
+            if done == 16:
+                raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(generation, "ProgressBar", StopAfter16)
-        with pytest.raises(_Preempted):
-            run_command(sample, *args, f"--out={tmp_path / 'out'}")
+        m.setattr(generation, "ProgressBar", CtrlCAt16)
+        status, _, err = run_command(sample, *args, f"--out={tmp_path / 'out'}")
+    assert status == 130 and "Traceback" not in err, err[-2000:]
+    assert err.rstrip().endswith("stopped by Ctrl-C.") and (f"Stopped with 2 of 3 batches done; they are kept in "
+                                                           f"{tmp_path / 'out' / 'partial'}") in err, err[-2000:]
     assert sorted(os.listdir(tmp_path / "out" / "partial" / "process_0")) == [
-        "chunk_000000.npz", "chunk_000001.npz", "chunk_000002.npz", "meta.json"]  # the 3rd saved, then stopped
-    os.remove(tmp_path / "out" / "partial" / "process_0" / "chunk_000002.npz")
+        "chunk_000000.npz", "chunk_000001.npz", "meta.json"]
     status, _, err = run_command(sample, *args, f"--out={tmp_path / 'out'}")
     assert status == 0 and "resuming: 16/20 images read from the last run" in err, err[-2000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["samples.npz", "samples.png"]
