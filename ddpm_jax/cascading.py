@@ -150,7 +150,7 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
             kept = None if resume_dir is None else os.path.join(resume_dir, f"stage_{k}")
             outputs.append(generation.run(stage.config, stage.params, req, progress=progress, uint8=True,
                                           resume_dir=kept)["images"])
-        except UserError as e:  # non-finite samples: name the stage
+        except UserError as e:  # non-finite samples, or no folder for its batches: name the stage
             raise UserError(f"stage {k} ({stage.workdir}): {e}") from None
     return outputs
 
