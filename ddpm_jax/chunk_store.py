@@ -119,6 +119,16 @@ class ChunkStore:
                 pass
 
 
+def for_model(directory: str | None, config, params, **what) -> ChunkStore | None:
+    """The store in `directory` (None: none) of a computation with `config`'s model and `params`: its
+    identity is the config with every flag written in, the params' digest and `what` else the outputs
+    depend on."""
+    if directory is None:
+        return None
+    return ChunkStore(directory, {"config": config.to_json_best_effort(sort_keys=True), "params": digest(params),
+                                  **what})
+
+
 def clear(directory: str) -> None:
     """`ChunkStore.clear` of the store in `directory`."""
     ChunkStore(directory, {}).clear()

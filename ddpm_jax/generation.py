@@ -370,11 +370,8 @@ def run(config: ConfigDict, params, req: Request, progress=None, *, uint8: bool 
     inputs = {name: value for name, value in (("cond", req.cond), ("null_cond", req.null_cond),
                                               ("source_cond", req.source_cond), ("x0", req.x0), ("mask", req.mask))
               if value is not None}
-    store = None
-    if resume_dir is not None:
-        store = chunk_store.ChunkStore(resume_dir, {
-            "config": config.to_json_best_effort(sort_keys=True), "spec": repr(req.spec),
-            "image_size": req.image_size, "uint8": uint8, "params": chunk_store.digest(params)})
+    store = chunk_store.for_model(resume_dir, config, params, spec=repr(req.spec), image_size=req.image_size,
+                                  uint8=uint8)
     return parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
                                     config.sampling.batch_size, progress, post=_checked_uint8 if uint8 else None,
                                     store=store)

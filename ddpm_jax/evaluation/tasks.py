@@ -182,10 +182,9 @@ def bits_per_dim(config: ConfigDict, params, images: np.ndarray, progress=None, 
     if config.model.low_res_size:
         cond["low_res"] = np.asarray(superres.downsample(x0, config.model.low_res_size))
     inputs = {"x0": x0, "cond": cond}
-    store = None if resume_dir is None else chunk_store.ChunkStore(resume_dir, {
-        "bpd": config.to_json_best_effort(sort_keys=True), "params": chunk_store.digest(params)})
     out = parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
-                                   config.eval.batch_size, progress, store=store)
+                                   config.eval.batch_size, progress,
+                                   store=chunk_store.for_model(resume_dir, config, params, computes="bpd"))
     if config.eval.bpd_method == "ode":
         return {"bpd": float(out["total"].mean()), "ode_evals": float(out["evals"].mean()),
                 "ode_unfinished": int((~out["converged"]).sum())}
