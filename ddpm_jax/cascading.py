@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import chunk_store, generation, image_utils
+from ddpm_jax import chunk_store, files, generation, image_utils
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
@@ -59,8 +59,7 @@ def choose_checkpoints(values, stages: list[Stage]) -> None:
     flag = f"--checkpoint_step={','.join(map(str, values))}"
     steps = per_stage("checkpoint_step", values, len(stages), int)
     for k, (stage, step) in enumerate(zip(stages, steps)):
-        folder = os.path.join(stage.workdir, checkpoints.CHECKPOINT_DIR)
-        have = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+        have = checkpoints.steps(stage.workdir)
         if step < 0 or step and step not in have:
             raise UserError(f"{flag}: stage {k} ({stage.workdir}) has no checkpoint of step {step}; it has steps "
                             f"{have} (0: the newest).")
@@ -78,7 +77,7 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
         raise UserError("--stages: give the runs of the cascade, base first (e.g. runs/base,runs/sr).")
     stages = []
     for workdir in workdirs:
-        if not os.path.isfile(os.path.join(workdir, "config.json")):
+        if not files.is_file(os.path.join(workdir, checkpoints.CONFIG_FILE)):
             raise UserError(f"--stages: {workdir} is not a training run (no config.json there).")
         stages.append(Stage(workdir, checkpoints.load_config(workdir)))
     for name, values in (overrides or {}).items():

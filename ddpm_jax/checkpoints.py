@@ -290,6 +290,13 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
     return changes
 
 
+def steps(workdir) -> list[int]:
+    """The steps of the checkpoints in `workdir` (local or gs://...), oldest first; unfinished ones
+    (Orbax's temporary folders) are not counted."""
+    folder = epath.Path(workdir) / CHECKPOINT_DIR
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
 def load_params(workdir, config=None, use_ema: bool = True, step: int | None = None, flag: str = "--checkpoint_step"):
     """(params, step) of the newest checkpoint in `workdir` that can be read, or of checkpoint `step`
     (a UserError naming `flag` and the run's steps when there is none), on the host CPU. EMA params

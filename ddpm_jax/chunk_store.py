@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from ddpm_jax import files
 from ddpm_jax.validation import UserError
 
 META_FILE = "meta.json"
@@ -95,8 +96,7 @@ class ChunkStore:
         """Writes chunk c's outputs ({name: numpy array}) whole or not at all: to a temporary file,
         then moved over any earlier file of that chunk."""
         tmp = self.dir / f"{self._chunk(c).name}.tmp"
-        with tmp.open("wb") as f:
-            np.savez(f, **out)
+        files.save_npz(tmp, **out)
         tmp.replace(self._chunk(c))
 
     def log_stop(self, done: int, total: int) -> None:

@@ -25,12 +25,12 @@ import numpy as np
 from etils import epath
 from ml_collections import ConfigDict
 
-from ddpm_jax import chunk_store, image_utils, parallel, superres, text
+from ddpm_jax import chunk_store, files, image_utils, parallel, superres, text
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.train_state import example_cond
-from ddpm_jax.validation import UserError, check_guide, check_output_dir, load_npz, validate_sampling
+from ddpm_jax.validation import UserError, check_guide, check_output_dir, validate_sampling
 
 FIGURE_ROWS = 8  # images in each process figure
 AUTO_MASK = "auto"  # --mask=auto: DiffEdit's mask, computed from the prompts
@@ -87,11 +87,10 @@ def unconditional(config: ConfigDict, n: int) -> dict:
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a --prompts file, one per non-empty line (surrounding spaces dropped)."""
-    if not os.path.isfile(path):
+    if not files.is_file(path):
         raise UserError(f"--prompts={path}: no such file.")
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in epath.Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise UserError(f"--prompts={path}: not UTF-8 text.") from None
     if not prompts:
@@ -114,7 +113,7 @@ def text_cond(config: ConfigDict, texts: list[str], flag: str) -> dict:
 def embedding_cond(config: ConfigDict, path: str) -> dict:
     """{'text_emb' `[P, L, D]`, 'mask', 'drop'} from a --prompt_embedding .npz holding 'text_emb'
     `[L, D]` or `[P, L, D]` and optionally 'text_mask' (bool, `[L]` / `[P, L]`; default all True)."""
-    f = load_npz(path, "--prompt_embedding", ("text_emb",))
+    f = files.load_npz(path, "--prompt_embedding", ("text_emb",))
     emb = f["text_emb"]
     emb = emb[None] if emb.ndim == 2 else emb
     D = config.model.text_emb_dim
@@ -425,8 +424,7 @@ def write_outputs(out: str, images: np.ndarray, req: Request, num_classes: int, 
         paths.append(os.path.join(out, "masks.png"))
         image_utils.save_png(paths[-1], image_utils.make_grid(masks.astype(np.uint8) * 255, nrow=nrow, pad_value=128),
                               scale)
-    with epath.Path(paths[1]).open("wb") as f:
-        np.savez(f, arr_0=images, **extra)
+    files.save_npz(paths[1], arr_0=images, **extra)
     if individual:
         for i, img in enumerate(images):
             paths.append(os.path.join(out, "images", f"{i:06d}.png"))

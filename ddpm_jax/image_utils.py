@@ -1,8 +1,6 @@
 """Converting model images to uint8, tiling them into grids and writing PNGs."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -47,21 +45,24 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
 
 
 def load_images(path: str, image_size: int | None = None, channels: int | None = 3) -> np.ndarray:
-    """A PNG/JPEG file or a folder of them -> uint8 `[N, H, W, channels]`, resized when asked;
-    channels None: as stored (1 for grayscale files, else 3), the same for every file."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    """A PNG/JPEG file or a folder of them (local or gs://...) -> uint8 `[N, H, W, channels]`, resized
+    when asked; channels None: as stored (1 for grayscale files, else 3), the same for every file."""
+    root = epath.Path(path)
+    if root.is_dir():
+        files = sorted((f for f in root.iterdir() if f.name.lower().endswith((".png", ".jpg", ".jpeg"))),
+                       key=lambda f: f.name)
         if not files:
             raise ValueError(f"{path}: folder has no .png/.jpg images.")
-    elif os.path.isfile(path):
-        files = [path]
+    elif root.exists():
+        files = [root]
     else:
         raise FileNotFoundError(f"{path}: no such image file or folder.")
     out = []
     for f in files:
         try:
-            img = Image.open(f)
+            with f.open("rb") as fh:
+                img = Image.open(fh)
+                img.load()
             gray = img.mode in ("1", "L", "I", "I;16", "F") if channels is None else channels == 1
             img = img.convert("L" if gray else "RGB")
         except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, or too large to read

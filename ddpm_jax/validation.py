@@ -8,10 +8,8 @@ needs TensorFlow or data; the dataset itself is checked by `input_pipeline.check
 from __future__ import annotations
 
 import os
-import zipfile
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion, sampling, superres
@@ -284,10 +282,10 @@ def validate_sampling(config: ConfigDict):
 def check_guide(config: ConfigDict) -> ConfigDict:
     """The config of `sampling.guide_workdir`'s run, or a UserError naming the first of `GUIDE_FIELDS`
     in which it differs from `config` (the run it guides)."""
-    from ddpm_jax import checkpoints  # it imports this module
+    from ddpm_jax import checkpoints, files  # they import this module
 
     path = config.sampling.guide_workdir
-    _require(os.path.isfile(os.path.join(path, checkpoints.CONFIG_FILE)),
+    _require(files.is_file(os.path.join(path, checkpoints.CONFIG_FILE)),
              f"sampling.guide_workdir={path!r}: no {checkpoints.CONFIG_FILE} there; give the --workdir of a training "
              "run of the same model, e.g. the same config trained for fewer steps.")
     guide = checkpoints.load_config(path)
@@ -298,7 +296,7 @@ def check_guide(config: ConfigDict) -> ConfigDict:
                                  f"{ours!r}; the guide must be a version of the same model (the same data, "
                                  "conditioning and diffusion; only its size and training may differ).")
     step = config.sampling.guide_checkpoint_step
-    _require(not step or os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR, str(step))),
+    _require(not step or step in checkpoints.steps(path),
              f"sampling.guide_checkpoint_step={step}: sampling.guide_workdir={path} has no checkpoint of that step "
              f"(see its {checkpoints.CHECKPOINT_DIR}/ folder).")
     return guide
@@ -332,27 +330,6 @@ def validate_config(config: ConfigDict, num_devices: int | None = None):
     validate_eval(config, in_loop=True)
 
 
-def load_npz(path: str | None, field: str, keys: tuple[str, ...] = (),
-             where: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a user's `.npz` (no pickles), or a UserError naming `field`, the path and what is
-    wrong: missing, not an .npz (random bytes, truncated, empty), pickled objects, or none of `keys`.
-    `where`: how messages name the file (default `field=path`)."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"{field}={path!r}: no such file.")
-    where = where or f"{field}={path}"
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{where}: not an .npz file (empty, truncated or another format).")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        reason = "it holds pickled objects, which are not read" if "pickle" in str(e) else f"unreadable ({e})"
-        raise UserError(f"{where}: {reason}.") from None
-    if keys and not set(keys) & set(arrays):
-        raise UserError(f"{where}: expected arrays named {' or '.join(map(repr, keys))}, found {sorted(arrays)}.")
-    return arrays
-
-
 def check_output_dir(out: str, flag: str = "--out") -> None:
     """A UserError unless `out` is (or can be made) a writable folder: checked before any work.
     Bucket paths (gs://...) are not checked here; their writes report their own errors."""
@@ -368,7 +345,10 @@ def check_output_dir(out: str, flag: str = "--out") -> None:
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """A UserError unless `path` can be written as a file (its folder exists or can be made)."""
+    """A UserError unless `path` can be written as a file (its folder exists or can be made); bucket
+    paths are not checked."""
+    if "://" in path:
+        return
     if os.path.isdir(path):
         raise UserError(f"{flag}={path}: is a folder; give a file name.")
     check_output_dir(os.path.dirname(os.path.abspath(path)), flag)

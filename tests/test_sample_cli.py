@@ -199,36 +199,3 @@ def test_a_sample_command_stopped_by_ctrl_c_resumes_and_writes_the_images_of_an_
         np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
         np.testing.assert_array_equal(resumed["labels"], whole["labels"])
 
-
-def test_files_for_a_bucket_go_there_not_to_a_local_gs_folder(tmp_path, monkeypatch):
-    """A gs:// --out or workdir: the sample files, an evaluation's result and the batches kept for a
-    resume are written through epath (here onto a local folder standing in for the bucket), never
-    into a folder named 'gs:' on the VM's disk, which goes with the VM."""
-    from etils import epath
-    from etils.epath import gpath, testing
-
-    from ddpm_jax import chunk_store, parallel
-    from ddpm_jax.evaluation import tasks
-
-    bucket = tmp_path / "bucket"
-    local = lambda p: str(bucket / os.fspath(p)[len("gs://"):]) if os.fspath(p).startswith("gs://") else p
-    one = lambda fn, path, *a, **k: fn(local(path), *a, **k)
-    two = lambda fn, src, dst, *a, **k: fn(local(src), local(dst), *a, **k)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else gs:// goes to tf.io.gfile, not the mock
-    config = _config(num_classes=0)
-    config.sampling.num_samples = 3
-    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), np.uint8)
-    with testing.mock_epath(exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, open=one, remove=one,
-                            rmtree=one, replace=two, rename=two, stat=one, glob=one):
-        generation.write_outputs("gs://b/run/samples", images, generation.make_request(config), 0, individual=True)
-        tasks.write_result("gs://b/run", "digits_x", {"digits_fd": 1.5})
-        store = chunk_store.ChunkStore("gs://b/run/eval/x.partial", {})
-        parallel.pad_shard_unpad(lambda c, shard: {"y": shard["x"]}, {"x": np.arange(8.0)}, 8, store=store)
-        assert epath.Path("gs://b/run/eval/x.partial/process_0/chunk_000000.npz").exists()
-        chunk_store.clear("gs://b/run/eval/x.partial")
-    assert not os.path.exists(tmp_path / "gs:")
-    assert sorted(os.listdir(bucket / "b/run/samples")) == ["images", "samples.npz", "samples.png"]
-    with np.load(bucket / "b/run/samples/samples.npz") as z:
-        np.testing.assert_array_equal(z["arr_0"], images)
-    assert sorted(os.listdir(bucket / "b/run/eval")) == ["digits_x.json"]  # x.partial cleared

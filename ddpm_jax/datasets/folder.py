@@ -34,7 +34,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image, ImageOps
 
-from ddpm_jax.validation import UserError, load_npz
+from ddpm_jax.files import load_npz
+from ddpm_jax.validation import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXTENSION, EMBEDDING_EXTENSION = ".txt", ".npz"  # NAME.txt / NAME.npz beside NAME.png

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from ddpm_jax import validation
+from ddpm_jax import files, validation
 from ddpm_jax.evaluation import metrics
 
 NUM_CLASSES = 10
@@ -90,12 +90,11 @@ def fit(images: np.ndarray, labels: np.ndarray, steps: int = 600, batch_size: in
 
 
 def save(path: str, params) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+    files.save_npz(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
 
 
 def load(path: str):
-    arrays = validation.load_npz(path, "eval.digits_classifier")
+    arrays = files.load_npz(path, "eval.digits_classifier")
     try:
         return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in arrays.items()}, sep="/")
     except ValueError as e:
@@ -106,7 +105,7 @@ def load_or_fit(path: str | None = None):
     """The classifier's params: loaded from `path` (default `DEFAULT_PATH`), or fitted on the
     training part of the real digits and saved there."""
     path = path or DEFAULT_PATH
-    if os.path.isfile(path):
+    if files.is_file(path):
         return load(path)
     images, labels = real_digits()
     train, _ = split_indices(len(images))

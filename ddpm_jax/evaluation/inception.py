@@ -13,15 +13,15 @@ rename plus layout change: conv OIHW -> HWIO, linear [out, in] -> [in, out].
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
-from ddpm_jax.validation import UserError, load_npz
+from ddpm_jax.files import is_file, load_npz, save_npz
+from ddpm_jax.validation import UserError
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -255,7 +255,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
 
 def convert_pytorch_fid_weights(pth_path: str, out_path: str) -> None:
     """pytorch-fid's `.pth` -> `.npz` for `load_variables`. Needs torch (only here)."""
-    if not os.path.isfile(pth_path):
+    if not is_file(pth_path):
         raise UserError(f"--pth={pth_path}: no such file; download pytorch-fid's weights from "
                         f"{PYTORCH_FID_WEIGHTS_URL}")
     try:
@@ -263,12 +263,13 @@ def convert_pytorch_fid_weights(pth_path: str, out_path: str) -> None:
     except ImportError:
         raise UserError("Converting the .pth needs torch: pip install torch (CPU build is enough).") from None
     try:
-        state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
+        with epath.Path(pth_path).open("rb") as f:
+            state_dict = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a user's file: torch raises many kinds for a bad one
         raise UserError(f"--pth={pth_path}: not a PyTorch weights file torch can read safely ({e}).") from None
     arrays = convert_state_dict({k: v.numpy() for k, v in state_dict.items()})
     _check_against_model(arrays, pth_path)  # fail here, not at evaluation time
-    np.savez(out_path, **arrays)
+    save_npz(out_path, **arrays)
 
 
 def _check_against_model(arrays: dict[str, np.ndarray], source: str) -> None:
@@ -287,7 +288,7 @@ def _check_against_model(arrays: dict[str, np.ndarray], source: str) -> None:
 def load_variables(npz_path: str | None, field: str = "eval.inception_weights") -> dict:
     """The `.npz` written by `convert_pytorch_fid_weights` -> {'params', 'batch_stats'} as jnp arrays.
     `field`: the config field or flag that named the file, for the error message."""
-    if not npz_path or not os.path.isfile(npz_path):
+    if not is_file(npz_path):
         raise UserError(
             f"{field}={npz_path!r}: no such file. Download pytorch-fid's weights "
             f"({PYTORCH_FID_WEIGHTS_URL}) and convert them once with `python -m ddpm_jax.evaluate "

@@ -6,7 +6,6 @@ All statistics are computed on the host in float64 from float32 features.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import jax
@@ -16,7 +15,8 @@ import scipy.special
 
 from ddpm_jax import parallel
 from ddpm_jax.evaluation import inception
-from ddpm_jax.validation import UserError, load_npz
+from ddpm_jax.files import is_file, load_npz, save_npz
+from ddpm_jax.validation import UserError
 
 IS_SPLITS = 10  # the Inception Score's chunks, as in Salimans et al. 2016's code
 PR_NEIGHBOURS = 3  # k of improved precision/recall, as in its paper and the ADM evaluator (Dhariwal & Nichol 2021)
@@ -68,14 +68,13 @@ def save_statistics(path: str, features: np.ndarray, keep_features: bool = False
     stats = {"mu": mu, "sigma": sigma}
     if keep_features:
         stats["features"] = np.asarray(features, np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, **stats)
+    save_npz(path, **stats)
     return stats
 
 
 def load_statistics(path: str | None, field: str = "eval.reference_stats") -> dict:
     """{'mu', 'sigma'[, 'features']} from a `.npz` written by `save_statistics` or pytorch-fid."""
-    if not path or not os.path.isfile(path):
+    if not is_file(path):
         raise UserError(
             f"{field}={path!r}: no such file. Compute it once with `python -m ddpm_jax.evaluate "
             "reference_stats --config=... --out=stats.npz`, or use a pytorch-fid statistics .npz.")

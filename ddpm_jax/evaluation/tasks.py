@@ -19,8 +19,9 @@ from ml_collections import ConfigDict
 
 from ddpm_jax import cascading, chunk_store, diffusion, generation, image_utils, parallel, sampling, superres
 from ddpm_jax.evaluation import conditional_accuracy, digits_classifier, inception, likelihood, metrics, shapes_checker
+from ddpm_jax.files import is_file, load_npz
 from ddpm_jax.models import unet_from_config
-from ddpm_jax.validation import UserError, check_output_file, load_npz, validate_eval, validate_sampling
+from ddpm_jax.validation import UserError, check_output_file, validate_eval, validate_sampling
 
 COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy", "shapes", "sr", "cascade")
 WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
@@ -82,7 +83,7 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     'images', or float images in [-1, 1]; optional 'labels'. Or a folder of PNG/JPEG images of one
     size (`sample --individual`'s images/, or another program's), read in file-name order, without
     labels. Returns (uint8 `[N, H, W, C]`, labels)."""
-    if os.path.isdir(path):
+    if epath.Path(path).is_dir():
         try:
             return image_utils.load_images(path, channels=None), None
         except (ValueError, OSError) as e:
@@ -132,8 +133,8 @@ def inception_weights_file(path: str | None) -> str:
     of the same name beside it (needs torch). A missing file is a UserError."""
     if path and path.endswith(".pth"):
         npz = os.path.splitext(path)[0] + ".npz"
-        if not os.path.isfile(npz):
-            if not os.path.isfile(path):
+        if not is_file(npz):
+            if not is_file(path):
                 raise UserError(f"{WEIGHTS_FIELD}={path}: no such file; download pytorch-fid's weights from "
                                 f"{inception.PYTORCH_FID_WEIGHTS_URL}")
             inception.convert_pytorch_fid_weights(path, npz)
@@ -403,7 +404,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         stats = e.reference_stats
         if not stats:
             raise UserError(f"{STATS_FIELD}=None: give the reference statistics .npz (see `reference_stats`).")
-        if reference_split and not os.path.isfile(stats):
+        if reference_split and not is_file(stats):
             if samples is not None:
                 raise UserError("--reference_split reads the dataset of a --workdir's run; with --samples make "
                                 "the statistics first with `reference_stats --config=...`.")
