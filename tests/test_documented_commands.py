@@ -190,8 +190,9 @@ def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_
 
 
 def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_with_runs, monkeypatch):
-    """The cascade command stopped while its SR stage samples: the base stage's batches are read
-    again, the SR stage is sampled, and the files equal an uninterrupted cascade's."""
+    """The cascade command, and `evaluate cascade`, stopped while the SR stage samples: the base
+    stage's batches are read again, the SR stage is sampled, and the files (the result) equal an
+    uninterrupted cascade's."""
     from ddpm_jax import generation
 
     monkeypatch.chdir(cwd_with_runs)
@@ -200,10 +201,12 @@ def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_
     assert status == 0, err[-2000:]
 
     class StopInStage1(generation.ProgressBar):
+        partial = "cascade_stop/partial"
+
         def __call__(self, done, total, resumed=False):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:  # stage 1's batch is saved: remove it, as if stopped while drawing it
-                shutil.rmtree("cascade_stop/partial/stage_1")
+                shutil.rmtree(f"{self.partial}/stage_1")
                 raise _Preempted
             super().__call__(done, total, resumed)
 
@@ -217,6 +220,28 @@ def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_
     for k in (0, 1):
         with np.load(f"cascade_whole/stage_{k}/samples.npz") as a, np.load(f"cascade_stop/stage_{k}/samples.npz") as b:
             np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+    # `evaluate cascade` the same way: its stages' batches are kept in the base run's eval/.
+    args = ("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--num_samples=2", "--seed=5")
+    partial = "runs/shapes_t2i/eval/cascade_shapes_sr_num_samples2_seed5.partial"
+    status, _, err = run_command(evaluate, *args)
+    assert status == 0, err[-2000:]
+    (name,) = [n for n in os.listdir("runs/shapes_t2i/eval") if n.startswith("cascade_") and "seed5" in n]
+    with open(f"runs/shapes_t2i/eval/{name}") as f:
+        whole = json.load(f)
+    os.remove(f"runs/shapes_t2i/eval/{name}")
+    StopInStage1.partial = partial
+    with monkeypatch.context() as m:
+        m.setattr(generation, "ProgressBar", StopInStage1)
+        with pytest.raises(_Preempted):
+            run_command(evaluate, *args)
+    assert sorted(os.listdir(partial)) == ["stage_0"]
+    status, _, err = run_command(evaluate, *args)
+    assert status == 0 and err.count("resuming: 2/2 images read from the last run") == 1, err[-2000:]
+    with open(f"runs/shapes_t2i/eval/{name}") as f:
+        result = json.load(f)
+    os.remove(f"runs/shapes_t2i/eval/{name}")
+    assert result == whole and not os.path.exists(partial)
 
 
 @pytest.mark.parametrize("start, shapes", [(API[0], [(100, 8, 8, 1)]), (API[1], [(4, 16, 16, 3), (4, 32, 32, 3)])])

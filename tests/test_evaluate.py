@@ -262,7 +262,8 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
 
     calls = []
 
-    def fake_cascade(workdirs, num_samples, split, overrides, seed=None, checkpoint_steps=None, progress=None):
+    def fake_cascade(workdirs, num_samples, split, overrides, seed=None, checkpoint_steps=None, progress=None,
+                     resume_dir=None):
         calls.append((workdirs, num_samples, split, overrides, seed, checkpoint_steps))
         return {"stages": [{"workdir": workdirs[0], "step": 8}, {"workdir": workdirs[1], "step": 15}]}
 

@@ -78,10 +78,10 @@ def sr(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
 
 def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
             overrides: dict | None = None, seed: int | None = None, checkpoint_steps: list | None = None,
-            progress=None) -> dict:
+            progress=None, resume_dir: str | None = None) -> dict:
     """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
     samples. `overrides` (per-stage sampling fields), `seed` and `checkpoint_steps`: as
-    `cascading.load_stages` takes them; `progress`: as `cascading.run`."""
+    `cascading.load_stages` takes them; `progress` and `resume_dir`: as `cascading.run`."""
     stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps)
     base = stages[0].config
     if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
@@ -91,7 +91,7 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
     texts = T.captions(base, split, num_samples or base.eval.num_samples)
     for stage in stages:
         stage.config.sampling.num_samples = 1
-    outputs = cascading.run(stages, prompts=texts, progress=progress)
+    outputs = cascading.run(stages, prompts=texts, progress=progress, resume_dir=resume_dir)
     result = {f"stage_{k}": {"size": o.shape[1], **shape_rates(o, texts)} for k, o in enumerate(outputs)}
     if len(outputs) > 1:
         result["bicubic_base"] = {"size": outputs[-1].shape[1],

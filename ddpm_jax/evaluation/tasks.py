@@ -333,16 +333,23 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
         if flag not in CASCADE_FLAGS:
             raise UserError(f"--{flag} does not apply to cascade; it takes --{', --'.join(CASCADE_FLAGS)}.")
     overrides = {flag: [value] for flag, value in given.items() if flag in cascading.STAGE_FIELDS}
+    run_name = lambda workdir: os.path.basename(os.path.normpath(workdir))
+    settings = "".join(f"_{flag}{value:g}" if isinstance(value, float) else f"_{flag}{value}"
+                       for flag, value in sorted(given.items()))
+    # The steps read are known once read; until then the batches are kept under the steps asked for.
+    asked = f"_checkpoints{'-'.join(map(str, checkpoint_steps))}" if checkpoint_steps else ""
+    partial = os.path.join(workdirs[0], "eval", f"cascade{''.join('_' + run_name(w) for w in workdirs[1:])}{asked}"
+                                                f"{settings}{PARTIAL_SUFFIX}")
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
                                       seed=given.get("seed"), checkpoint_steps=checkpoint_steps,
-                                      progress=generation.ProgressBar() if jax.process_index() == 0 else None)
+                                      progress=generation.ProgressBar() if jax.process_index() == 0 else None,
+                                      resume_dir=partial)
     # Named by every later stage's run and step, and by every flag given, so no other cascade or
     # setting overwrites the result.
     base, *later = result["stages"]
-    runs = "".join(f"_{os.path.basename(os.path.normpath(st['workdir']))}-{st['step']}" for st in later)
-    settings = "".join(f"_{flag}{value:g}" if isinstance(value, float) else f"_{flag}{value}"
-                       for flag, value in sorted(given.items()))
+    runs = "".join(f"_{run_name(st['workdir'])}-{st['step']}" for st in later)
     write_result(workdirs[0], f"cascade_step_{base['step']}{runs}{settings}", result)
+    cascading.clear_resume_dir(partial, len(workdirs))
     return result
 
 
