@@ -62,6 +62,7 @@ SAMPLE_FLAGS = {
     "aug_level": ("sampling.aug_level", "Super-resolution: noise the --low_res input to this level in [0, 1]."),
     "sr_strength": ("sampling.sr_strength", "Super-resolution: 1 starts from noise; below 1 from the upsampled "
                                             "input noised to t = sr_strength * T."),
+    "ode_tolerance": ("sampling.ode_tolerance", "--sampler=ode: the ODE solver's relative and absolute tolerance."),
     "seed": ("sampling.seed", "Base random seed."),
 }
 EVAL_FLAGS = {
@@ -83,7 +84,8 @@ EVAL_FLAGS = {
     "seed": ("eval.seed", "Seed of the sampling and bound noise."),
     "bpd_method": ("eval.bpd_method", "bpd: 'vlb' (the paper's variational bound) or 'ode' (the probability-flow "
                                       "ODE, Song et al. 2021)."),
-    "ode_tolerance": ("eval.ode_tolerance", "bpd --bpd_method=ode: the ODE solver's relative and absolute tolerance."),
+    "ode_tolerance": ("eval.ode_tolerance", "The ODE solver's relative and absolute tolerance: of bpd "
+                                            "--bpd_method=ode, and of the samples of --sampler=ode."),
     "ode_sigma_min": ("eval.ode_sigma_min", "bpd --bpd_method=ode: the noise level the ODE starts from (0: the "
                                             "model's smallest)."),
     "split": ("eval.split", "The tfds split (default: 'test' if the dataset has one, else data.split)."),

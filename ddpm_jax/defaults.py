@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.profile_steps = 5  # steps in each profile (first soon after start, then hourly); 0: none
 
     c.sampling = ml_collections.ConfigDict()  # `python -m ddpm_jax.sample` (its flags set these)
-    c.sampling.sampler = "ancestral"  # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim | dpm_solver++ | heun
+    # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim | dpm_solver++ | heun | ode
+    c.sampling.sampler = "ancestral"
     c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021); heun: evaluations
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
     c.sampling.threshold = "auto"  # x0 predictions: none | clip | dynamic (Imagen); auto: as diffusion.clip_x0
@@ -118,6 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.s_tmin = 0.0  # heun: churn only where s_tmin <= sigma <= s_tmax
     c.sampling.s_tmax = float("inf")
     c.sampling.s_noise = 1.0  # heun: scale of the churn noise
+    c.sampling.ode_tolerance = 1e-5  # ode: the solver's rtol = atol (score_sde's 1e-5)
     c.sampling.guidance = 0.0  # classifier-free guidance weight w (class- or text-conditional models)
     # w only where guidance_t_min <= t <= guidance_t_max (model timesteps), the conditional model alone
     # elsewhere: guidance in a limited interval (Kynkaanniemi et al. 2024)

@@ -206,6 +206,10 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                         "the null text) disagree: give --prompt.")
     if mask is None and {"jump_length", "jump_n_sample"} & given:
         raise UserError("--jump_length/--jump_n_sample apply to inpainting: give --mask too.")
+    if mask is not None and not S.get_sampler(sp.sampler).on_levels:
+        raise UserError(f"--mask with --sampler={sp.sampler}: inpainting (RePaint) replaces the known region at the "
+                        f"schedule's levels, and {sp.sampler} steps between its own noise levels; use one of "
+                        f"{sorted(k for k, v in S.SAMPLERS.items() if v.on_levels)}.")
     cond, null_cond, source_cond, label = conditioning(
         config, label=label, prompts=prompts, prompt_embedding=prompt_embedding, negative_prompt=negative_prompt,
         source_prompt=source_prompt)
@@ -314,6 +318,9 @@ def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec, image_size: int = 0)
 def _build_sampler(config: ConfigDict, spec: S.SampleSpec, side: int):
     model = unet_from_config(config)
     guide_model = unet_from_config(check_guide(config)) if autoguided(config) else None
+    if config.sampling.sampler == "ode":  # an adaptive solver needs a smooth map: bfloat16's rounding is not
+        model = model.clone(dtype=jnp.float32)
+        guide_model = guide_model and guide_model.clone(dtype=jnp.float32)
     s = D.schedule_from_config(config.diffusion, config.sampling.steps)
     kind, shape = config.diffusion.model_output, (side, side, config.data.channels)
 

@@ -1,6 +1,7 @@
 """Generation: samplers by name, classifier-free guidance, image-to-image, inpainting, DDIM inversion.
 
-Every sampler runs as one `lax.scan` (`diffusion.reverse_scan`) over a precomputed plan of steps.
+Every sampler runs as one `lax.scan` (`diffusion.reverse_scan`) over a precomputed plan of steps
+(the adaptive ode sampler: one step, a `lax.while_loop` of the solver's).
 
 Levels. A schedule `s` of S steps (the full T, or respaced to S < T by `diffusion.respace_betas`,
 Nichol & Dhariwal 2021) has S + 1 levels: level 0 is data, level L > 0 is x at schedule index L - 1
@@ -15,7 +16,8 @@ carried state:
     step(s, kind, model_fn, x, i, noise, opts, state, row) -> (x after the step, x0_hat, state)
 `denoise` scans `step` over the plan from a starting level, carrying (x, state). The default plan
 is the schedule's levels, i = start - 1, ..., 0, no rows; a multistep method keeps its history in
-the state (`dpm_solver_pp_step`); a method on its own noise levels has its own plan (`heun_plan`).
+the state (`dpm_solver_pp_step`); a method on its own noise levels has its own plan (`heun_plan`;
+`ode_plan`, one step that runs an adaptive solver).
 x between steps is always the variance-preserving x at the step's noise level, so frames look alike.
 Adding a sampler is one step function (and plan or init when it needs them) and one entry there.
 """
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion as D
-from ddpm_jax import superres
+from ddpm_jax import ode, superres
 from ddpm_jax.diffusion import ModelFn, Schedule
 
 
@@ -42,7 +44,8 @@ class StepOptions(NamedTuple):
     how every x_0 prediction is kept in range, `diffusion.threshold_x0` with method
     `diffusion.x0_method(clip_x0, threshold)` (threshold 'auto': `clip_x0` decides, 'clip' or 'none').
     s_churn, s_tmin, s_tmax, s_noise: heun's stochastic churn (Karras et al. 2022, Alg. 2);
-    s_churn = 0 (the default) is the deterministic Alg. 1.
+    s_churn = 0 (the default) is the deterministic Alg. 1. ode_tolerance: the ode sampler's relative
+    and absolute tolerance.
     """
 
     eta: float = 0.0
@@ -54,16 +57,17 @@ class StepOptions(NamedTuple):
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    ode_tolerance: float = 1e-5
 
 
 def step_options(config, **overrides) -> StepOptions:
     """StepOptions from a config: `diffusion.variance`, `diffusion.clip_x0` and `sampling.eta`,
-    `threshold`, `threshold_percentile`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`;
+    `threshold`, `threshold_percentile`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`, `ode_tolerance`;
     keyword arguments override any field (e.g. `eta=` from a flag)."""
     d, sp = config.diffusion, config.sampling
     opts = StepOptions(eta=sp.eta, variance=d.variance, clip_x0=d.clip_x0, threshold=sp.threshold,
                        percentile=sp.threshold_percentile, s_churn=sp.s_churn, s_tmin=sp.s_tmin,
-                       s_tmax=sp.s_tmax, s_noise=sp.s_noise)
+                       s_tmax=sp.s_tmax, s_noise=sp.s_noise, ode_tolerance=sp.ode_tolerance)
     return opts._replace(**overrides)
 
 
@@ -213,6 +217,34 @@ def heun_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise:
     return x_next * jax.lax.rsqrt(1.0 + sigma_next ** 2), x0, state
 
 
+def ode_plan(s: Schedule, start: int, opts: StepOptions):
+    """One step, the whole path: from level `start`'s sigma (for generation the model's largest)."""
+    return np.zeros(1, np.int32), {"sigma": s.sqrt_recipm1_alphas_cumprod[start - 1][None]}
+
+
+def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
+             opts: StepOptions, state=(), row=None):
+    """The probability-flow ODE (Song et al. 2021, Eq. 13) solved by Dormand-Prince 5(4) with adaptive
+    steps (`ode.dormand_prince`, rtol = atol = `opts.ode_tolerance`), as score_sde's ODE sampler, from
+    row['sigma'] to the model's smallest noise level, then x_0 = D(x; sigma_min) there (score_sde's
+    final denoising step). In x_ve = x / sqrt(abar) and v = -log sigma:
+
+        dx_ve/dv = D(x_ve; e^-v) - x_ve       (EDM's dx/dsigma = (x - D) / sigma, Karras et al. 2022).
+
+    D's x_0 is thresholded as `opts` say, as in every sampler, so this is the limit of the other
+    deterministic samplers (ddim, heun) with the same options as their steps grow; clipping leaves the
+    map only Lipschitz, which costs the solver steps where it binds. The step size is shared by the
+    batch (the error norm is over all of it), so an image's result moves, within the tolerance, with
+    the others in its batch. A batch the solver does not finish in 2,000 tries comes out NaN.
+    """
+    sigma, lo = row["sigma"], s.model_log_sigma[0]
+    f = lambda y, v: denoised(s, kind, model_fn, y, jnp.exp(-v), opts) - y
+    y, _, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma), -lo,
+                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance)
+    x0 = jnp.where(done, denoised(s, kind, model_fn, y, jnp.exp(lo), opts), jnp.nan)
+    return x0, x0, state
+
+
 def level_plan(s: Schedule, start: int, opts: StepOptions):
     """The schedule's own levels: steps i = start - 1, ..., 0, no rows."""
     return np.arange(start - 1, -1, -1, dtype=np.int32), None
@@ -236,14 +268,14 @@ class Sampler(NamedTuple):
 
     init: the state before the first step, and again after each of RePaint's forward jumps.
     evaluations(start): network evaluations per image from level `start` (guidance's doubled batch
-    not counted). on_levels: its steps go between the schedule's levels (inpainting replaces the
-    known region there); heun's go between its own noise levels.
+    not counted; None: the method chooses, as ode does). on_levels: its steps go between the
+    schedule's levels (inpainting replaces the known region there); heun's and ode's do not.
     """
 
     step: Callable
     plan: Callable = level_plan
     init: Callable = no_state
-    evaluations: Callable[[int], int] = one_per_level
+    evaluations: Callable[[int], int | None] = one_per_level
     on_levels: bool = True
 
 
@@ -252,6 +284,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(ddim_step),
     "dpm_solver++": Sampler(dpm_solver_pp_step, init=dpm_solver_pp_init),
     "heun": Sampler(heun_step, plan=heun_plan, evaluations=heun_evaluations, on_levels=False),
+    "ode": Sampler(ode_step, plan=ode_plan, evaluations=lambda start: None, on_levels=False),
 }
 
 
@@ -266,9 +299,10 @@ def get_step(name: str) -> Callable:
     return get_sampler(name).step
 
 
-def network_evaluations(name: str, steps: int) -> int:
+def network_evaluations(name: str, steps: int) -> int | None:
     """Network evaluations per image of sampler `name` on a schedule of `steps` levels, from the top
-    (what `--steps` counts): `steps` for every sampler but heun, 2 ((steps + 1) // 2) - 1 for heun."""
+    (what `--steps` counts): `steps` for every sampler but heun, 2 ((steps + 1) // 2) - 1 for heun;
+    None for ode (adaptive)."""
     return get_sampler(name).evaluations(steps)
 
 

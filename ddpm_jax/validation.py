@@ -240,6 +240,9 @@ def validate_sampling(config: ConfigDict):
     for name in ("s_churn", "s_tmin", "s_noise"):
         value = sp[name]
         _require(_is_number(value) and value >= 0, f"sampling.{name}={value!r}: must be a number >= 0.")
+    _require(_is_number(sp.ode_tolerance) and 0 < sp.ode_tolerance < 1,
+             f"sampling.ode_tolerance={sp.ode_tolerance!r}: the ode sampler's relative and absolute tolerance, in "
+             "(0, 1) (e.g. 1e-5; larger is faster and coarser).")
     _require(_is_number(sp.s_tmax) and sp.s_tmax >= sp.s_tmin,
              f"sampling.s_tmax={sp.s_tmax!r}: must be a number >= sampling.s_tmin={sp.s_tmin!r} (inf: no upper "
              f"bound).")

@@ -46,12 +46,13 @@ def _gen(s, sampler, opts, key=0, x_T=None, model_fn=GAUSS):
 def test_registry_and_unknown_name():
     assert {k: v.step for k, v in S.SAMPLERS.items()} == {
         "ancestral": S.ancestral_step, "ddim": S.ddim_step, "dpm_solver++": S.dpm_solver_pp_step,
-        "heun": S.heun_step}
+        "heun": S.heun_step, "ode": S.ode_step}
     with pytest.raises(ValueError, match=r"sampler='plms': must be one of \['ancestral', 'ddim', 'dpm_solver\+\+', "
-                                         r"'heun'\]"):
+                                         r"'heun', 'ode'\]"):
         S.get_step("plms")
     assert [S.network_evaluations("heun", n) for n in (1, 2, 9, 10)] == [1, 1, 9, 9]
     assert S.network_evaluations("dpm_solver++", 10) == 10
+    assert S.network_evaluations("ode", 10) is None  # adaptive
 
 
 @pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
@@ -154,6 +155,32 @@ def test_deterministic_samplers_are_the_papers_algorithms():
     # The references tell the methods apart (so would catch one sampler standing in for another).
     assert np.abs(refs["dpm_solver++"][0] - refs["ddim"][0]).max() > 1e-2
     assert np.abs(refs["heun"][0] - refs["ddim"][0]).max() > 1e-2
+
+
+def test_ode_sampler_is_the_probability_flow_to_its_tolerance():
+    """On Gaussian data the exact probability-flow ODE is affine in closed form: in x_ve = x / sqrt(abar),
+    x_ve(sigma) - mu = (Sigma + sigma^2 I)^(1/2) (Sigma + sigma_hi^2 I)^(-1/2) (x_ve(sigma_hi) - mu), then
+    the final x_0 = mu + Sigma (Sigma + sigma_lo^2 I)^(-1) (x_ve - mu). The adaptive solver lands on it to
+    its tolerance, whatever --steps (only the table the model is told timesteps on), and a coarser
+    tolerance lands farther off."""
+    def sqrtm(A):
+        lam, U = np.linalg.eigh(A)
+        return U @ np.diag(np.sqrt(lam)) @ U.T
+
+    sigma = np.sqrt((1 - ABAR) / ABAR)
+    hi, lo, eye = sigma[-1], sigma[0], np.eye(4)
+    A = sqrtm(WIDE + lo ** 2 * eye) @ np.linalg.inv(sqrtm(WIDE + hi ** 2 * eye))
+    B = WIDE @ np.linalg.inv(WIDE + lo ** 2 * eye)
+    M64, c64 = np.sqrt(1 + hi ** 2) * B @ A, GAUSS_MU - B @ A @ GAUSS_MU
+    errors = {}
+    for tol, steps in ((1e-5, 1000), (1e-5, 20), (1e-2, 1000)):
+        M, c = _affine_map("ode", steps, opts=EXACT._replace(ode_tolerance=tol))
+        errors[tol, steps] = max(np.abs(M - M64).max(), np.abs(c - c64).max())
+    # Measured: 1.24e-5 at tolerance 1e-5 (the same for either table), 2.7e-2 at 1e-2.
+    assert errors[1e-5, 1000] < 5e-5 and errors[1e-5, 20] < 5e-5, errors
+    assert errors[1e-2, 1000] > 100 * errors[1e-5, 1000], errors
+    M_ddim, _ = _affine_map("ddim", 20)
+    assert np.abs(M_ddim - M64).max() > 1e-2  # the reference tells it from a 20-step sampler
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it

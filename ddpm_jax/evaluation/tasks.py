@@ -106,11 +106,13 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def sampling_config(config: ConfigDict):
     """A copy of `config` whose `sampling` section draws `eval.num_samples` with `eval.steps` (0: the
-    run's sampling.steps) in batches of `eval.batch_size` from the noise of `eval.seed`."""
+    run's sampling.steps) in batches of `eval.batch_size` from the noise of `eval.seed`; the ode
+    sampler to `eval.ode_tolerance`, as bits/dim's ODE."""
     config = config.copy_and_resolve_references()
     e, sp = config.eval, config.sampling
     sp.num_samples, sp.batch_size, sp.seed = e.num_samples, e.batch_size, e.seed
     sp.steps = e.steps or sp.steps
+    sp.ode_tolerance = e.ode_tolerance
     return config
 
 
@@ -354,18 +356,20 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
 
 
 def sampling_name(config: ConfigDict) -> str:
-    """How the samples of a result were drawn from the model, for its file name: sampler and steps,
-    eta, guidance w and (when guided, but not at every t) its interval, autoguidance's guide run (the
-    last part of its path, and `sampling.guide_checkpoint_step` when given), the noise seed when not 0, and how many
-    captions or scenes (`eval.num_samples`); e.g. 'ddim50_eta1_w3_t150-inf_seed1_n1000',
-    'ddim50_eta1_w2_guide-t2i_2k_n500', 'ddim50_eta1_w2_guide-t2i_steps_step2000_n500'.
+    """How the samples of a result were drawn from the model, for its file name: sampler and steps
+    (ode: its tolerance), eta, guidance w and (when guided, but not at every t) its interval,
+    autoguidance's guide run (the last part of its path, and `sampling.guide_checkpoint_step` when
+    given), the noise seed when not 0, and how many captions or scenes (`eval.num_samples`); e.g.
+    'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500',
+    'ddim50_eta1_w2_guide-t2i_steps_step2000_n500', 'ode_tol1e-05_w0_n1000'.
     Results of other settings get other files."""
     sp = sampling_config(config).sampling
     interval = (sp.guidance_t_min, sp.guidance_t_max)
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
     guide += f"_step{sp.guide_checkpoint_step}" if guide and sp.guide_checkpoint_step else ""
-    return (f"{sp.sampler}{sp.steps}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
+    how = f"ode_tol{sp.ode_tolerance:g}" if sp.sampler == "ode" else f"{sp.sampler}{sp.steps}"
+    return (f"{how}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
 
