@@ -55,7 +55,7 @@ def test_bad_values_name_the_field(field, value, message):
 
 @pytest.mark.parametrize("field, value, message", [
     ("sampling.sampler", "plms", r"sampling\.sampler='plms': must be one of \('ancestral', 'ddim', 'dpm_solver\+\+', "
-                                 r"'heun'\)"),
+                                 r"'heun', 'ode'\)"),
     ("sampling.steps", 101, r"sampling\.steps=101: must be an integer from 1 to diffusion\.num_timesteps=100"),
     ("sampling.steps", 0, r"sampling\.steps=0: must be an integer from 1"),
     ("sampling.eta", 1.5, r"sampling\.eta=1\.5: must be in \[0, 1\]"),
