@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
-from ddpm_jax import checkpoints, generation, input_pipeline, parallel, training
+from ddpm_jax import checkpoints, generation, input_pipeline, parallel, sampling, training
 from ddpm_jax.train_state import learning_rate_schedule, make_optimizer
 from tests.train_helpers import (
     compilation_cache,
@@ -420,10 +420,10 @@ def test_learned_range_trains_the_variance_head(learned_range_run):
 
 @pytest.mark.slow
 def test_learned_range_samples_with_every_sampler(learned_range_run):
-    # Guided (the mean half guided, the variance half from the conditional pass), every sampler:
+    # Guided (the mean half guided, the variance half from the conditional pass), every sampler (ode too):
     # finite images of the right shape, x0 clipped (diffusion.clip_x0).
     config, _, params, _ = learned_range_run
-    for name in ("ancestral", "ddim", "dpm_solver++", "heun"):
+    for name in sampling.SAMPLERS:
         c = config.copy_and_resolve_references()
         c.sampling.update(sampler=name, steps=5, guidance=1.0, num_samples=8, batch_size=8)
         out = generation.run(c, params, generation.make_request(c, label="all"))
