@@ -318,7 +318,7 @@ def pmapped_sampler(config: ConfigDict, spec: S.SampleSpec, image_size: int = 0)
 def _build_sampler(config: ConfigDict, spec: S.SampleSpec, side: int):
     model = unet_from_config(config)
     guide_model = unet_from_config(check_guide(config)) if autoguided(config) else None
-    if config.sampling.sampler == "ode":  # an adaptive solver needs a smooth map: bfloat16's rounding is not
+    if config.sampling.sampler == "ode":  # in bfloat16 the solver's error estimate would measure rounding
         model = model.clone(dtype=jnp.float32)
         guide_model = guide_model and guide_model.clone(dtype=jnp.float32)
     s = D.schedule_from_config(config.diffusion, config.sampling.steps)

@@ -110,7 +110,7 @@ def ode_log_likelihood(s: Schedule, kind: str, model_fn: diffusion.ModelFn, y: j
         return _divergence(drift, state[0], probe)
 
     (x1, delta), evals, done = ode.dormand_prince(f, (y, jnp.zeros(y.shape[0], jnp.float32)), u0, u1, rtol=rtol,
-                                              atol=atol, max_steps=max_steps)
+                                                  atol=atol, max_steps=max_steps)
     var1 = 1.0 + jnp.exp(2.0 * u1)  # of x_ve at sigma_1 when x_T ~ N(0, I)
     dims = math.prod(y.shape[1:])
     prior = -0.5 * (jnp.sum(x1 ** 2, axis=tuple(range(1, y.ndim))) / var1 + dims * jnp.log(2 * math.pi * var1))
