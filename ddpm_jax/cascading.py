@@ -26,7 +26,7 @@ from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
 STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "guidance_t_min": float, "guidance_t_max": float,
-                "eta": float, "aug_level": float, "sr_strength": float}
+                "eta": float, "aug_level": float, "sr_strength": float, "ode_tolerance": float}
 KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}  # as errors name the types
 
 
@@ -90,7 +90,10 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
             c.sampling.num_samples = num_samples
         if seed is not None:
             c.sampling.seed = seed + k
-        validate_sampling(c)
+        try:
+            validate_sampling(c)
+        except UserError as e:  # a value set for every stage may fit one and not another: name the stage
+            raise UserError(f"stage {k} ({stage.workdir}): {e}") from None
         if k == 0 and c.model.low_res_size:
             raise UserError(f"--stages: the first stage ({stage.workdir}) is a super-resolution model "
                             f"(model.low_res_size={c.model.low_res_size}); the cascade starts with a base model.")

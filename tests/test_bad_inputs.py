@@ -260,6 +260,8 @@ CASES = [
     (cascade, ["--stages={cond},{cond}"], "each stage must upscale"),
     (cascade, ["--stages={cond}", "--steps=1,2"], "--steps=1,2: give one value, or one per stage (1)"),
     (cascade, ["--stages={cond}", "--guidance=x"], "--guidance=x: each value must be a number"),
+    (cascade, ["--stages={cond}", "--sampler=ode", "--ode_tolerance=2"],
+     "stage 0 ({cond}): sampling.ode_tolerance=2.0"),
     (cascade, ["--stages={cond}", "--prompt=a red circle"], "no stage of this cascade takes text"),
     (cascade, ["--stages={cond}", "--label=12"], "--label=12"),
     (cascade, ["--stages={cond}", "extra"], "unexpected arguments"),
