@@ -288,6 +288,11 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+def sampler_name(sampler: str, steps: int, ode_tolerance: float) -> str:
+    """A sampler and what sets its evaluations, for names of files: 'ddim50', 'heun19', 'ode_tol1e-05'."""
+    return f"ode_tol{ode_tolerance:g}" if sampler == "ode" else f"{sampler}{steps}"
+
+
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r}: must be one of {sorted(SAMPLERS)}.")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import generation, image_utils
+from ddpm_jax import generation, image_utils, sampling
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 DEFAULT_SETTINGS = ("ddim:50", "ancestral:1000", "ddim:10", "ddim:50:0")
@@ -41,8 +41,10 @@ def parse_settings(config: ConfigDict, settings) -> list[tuple[str, object]]:
         c.sampling.sampler, c.sampling.steps = sampler, steps
         c.sampling.guidance = c.sampling.guidance if guidance is None else guidance
         c.sampling.eta = 0.0
+        c.sampling.ode_tolerance = c.eval.ode_tolerance  # --ode_tolerance, as for evaluate's other commands
         validate_sampling(c)
-        plans.append((f"{sampler} {steps} steps, w={c.sampling.guidance:g}", c))
+        how = f"ode tol {c.sampling.ode_tolerance:g}" if sampler == "ode" else f"{sampler} {steps} steps"
+        plans.append((f"{how}, w={c.sampling.guidance:g}", c))
     return plans
 
 
@@ -94,7 +96,8 @@ def run(config: ConfigDict, params, plans, *, num_per_class: int, out: str) -> s
         sp = c.sampling
         if not jax.process_index():  # every process sampled; process 0 alone writes
             grid = image_utils.make_grid(r["images"], nrow=num_per_class)
-            image_utils.save_png(os.path.join(out, f"{sp.sampler}_{sp.steps}_w{sp.guidance:g}.png"), grid, scale=4)
+            how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance)
+            image_utils.save_png(os.path.join(out, f"{how}_w{sp.guidance:g}.png"), grid, scale=4)
             print(f"{name}: {100 * r['accuracy']:.1f}% in {r['seconds']:.0f}s", file=sys.stderr)
         rows.append((name, r))
     return markdown_table(rows, config.model.num_classes)

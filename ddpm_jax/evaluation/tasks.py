@@ -368,7 +368,7 @@ def sampling_name(config: ConfigDict) -> str:
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
     guide += f"_step{sp.guide_checkpoint_step}" if guide and sp.guide_checkpoint_step else ""
-    how = f"ode_tol{sp.ode_tolerance:g}" if sp.sampler == "ode" else f"{sp.sampler}{sp.steps}"
+    how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance)
     return (f"{how}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
             f"{f'_seed{sp.seed}' if sp.seed else ''}_n{sp.num_samples}")
