@@ -206,6 +206,8 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                         "the null text) disagree: give --prompt.")
     if mask is None and {"jump_length", "jump_n_sample"} & given:
         raise UserError("--jump_length/--jump_n_sample apply to inpainting: give --mask too.")
+    if "ode_tolerance" in given and sp.sampler != "ode":
+        raise UserError(f"--ode_tolerance applies to --sampler=ode (this is {sp.sampler!r}).")
     if mask is not None and not S.get_sampler(sp.sampler).on_levels:
         raise UserError(f"--mask with --sampler={sp.sampler}: inpainting (RePaint) replaces the known region at the "
                         f"schedule's levels, and {sp.sampler} steps between its own noise levels; use one of "

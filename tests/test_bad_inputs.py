@@ -170,6 +170,7 @@ CASES = [
     (sample, ["--workdir={cond}", "--eta=0.5"], "sampling.eta=0.5 applies to sampling.sampler='ddim'"),
     (sample, ["--workdir={cond}", "--sampler=ddim", "--eta=2"], "sampling.eta=2.0"),
     (sample, ["--workdir={cond}", "--sampler=ode", "--ode_tolerance=0"], "sampling.ode_tolerance=0.0: the ode"),
+    (sample, ["--workdir={cond}", "--ode_tolerance=1e-3"], "--ode_tolerance applies to --sampler=ode (this is "),
     (sample, ["--workdir={cond}", "--sampler=heun", "--init_images={inputs}", "--mask={mask}"],
      "--mask with --sampler=heun: inpainting (RePaint)"),
     (sample, ["--workdir={cond}", "--guidance=-1"], "sampling.guidance=-1.0"),
