@@ -155,6 +155,31 @@ class _Preempted(Exception):
     pass
 
 
+def _evaluate_stopped_and_resumed(monkeypatch, args, result, stopper):
+    """`evaluate ARGS` whole, then stopped by `stopper` (a ProgressBar that raises _Preempted), then
+    again: (the whole run's JSON, the resumed run's, the rerun's stderr); each JSON file is removed
+    once read, and none is written by the stopped run."""
+    from ddpm_jax import generation
+
+    def pop():
+        with open(result) as f:
+            out = json.load(f)
+        os.remove(result)
+        return out
+
+    status, _, err = run_command(evaluate, *args)
+    assert status == 0, err[-2000:]
+    whole = pop()
+    with monkeypatch.context() as m:
+        m.setattr(generation, "ProgressBar", stopper)
+        with pytest.raises(_Preempted):
+            run_command(evaluate, *args)
+    assert not os.path.exists(result)
+    status, _, err = run_command(evaluate, *args)
+    assert status == 0, err[-2000:]
+    return whole, pop(), err
+
+
 def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_one(cwd_with_runs, monkeypatch):
     """evaluate digits (sampling) and bpd stopped after 2 of 3 batches: eval/NAME.partial holds them,
     the same command again computes only the last, writes the uninterrupted result and removes it."""
@@ -164,11 +189,6 @@ def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_
     for args, name in ((("digits", "--num_samples=24"), "digits_step_2_ancestral200_w0_seed3_n24"),
                        (("bpd", "--num_examples=24"), "bpd_step_2_train_n24_seed3")):
         args = (args[0], "--workdir=runs/digits", *args[1:], "--batch_size=8", "--seed=3")
-        status, _, err = run_command(evaluate, *args)
-        assert status == 0, err[-2000:]
-        with open(f"runs/digits/eval/{name}.json") as f:
-            whole = json.load(f)
-        os.remove(f"runs/digits/eval/{name}.json")
 
         class StopAt24(generation.ProgressBar):
             def __call__(self, done, total, resumed=False):
@@ -177,15 +197,10 @@ def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_
                     raise _Preempted
                 super().__call__(done, total, resumed)
 
-        with monkeypatch.context() as m:
-            m.setattr(generation, "ProgressBar", StopAt24)
-            with pytest.raises(_Preempted):
-                run_command(evaluate, *args)
-        assert not os.path.exists(f"runs/digits/eval/{name}.json")
-        status, _, err = run_command(evaluate, *args)
-        assert status == 0 and "resuming: 16/24 images read from the last run" in err, err[-2000:]
-        with open(f"runs/digits/eval/{name}.json") as f:
-            assert json.load(f) == whole
+        whole, resumed, err = _evaluate_stopped_and_resumed(monkeypatch, args, f"runs/digits/eval/{name}.json",
+                                                            StopAt24)
+        assert "resuming: 16/24 images read from the last run" in err, err[-2000:]
+        assert resumed == whole
         assert not os.path.exists(f"runs/digits/eval/{name}.partial")
 
 
@@ -223,25 +238,11 @@ def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_
 
     # `evaluate cascade` the same way: its stages' batches are kept in the base run's eval/.
     args = ("cascade", "--stages=runs/shapes_t2i,runs/shapes_sr", "--num_samples=2", "--seed=5")
-    partial = "runs/shapes_t2i/eval/cascade_shapes_sr_num_samples2_seed5.partial"
-    status, _, err = run_command(evaluate, *args)
-    assert status == 0, err[-2000:]
-    (name,) = [n for n in os.listdir("runs/shapes_t2i/eval") if n.startswith("cascade_") and "seed5" in n]
-    with open(f"runs/shapes_t2i/eval/{name}") as f:
-        whole = json.load(f)
-    os.remove(f"runs/shapes_t2i/eval/{name}")
-    StopInStage1.partial = partial
-    with monkeypatch.context() as m:
-        m.setattr(generation, "ProgressBar", StopInStage1)
-        with pytest.raises(_Preempted):
-            run_command(evaluate, *args)
-    assert sorted(os.listdir(partial)) == ["stage_0"]
-    status, _, err = run_command(evaluate, *args)
-    assert status == 0 and err.count("resuming: 2/2 images read from the last run") == 1, err[-2000:]
-    with open(f"runs/shapes_t2i/eval/{name}") as f:
-        result = json.load(f)
-    os.remove(f"runs/shapes_t2i/eval/{name}")
-    assert result == whole and not os.path.exists(partial)
+    StopInStage1.partial = "runs/shapes_t2i/eval/cascade_shapes_sr_num_samples2_seed5.partial"
+    whole, resumed, err = _evaluate_stopped_and_resumed(
+        monkeypatch, args, "runs/shapes_t2i/eval/cascade_step_2_shapes_sr-2_num_samples2_seed5.json", StopInStage1)
+    assert err.count("resuming: 2/2 images read from the last run") == 1, err[-2000:]
+    assert resumed == whole and not os.path.exists(StopInStage1.partial)
 
 
 @pytest.mark.parametrize("start, shapes", [(API[0], [(100, 8, 8, 1)]), (API[1], [(4, 16, 16, 3), (4, 32, 32, 3)])])
