@@ -480,8 +480,9 @@ def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
 
     The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert` (ode:
     `ode_invert`) under `invert_model_fn` (default `model_fn`; prompt-to-prompt editing inverts
-    under the source prompt and denoises under the target); any sampler denoises (heun from the level's noise, in at
-    most `level` evaluations). Level 0 returns `x0` unchanged. Returns x_0 `[B, ...]` [, frames].
+    under the source prompt and denoises under the target); any sampler denoises (heun from the
+    level's noise, in at most `level` evaluations). Level 0 returns `x0` unchanged. Returns x_0
+    `[B, ...]` [, frames].
     """
     if level == 0:
         return (x0, x0[None]) if num_frames else x0
