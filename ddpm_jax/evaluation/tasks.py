@@ -269,6 +269,8 @@ def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     sp = config.sampling
     result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
                   steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
+    if sp.sampler == "ode":  # its steps are the solver's
+        result["ode_tolerance"] = sp.ode_tolerance
     if generation.autoguided(config):
         result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
