@@ -380,17 +380,19 @@ def run(config: ConfigDict, params, req: Request, progress=None, *, uint8: bool 
               if value is not None}
     store = chunk_store.for_model(resume_dir, config, params, spec=repr(req.spec), image_size=req.image_size,
                                   uint8=uint8)
+    post = (lambda c, out: _checked_uint8(c, out, config.sampling.sampler)) if uint8 else None
     return parallel.pad_shard_unpad(lambda c, shard: fn(params, jax.random.fold_in(key, c), shard), inputs,
-                                    config.sampling.batch_size, progress, post=_checked_uint8 if uint8 else None,
-                                    store=store)
+                                    config.sampling.batch_size, progress, post=post, store=store)
 
 
-def _checked_uint8(c: int, out: dict) -> dict:
+def _checked_uint8(c: int, out: dict, sampler: str) -> dict:
     """A batch's outputs with its images as uint8, after checking that they are finite."""
     bad = int((~np.isfinite(out["images"])).any(axis=tuple(range(1, out["images"].ndim))).sum())
     if bad:
-        raise UserError(f"{bad} of the {len(out['images'])} samples of batch {c} are not finite: the checkpoint's "
-                        "params are broken (a diverged run?).")
+        why = "the checkpoint's params are broken (a diverged run?)"
+        if sampler == "ode":
+            why = f"the ode solver did not reach --ode_tolerance in {S.ODE_MAX_TRIES:,} tries, or {why}"
+        raise UserError(f"{bad} of the {len(out['images'])} samples of batch {c} are not finite: {why}.")
     return {**out, "images": image_utils.to_uint8(out["images"])}
 
 

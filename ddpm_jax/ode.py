@@ -31,7 +31,8 @@ def dormand_prince(f, y0, u0: float, u1: float, *, rtol: float, atol: float, max
     |y_new|)) over each leaf, is at most 1 for every leaf (so a small leaf, as log p is beside an
     image, is held to the tolerance too); the next step is h 0.9 err^(-1/5), within [0.2 h, 10 h]
     (Hairer, Norsett & Wanner, Sec. II.4). One `lax.while_loop` (its trip count is the solver's).
-    Returns (y(u1), evaluations of f, whether u1 was reached within `max_steps` tries).
+    Returns (y(u1), evaluations of f, whether u1 was reached within `max_steps` tries); a solve whose
+    step size shrinks below float32's resolution (f not finite, or stiff beyond it) stops there, failed.
     """
     def step(carry):
         u, h, y, k1, evals, tries, _ = carry
@@ -53,8 +54,9 @@ def dormand_prince(f, y0, u0: float, u1: float, *, rtol: float, atol: float, max
         return u, h * factor, keep(y_new, y), keep(k7, k1), evals + 6, tries + 1, ok & last
 
     def going(carry):
-        *_, tries, done = carry
-        return ~done & (tries < max_steps)
+        u, h, *_, tries, done = carry
+        # A step size below float32's resolution at u can never move u: the solve has failed (e.g. f is NaN).
+        return ~done & (tries < max_steps) & (u + h > u)
 
     u0, u1 = jnp.asarray(u0, jnp.float32), jnp.asarray(u1, jnp.float32)
     carry = (u0, (u1 - u0) / 100, y0, f(y0, u0), jnp.int32(1), jnp.int32(0), jnp.bool_(False))

@@ -217,6 +217,9 @@ def heun_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise:
     return x_next * jax.lax.rsqrt(1.0 + sigma_next ** 2), x0, state
 
 
+ODE_MAX_TRIES = 2000  # the ode sampler's solver steps (accepted or not) before a batch comes out NaN
+
+
 def ode_plan(s: Schedule, start: int, opts: StepOptions):
     """One step, the whole path: from level `start`'s sigma (for generation the model's largest)."""
     return np.zeros(1, np.int32), {"sigma": s.sqrt_recipm1_alphas_cumprod[start - 1][None]}
@@ -235,12 +238,12 @@ def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: 
     deterministic samplers (ddim, heun) with the same options as their steps grow; clipping leaves the
     map only Lipschitz, which costs the solver steps where it binds. The step size is shared by the
     batch (the error norm is over all of it), so an image's result moves, within the tolerance, with
-    the others in its batch. A batch the solver does not finish in 2,000 tries comes out NaN.
+    the others in its batch. A batch the solver does not finish in `ODE_MAX_TRIES` comes out NaN.
     """
     sigma, lo = row["sigma"], s.model_log_sigma[0]
     f = lambda y, v: denoised(s, kind, model_fn, y, jnp.exp(-v), opts) - y
     y, _, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma), -lo,
-                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance)
+                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
     x0 = jnp.where(done, denoised(s, kind, model_fn, y, jnp.exp(lo), opts), jnp.nan)
     return x0, x0, state
 
@@ -455,7 +458,7 @@ def ode_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level: 
     lo, hi = s.model_log_sigma[0], s.sqrt_recipm1_alphas_cumprod[level - 1]
     f = lambda y, u: y - denoised(s, kind, model_fn, y, jnp.exp(u), opts)
     y, _, done = ode.dormand_prince(f, x0 * jnp.sqrt(1.0 + jnp.exp(2.0 * lo)), lo, jnp.log(hi),
-                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance)
+                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
     return jnp.where(done, y * jax.lax.rsqrt(1.0 + hi ** 2), jnp.nan)
 
 

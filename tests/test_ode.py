@@ -17,3 +17,11 @@ def test_dormand_prince_on_a_closed_form():
     _, _, done = ode.dormand_prince(lambda y, u: -2.0 * u * y, jnp.ones(2), 0.0, 2.0, rtol=1e-8, atol=0.0,
                                     max_steps=5)
     assert not bool(done)
+
+
+def test_a_solve_that_cannot_advance_stops_early_and_says_so():
+    # f is NaN from the start: every step is rejected and h shrinks 5x per try until u + h == u,
+    # well before max_steps (which would cost 6 evaluations per try).
+    _, evals, done = jax.jit(lambda: ode.dormand_prince(lambda y, u: y * jnp.nan, jnp.ones(2), 1.0, 2.0, rtol=1e-5,
+                                                        atol=1e-5))()
+    assert not bool(done) and 1 < (evals - 1) // 6 < 30, evals

@@ -199,3 +199,19 @@ def test_a_sample_command_stopped_by_ctrl_c_resumes_and_writes_the_images_of_an_
         np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
         np.testing.assert_array_equal(resumed["labels"], whole["labels"])
 
+
+
+def test_non_finite_samples_stop_at_the_first_batch_naming_it():
+    """A diverged checkpoint's samples are a one-line error at batch 0, before a later batch is drawn
+    or anything is kept; with the ode sampler the message also names the solver's budget."""
+    config = _config(num_classes=0)
+    config.sampling.update(num_samples=16, batch_size=8)
+    params = jax.tree.map(lambda p: np.full_like(p, np.nan), create_train_state(config, 0).ema_params)
+    calls = []
+    for sampler, why in (("ddim", r"the checkpoint's params are broken"),
+                         ("ode", r"the ode solver did not reach --ode_tolerance in 2,000 tries, or the checkpoint's")):
+        config.sampling.sampler = sampler
+        with pytest.raises(UserError, match=rf"^8 of the 8 samples of batch 0 are not finite: {why}"):
+            generation.run(config, params, generation.make_request(config), lambda *a, **k: calls.append(a),
+                           uint8=True)
+    assert calls == []
