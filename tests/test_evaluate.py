@@ -36,7 +36,6 @@ def test_load_samples_formats(tmp_path):
         tasks.load_samples(str(tmp_path / "nan.npz"))
 
 
-
 def test_samples_from_a_folder_of_images(tmp_path):
     """A folder of PNGs (`sample --individual`'s images/, another program's samples): read in name
     order as stored, greyscale as 1 channel and colour as 3; no labels; images of different sizes or

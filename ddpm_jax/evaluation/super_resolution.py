@@ -70,11 +70,8 @@ def sr(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
         for name, images in (("model", out), ("bicubic", up), ("originals", originals)):
             result.setdefault(name, {}).update(shape_rates(images, captions))
     sp = config.sampling
-    result.update(split=split, num_examples=len(originals), sampler=sp.sampler, steps=sp.steps,
-                  guidance=sp.guidance, aug_level=sp.aug_level, low_res_size=config.model.low_res_size,
-                  image_size=config.data.image_size)
-    if sp.sampler == "ode":  # its steps are the solver's
-        result["ode_tolerance"] = sp.ode_tolerance
+    result.update(split=split, num_examples=len(originals), **T.sampler_fields(sp), aug_level=sp.aug_level,
+                  low_res_size=config.model.low_res_size, image_size=config.data.image_size)
     return result
 
 

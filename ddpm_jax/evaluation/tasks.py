@@ -267,10 +267,8 @@ def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     for k in ("colour", "count", "shape", "all"):
         result[f"{k}_one"], result[f"{k}_two"] = rate(v[k][~two]), rate(v[k][two])
     sp = config.sampling
-    result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), sampler=sp.sampler,
-                  steps=sp.steps, guidance=sp.guidance, image_size=config.data.image_size)
-    if sp.sampler == "ode":  # its steps are the solver's
-        result["ode_tolerance"] = sp.ode_tolerance
+    result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), **sampler_fields(sp),
+                  image_size=config.data.image_size)
     if generation.autoguided(config):
         result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
@@ -355,6 +353,12 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
     write_result(workdirs[0], f"cascade_step_{base['step']}{runs}{settings}", result)
     cascading.clear_resume_dir(partial, len(workdirs))
     return result
+
+
+def sampler_fields(sp: ConfigDict) -> dict:
+    """How a result's samples were drawn, for its JSON: sampler, steps (ode: its tolerance too), guidance."""
+    ode = {"ode_tolerance": sp.ode_tolerance} if sp.sampler == "ode" else {}
+    return {"sampler": sp.sampler, "steps": sp.steps, **ode, "guidance": sp.guidance}
 
 
 def sampling_name(config: ConfigDict) -> str:
