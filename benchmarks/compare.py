@@ -59,7 +59,9 @@ def table(ours, cached, variants, peer) -> str:
             lines.append(f"peer {what} failed: {rec['error']}")
     if tr:
         lines.append(f"train step {tr['step_s'] * 1e3:.2f} ms"
-                     + (f" (host dispatch {tr['dispatch_s'] * 1e3:.2f} ms per call)" if "dispatch_s" in tr else "")
+                     + (f" (host dispatch {tr['dispatch_s'] * 1e3:.2f} ms per call" if "dispatch_s" in tr else "")
+                     + (f", process CPU {tr['host_cpu_s'] * 1e3:.2f} ms per call" if "host_cpu_s" in tr else "")
+                     + (")" if "dispatch_s" in tr else "")
                      + f", compile {tr['compile_s']:.1f} s"
                      + (f" (second launch with the cache: {cached['train']['compile_s']:.1f} s)" if cached else "")
                      + (f", MFU {tr['mfu']:.1%} of {ours['peak_tflops_per_device']} TFLOP/s" if tr.get("mfu") else ""))

@@ -114,13 +114,13 @@ def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profi
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     dispatch = []  # host time to enqueue each call; near step_s means the host is the bottleneck
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(num_calls):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         dispatch.append(time.perf_counter() - t0)
     jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for i in range(profile_calls):
@@ -132,6 +132,7 @@ def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profi
     n_dev = jax.local_device_count()
     return dict(batch=batch_size, steps_per_call=k, timed_steps=steps, step_s=elapsed / steps,
                 images_per_s=steps * batch_size / elapsed, dispatch_s=float(np.median(dispatch)),
+                host_cpu_s=cpu / num_calls,
                 lower_s=lower_s, compile_s=compile_s,
                 flops_per_step=None if flops is None else flops * n_dev,
                 bytes_per_step=None if bytes_accessed is None else bytes_accessed * n_dev,

@@ -44,6 +44,8 @@ def test_benchmark_reports_consistent_figures(result):
     assert tr["batch"] == 16 and tr["timed_steps"] == 2
     assert tr["images_per_s"] == pytest.approx(16 / tr["step_s"])
     assert 0 < tr["dispatch_s"] < tr["step_s"]  # calls return before the step finishes
+    # The whole process's CPU time, XLA's threads included: on CPU they do the step's work.
+    assert 0.3 * tr["step_s"] < tr["host_cpu_s"]
     # A train step (forward, backward, Adam) costs about 3 forward passes, summed over both devices.
     assert 2.5 < tr["flops_per_step"] / (16 * res["model"]["forward_flops_per_image"]) < 4.0
     assert tr["mfu"] == pytest.approx(tr["flops_per_step"] / tr["step_s"] / (2 * 2e12))
@@ -59,6 +61,7 @@ def test_benchmark_reports_consistent_figures(result):
     text = compare.table(res, None, {"nodrop": res}, {})  # no peer: its columns are blank
     assert f"| train images/s (batch 16) | {tr['images_per_s']:,.0f} | - | - |" in text
     assert "floors per step: compute" in text
+    assert f"process CPU {tr['host_cpu_s'] * 1e3:.2f} ms per call" in text
     assert (f"| nodrop | {tr['images_per_s']:,.0f} | {tr['step_s'] * 1e3:.2f} | {tr['dispatch_s'] * 1e3:.2f} | "
             f"{tr['compile_s']:.1f} | {sa['total_s']:.2f} |") in text
 
