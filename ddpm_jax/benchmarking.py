@@ -132,6 +132,7 @@ def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profi
     n_dev = jax.local_device_count()
     return dict(batch=batch_size, steps_per_call=k, timed_steps=steps, step_s=elapsed / steps,
                 images_per_s=steps * batch_size / elapsed, dispatch_s=float(np.median(dispatch)),
+                dispatch_calls_s=[round(d, 6) for d in dispatch],  # a slow start, or a steady cost?
                 host_cpu_s=cpu / num_calls,
                 lower_s=lower_s, compile_s=compile_s,
                 flops_per_step=None if flops is None else flops * n_dev,

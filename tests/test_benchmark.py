@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import compare, kernel_sources, trace_summary
@@ -44,6 +45,8 @@ def test_benchmark_reports_consistent_figures(result):
     assert tr["batch"] == 16 and tr["timed_steps"] == 2
     assert tr["images_per_s"] == pytest.approx(16 / tr["step_s"])
     assert 0 < tr["dispatch_s"] < tr["step_s"]  # calls return before the step finishes
+    calls = tr["dispatch_calls_s"]
+    assert len(calls) == 2 and tr["dispatch_s"] == pytest.approx(np.median(calls), abs=1e-6)
     # The whole process's CPU time, XLA's threads included: on CPU they do the step's work.
     assert 0.3 * tr["step_s"] < tr["host_cpu_s"]
     # A train step (forward, backward, Adam) costs about 3 forward passes, summed over both devices.
