@@ -457,14 +457,16 @@ def frame_indices(num_steps: int, num_frames: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, num_steps - 1, num_frames)).astype(np.int32))
 
 
-def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0, state=None):
+def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0, state=None,
+                 return_state: bool = False):
     """Runs `x = step_fn(x, i)` for each row i of `indices`, in order, as one `lax.scan`.
 
     indices: int `[N]` (schedule indices), or any pytree of arrays with leading axis N (one row per
     step). With `state` (a pytree: a multistep sampler's history) the step is
     `x, state = step_fn(x, i, state)` and the state is carried along with x. With `num_frames > 0`
     it also returns `[F, B, ...]` snapshots of x after F evenly spaced steps (the last is the final
-    x), written into a buffer in the carry rather than stacking all steps. Returns x, or (x, frames).
+    x), written into a buffer in the carry rather than stacking all steps. Returns x, or (x, frames);
+    with `return_state`, (that, the final state).
     """
     if isinstance(indices, (tuple, dict)):
         indices = jax.tree.map(jnp.asarray, indices)
@@ -476,8 +478,8 @@ def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0
     else:
         fn = step_fn
     if not num_frames:
-        (x, _), _ = jax.lax.scan(lambda c, i: (fn(c[0], i, c[1]), None), (x_T, state), indices)
-        return x
+        (x, state), _ = jax.lax.scan(lambda c, i: (fn(c[0], i, c[1]), None), (x_T, state), indices)
+        return (x, state) if return_state else x
     keep = frame_indices(num_steps, num_frames)
     # slot[n] is where step n's output goes; steps that are not kept write to a spare last slot.
     slot = np.full(num_steps, len(keep), np.int32)
@@ -490,5 +492,5 @@ def reverse_scan(step_fn: Callable, x_T: jax.Array, indices, num_frames: int = 0
         return (x, st, jax.lax.dynamic_update_index_in_dim(frames, x, k, 0)), None
 
     frames = jnp.zeros((len(keep) + 1,) + x_T.shape, x_T.dtype)
-    (x, _, frames), _ = jax.lax.scan(body, (x_T, state, frames), (indices, jnp.asarray(slot)))
-    return x, frames[:-1]
+    (x, state, frames), _ = jax.lax.scan(body, (x_T, state, frames), (indices, jnp.asarray(slot)))
+    return ((x, frames[:-1]), state) if return_state else (x, frames[:-1])

@@ -385,6 +385,13 @@ def run(config: ConfigDict, params, req: Request, progress=None, *, uint8: bool 
                                     config.sampling.batch_size, progress, post=post, store=store)
 
 
+def ode_fields(result: dict) -> dict:
+    """{'ode_sampling_evals': network evaluations per image, mean} of a `run` result drawn by the ode
+    sampler, for a result's JSON (bits/dim by ODE records its own as 'ode_evals'); {} for the other
+    samplers."""
+    return {"ode_sampling_evals": float(np.mean(result["ode_evals"]))} if "ode_evals" in result else {}
+
+
 def _checked_uint8(c: int, out: dict, sampler: str) -> dict:
     """A batch's outputs with its images as uint8, after checking that they are finite."""
     bad = int((~np.isfinite(out["images"])).any(axis=tuple(range(1, out["images"].ndim))).sum())
@@ -478,7 +485,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
     if is_main:
         guide = f" (autoguidance by {sp.guide_workdir} step {guide_params(config)[1]})" if autoguided(config) else ""
-        print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {sp.steps} steps, guidance "
+        how = f"tolerance {sp.ode_tolerance:g}" if sp.sampler == "ode" else f"{sp.steps} steps"
+        print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {how}, guidance "
               f"{sp.guidance}{guide}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
     partial = os.path.join(out, PARTIAL_DIR)
     result = run(config, params, req, progress=ProgressBar() if is_main else None, uint8=True, resume_dir=partial)
@@ -487,6 +495,9 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     if is_main:
         paths = write_outputs(out, result["images"], req, config.model.num_classes, individual=individual,
                               figures=grids, masks=result.get("masks"))
+        if "ode_evals" in result:
+            print(f"ode: {ode_fields(result)['ode_sampling_evals']:.1f} network evaluations per image",
+                  file=sys.stderr)
         print("\n".join(p for p in paths if "/images/" not in p))
     chunk_store.clear(partial)
     return paths

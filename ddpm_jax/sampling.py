@@ -242,10 +242,15 @@ def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: 
     """
     sigma, lo = row["sigma"], s.model_log_sigma[0]
     f = lambda y, v: denoised(s, kind, model_fn, y, jnp.exp(-v), opts) - y
-    y, _, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma), -lo,
-                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
+    y, evals, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma), -lo,
+                                        rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
     x0 = jnp.where(done, denoised(s, kind, model_fn, y, jnp.exp(lo), opts), jnp.nan)
-    return x0, x0, state
+    return x0, x0, state + evals + 1
+
+
+def ode_init(x: jax.Array):
+    """The ode sampler's state: its network evaluations so far."""
+    return jnp.int32(0)
 
 
 def level_plan(s: Schedule, start: int, opts: StepOptions):
@@ -287,7 +292,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(ddim_step),
     "dpm_solver++": Sampler(dpm_solver_pp_step, init=dpm_solver_pp_init),
     "heun": Sampler(heun_step, plan=heun_plan, evaluations=heun_evaluations, on_levels=False),
-    "ode": Sampler(ode_step, plan=ode_plan, evaluations=lambda start: None, on_levels=False),
+    "ode": Sampler(ode_step, plan=ode_plan, init=ode_init, evaluations=lambda start: None, on_levels=False),
 }
 
 
@@ -389,9 +394,11 @@ def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0
 
 
 def denoise(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x: jax.Array, start: int, *,
-            sampler: str = "ancestral", opts: StepOptions = StepOptions(), num_frames: int = 0):
+            sampler: str = "ancestral", opts: StepOptions = StepOptions(), num_frames: int = 0,
+            return_state: bool = False):
     """Runs `sampler` from level `start` (x given there) down to level 0, carrying x and the sampler's
-    state in one scan over its plan. Returns x_0 [, frames]."""
+    state in one scan over its plan. Returns x_0 [, frames]; with `return_state`, (that, the sampler's
+    final state: ode's network evaluations)."""
     m = get_sampler(sampler)
     i, rows = m.plan(s, start, opts)
 
@@ -401,21 +408,22 @@ def denoise(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x: jax.Ar
         x, _, state = m.step(s, kind, model_fn, x, i, noise, opts, state, row)
         return x, state
 
-    return D.reverse_scan(body, x, (i, rows), num_frames, state=m.init(x))
+    return D.reverse_scan(body, x, (i, rows), num_frames, state=m.init(x), return_state=return_state)
 
 
 def generate(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, shape, *,
              sampler: str = "ancestral", opts: StepOptions = StepOptions(), num_frames: int = 0,
-             x_T: jax.Array | None = None):
+             x_T: jax.Array | None = None, return_state: bool = False):
     """Samples `shape` images from x_T ~ N(0, I) (or the given x_T) by `sampler` on the S levels of
     `s` (heun: `network_evaluations`, at most S).
 
-    Returns x_0 `[B, ...]`, or (x_0, frames `[F, B, ...]`) with `num_frames > 0`.
+    Returns x_0 `[B, ...]`, or (x_0, frames `[F, B, ...]`) with `num_frames > 0`; `return_state`: as
+    `denoise`.
     """
     if x_T is None:
         x_T = jax.random.normal(jax.random.fold_in(key, s.num_timesteps), shape, jnp.float32)
     return denoise(s, kind, model_fn, key, x_T, s.num_timesteps, sampler=sampler, opts=opts,
-                   num_frames=num_frames)
+                   num_frames=num_frames, return_state=return_state)
 
 
 def strength_to_level(strength: float, num_steps: int) -> int:
@@ -478,20 +486,22 @@ def noised_to(s: Schedule, kind: str, key: jax.Array, x0: jax.Array, level: int,
 
 def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.Array, level: int, *,
             sampler: str = "ancestral", opts: StepOptions = StepOptions(), invert: bool = False,
-            num_frames: int = 0, invert_model_fn: ModelFn | None = None):
+            num_frames: int = 0, invert_model_fn: ModelFn | None = None, return_state: bool = False):
     """SDEdit (Meng et al. 2022): noise `x0` to `level` (see `strength_to_level`) and denoise it.
 
     The noising is q(x_t | x_0) (Eq. 4), or with `invert` the deterministic `ddim_invert` (ode:
     `ode_invert`) under `invert_model_fn` (default `model_fn`; prompt-to-prompt editing inverts
     under the source prompt and denoises under the target); any sampler denoises (heun from the
     level's noise, in at most `level` evaluations). Level 0 returns `x0` unchanged. Returns x_0
-    `[B, ...]` [, frames].
+    `[B, ...]` [, frames]; `return_state`: as `denoise` (the denoising's alone).
     """
     if level == 0:
-        return (x0, x0[None]) if num_frames else x0
+        out = (x0, x0[None]) if num_frames else x0
+        return (out, get_sampler(sampler).init(x0)) if return_state else out
     x = noised_to(s, kind, jax.random.fold_in(key, s.num_timesteps), x0, level, invert=invert,
                   invert_model_fn=invert_model_fn or model_fn, sampler=sampler, opts=opts)
-    return denoise(s, kind, model_fn, key, x, level, sampler=sampler, opts=opts, num_frames=num_frames)
+    return denoise(s, kind, model_fn, key, x, level, sampler=sampler, opts=opts, num_frames=num_frames,
+                   return_state=return_state)
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 0, jump_n_sample: int = 1) -> np.ndarray:
@@ -661,7 +671,8 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     network (`unet_model_fn`), None for classifier-free guidance.
 
     Returns {'images': `[b, H, W, C]`}, with `spec.num_frames` 'frames' `[b, F, H, W, C]`, with
-    `spec.mask_level` 'masks' `[b, H, W, 1]`.
+    `spec.mask_level` 'masks' `[b, H, W, 1]`, with the ode sampler 'ode_evals' int `[b]` (the network
+    evaluations of the solve that drew each image's batch, guidance's doubled batch counted once).
     """
     conditional = model.num_classes or model.text_encoder != "none" or model.low_res_size
     if model.low_res_size:
@@ -669,7 +680,9 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     cond = batch["cond"] if conditional else None
     model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval,
                              guide)
-    kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
+    count = spec.sampler == "ode" and not spec.inpaint  # the ode sampler's evaluations (it cannot inpaint)
+    kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames) | (
+        {"return_state": True} if count else {})
     source = batch.get("source_cond")
     invert_model_fn = None if source is None else unet_model_fn(model, params, source)
     extra = {}
@@ -689,6 +702,9 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
                       invert_model_fn=invert_model_fn)
     else:
         out = generate(s, kind, model_fn, key, (batch["cond"]["drop"].shape[0],) + tuple(image_shape), **kw)
+    if count:
+        out, evals = out
+        extra["ode_evals"] = jnp.full(batch["cond"]["drop"].shape[:1], evals)
     if not spec.num_frames:
         return {"images": out, **extra}
     return {"images": out[0], "frames": jnp.swapaxes(out[1], 0, 1), **extra}

@@ -109,6 +109,8 @@ def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
     assert status == 0, (command, err[-3000:])
     if module is sample:
         assert "samples.png" in out and "samples.npz" in out
+        # the ode sampler chooses its network evaluations, and says how many
+        assert ("network evaluations per image" in err) == ("--sampler=ode" in command), err[-2000:]
     elif module is cascade:
         assert "cascade.png" in out
     else:
@@ -122,7 +124,8 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     monkeypatch.chdir(cwd_with_runs)
     runs = [("digits", "--num_samples=10"), ("digits", "--num_samples=10", "--steps=5"),
             ("digits", "--num_samples=10", "--seed=1"), ("bpd", "--num_examples=8"), ("bpd", "--num_examples=4"),
-            ("bpd", "--num_examples=4", "--seed=1"), ("bpd", "--num_examples=4", "--bpd_method=ode")]
+            ("bpd", "--num_examples=4", "--seed=1"), ("bpd", "--num_examples=4", "--bpd_method=ode"),
+            ("digits", "--num_samples=10", "--sampler=ode", "--ode_tolerance=1e-2")]
     for args in runs:
         status, _, err = run_command(evaluate, args[0], "--workdir=runs/digits", *args[1:])
         assert status == 0, (args, err[-2000:])
@@ -131,6 +134,8 @@ def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypa
     with open("runs/digits/eval/bpd_step_2_ode_tol1e-05_train_n4.json") as f:
         ode = json.load(f)
     assert ode["bpd_method"] == "ode" and ode["ode_unfinished"] == 0 and 0 < ode["bpd"] < 20 and ode["ode_evals"] > 7
+    with open("runs/digits/eval/digits_step_2_ode_tol0.01_w0_n10.json") as f:
+        assert json.load(f)["ode_sampling_evals"] > 7  # the ode sampler's network evaluations per image
     np.savez("mine.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     status, _, err = run_command(evaluate, "digits", "--workdir=runs/digits", "--samples=mine.npz")
     assert status == 0, err[-2000:]

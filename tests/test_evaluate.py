@@ -113,6 +113,11 @@ def test_in_loop_evaluator_on_digits(tmp_path):
     out = in_loop.Evaluator(config)(8, params, writer)
     assert set(out) == {"bpd", "ode_evals", "ode_unfinished"} and np.isfinite(out["bpd"]) and out["ode_evals"] > 7
     assert writer.scalars[8]["eval/ode_evals"] == out["ode_evals"]
+    # Samples by the ode sampler: its evaluations per image beside the metrics, apart from bits/dim's.
+    config.sampling.sampler, config.eval.ode_tolerance, config.eval.num_samples = "ode", 1e-2, 8
+    out = in_loop.Evaluator(config)(9, params, writer)
+    assert out["ode_sampling_evals"] > 7 and out["ode_sampling_evals"] != out["ode_evals"]
+    assert writer.scalars[9]["eval/ode_sampling_evals"] == out["ode_sampling_evals"]
 
 
 @pytest.mark.slow

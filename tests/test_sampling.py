@@ -220,6 +220,12 @@ def test_network_evaluations_are_counted():
         jax.block_until_ready(S.generate(s, "eps", counted, jax.random.key(0), (2, 4), sampler=sampler, opts=EXACT))
         jax.effects_barrier()
         assert len(calls) == S.network_evaluations(sampler, steps) == {9: 9, 10: 9, 7: 7}[steps], (sampler, steps)
+    # The ode sampler chooses its own: its state counts them, the solver's and the final D's.
+    calls.clear()
+    opts = EXACT._replace(ode_tolerance=1e-3)
+    x, evals = S.generate(s, "eps", counted, jax.random.key(0), (2, 4), sampler="ode", opts=opts, return_state=True)
+    jax.effects_barrier()
+    assert x.shape == (2, 4) and 20 < int(evals) == len(calls)
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it

@@ -44,7 +44,8 @@ class Evaluator:
     def __call__(self, step: int, params, writer) -> dict:
         out = {}
         if self.fid or self.digits:
-            images, labels = tasks.generate(self.config, params)
+            images, labels, ode = tasks.generate(self.config, params)
+            out.update(ode)
             if self.digits:
                 out.update(digits_classifier.digits_metrics(self.classifier, images, labels, self.real_digits))
             if self.fid:

@@ -63,15 +63,16 @@ def sr(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     captions = T.captions(config, split, len(originals)) if text or config.data.dataset == "shapes" else None
     config = T.sampling_config(config)
     req = generation.paired_request(config, low_res, prompts=captions if text else None)
-    out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
+    drawn = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
+    out = drawn["images"]
     up = bicubic(low_res, config.data.image_size)
     result = {"model": image_metrics(out, originals, low_res), "bicubic": image_metrics(up, originals, low_res)}
     if config.data.dataset == "shapes":
         for name, images in (("model", out), ("bicubic", up), ("originals", originals)):
             result.setdefault(name, {}).update(shape_rates(images, captions))
     sp = config.sampling
-    result.update(split=split, num_examples=len(originals), **T.sampler_fields(sp), aug_level=sp.aug_level,
-                  low_res_size=config.model.low_res_size, image_size=config.data.image_size)
+    result.update(split=split, num_examples=len(originals), **T.sampler_fields(sp), **generation.ode_fields(drawn),
+                  aug_level=sp.aug_level, low_res_size=config.model.low_res_size, image_size=config.data.image_size)
     return result
 
 

@@ -116,14 +116,15 @@ def sampling_config(config: ConfigDict):
     return config
 
 
-def generate(config: ConfigDict, params, progress=None, resume_dir=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, and their labels
-    (classes in equal blocks for class-conditional models, else None). `progress`, `resume_dir`: as
-    `generation.run` takes them."""
+def generate(config: ConfigDict, params, progress=None, resume_dir=None) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                  dict]:
+    """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, their labels
+    (classes in equal blocks for class-conditional models, else None) and `generation.ode_fields`.
+    `progress`, `resume_dir`: as `generation.run` takes them."""
     config = sampling_config(config)
     req = generation.make_request(config)
-    images = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
-    return images, (req.labels if config.model.num_classes else None)
+    out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
+    return out["images"], (req.labels if config.model.num_classes else None), generation.ode_fields(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +259,8 @@ def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     config = sampling_config(config)
     config.sampling.num_samples = 1  # per caption
     req = generation.make_request(config, prompts=texts)
-    images = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)["images"]
+    out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
+    images = out["images"]
     v = shapes_checker.per_image(images, texts)
     two = v["two_objects"]
     rate = lambda x: float(x.mean()) if x.size else float("nan")
@@ -268,7 +270,7 @@ def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
         result[f"{k}_one"], result[f"{k}_two"] = rate(v[k][~two]), rate(v[k][two])
     sp = config.sampling
     result.update(split=split, num_samples=len(texts), num_two_objects=int(two.sum()), **sampler_fields(sp),
-                  image_size=config.data.image_size)
+                  **generation.ode_fields(out), image_size=config.data.image_size)
     if generation.autoguided(config):
         result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
@@ -444,6 +446,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         raise UserError(f"{command} samples from noise; this run is a super-resolution model "
                         f"(model.low_res_size={config.model.low_res_size}): use `evaluate sr` or `evaluate cascade`.")
     images = labels = None
+    ode = {}  # the ode sampler's evaluations per image, where the command samples by it
     if samples is not None:
         images, labels = load_samples(samples)
         if command == "fid":
@@ -482,7 +485,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     else:
         if images is None:
             name = f"{name}_{how}"
-            images, labels = generate(config, params, progress, partial(name))
+            images, labels, ode = generate(config, params, progress, partial(name))
         else:
             name = f"{name}_{os.path.splitext(os.path.basename(os.path.normpath(samples)))[0]}"
         if command == "fid":
@@ -490,7 +493,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             result = fid_is_kid(images, variables, reference, per_device_batch=per_device_batch)
         else:
             result = digits(images, labels, e.digits_classifier)
-        result.update(num_samples=len(images))
+        result.update(num_samples=len(images), **ode)
     result.update(step=step)
     write_result(workdir, name, result)
     if workdir:
