@@ -11,13 +11,13 @@ x_T is `normal(fold_in(key, S))`.
 
 A sampler (`Sampler`, registered by name in `SAMPLERS`) is a step function, a plan and an initial
 carried state:
-    plan(s, start, opts) -> (i int32 `[N]`, rows: a pytree of `[N, ...]` arrays, or None)
+    plan(s, start, opts, num_frames) -> (i int32 `[N]`, rows: a pytree of `[N, ...]` arrays, or None)
     init(x) -> state (a pytree; () for one-step samplers)
     step(s, kind, model_fn, x, i, noise, opts, state, row) -> (x after the step, x0_hat, state)
 `denoise` scans `step` over the plan from a starting level, carrying (x, state). The default plan
 is the schedule's levels, i = start - 1, ..., 0, no rows; a multistep method keeps its history in
 the state (`dpm_solver_pp_step`); a method on its own noise levels has its own plan (`heun_plan`;
-`ode_plan`, one step that runs an adaptive solver).
+`ode_plan`, one step that runs an adaptive solver, or one per frame when frames are asked for).
 x between steps is always the variance-preserving x at the step's noise level, so frames look alike.
 Adding a sampler is one step function (and plan or init when it needs them) and one entry there.
 """
@@ -146,7 +146,7 @@ def dpm_solver_pp_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, 
     return ratio * x + (a[i] - ratio * a[i + 1]) * d, x0, (x0, jnp.ones((), bool))
 
 
-def heun_plan(s: Schedule, start: int, opts: StepOptions, rho: float = 7.0):
+def heun_plan(s: Schedule, start: int, opts: StepOptions, num_frames: int = 0, rho: float = 7.0):
     """Heun's steps from level `start` of `s`: n = (start + 1) // 2 noise levels, 2n - 1 evaluations.
 
     Karras et al. 2022 Eq. 5: sigma_k = (sigma_hi^(1/rho) + k/(n-1) (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho,
@@ -220,17 +220,24 @@ def heun_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise:
 ODE_MAX_TRIES = 2000  # the ode sampler's solver steps (accepted or not) before a batch comes out NaN
 
 
-def ode_plan(s: Schedule, start: int, opts: StepOptions):
-    """One step, the whole path: from level `start`'s sigma (for generation the model's largest)."""
-    return np.zeros(1, np.int32), {"sigma": s.sqrt_recipm1_alphas_cumprod[start - 1][None]}
+def ode_plan(s: Schedule, start: int, opts: StepOptions, num_frames: int = 0):
+    """One step, the whole path: from level `start`'s sigma (for generation the model's largest) to the
+    model's smallest. With `num_frames` > 1 (`--figures`), that many pieces, evenly spaced in log
+    sigma, each solved to the tolerance: the frames show the path. Rows: 'sigma', 'sigma_next' (0 for
+    the last piece, which ends in D there)."""
+    n = max(num_frames, 1)
+    log_sigma = jnp.linspace(jnp.log(s.sqrt_recipm1_alphas_cumprod[start - 1]), s.model_log_sigma[0], n + 1)
+    return np.zeros(n, np.int32), {"sigma": jnp.exp(log_sigma[:-1]),
+                                   "sigma_next": jnp.exp(log_sigma[1:]).at[-1].set(0.0)}
 
 
 def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: jax.Array,
              opts: StepOptions, state=(), row=None):
     """The probability-flow ODE (Song et al. 2021, Eq. 13) solved by Dormand-Prince 5(4) with adaptive
     steps (`ode.dormand_prince`, rtol = atol = `opts.ode_tolerance`), as score_sde's ODE sampler, from
-    row['sigma'] to the model's smallest noise level, then x_0 = D(x; sigma_min) there (score_sde's
-    final denoising step). In x_ve = x / sqrt(abar) and v = -log sigma:
+    row['sigma'] to row['sigma_next'], or where that is 0 (the last piece of `ode_plan`) to the model's
+    smallest noise level, then x_0 = D(x; sigma_min) there (score_sde's final denoising step); a piece
+    before the last returns x at sigma_next as its x0_hat too. In x_ve = x / sqrt(abar) and v = -log sigma:
 
         dx_ve/dv = D(x_ve; e^-v) - x_ve       (EDM's dx/dsigma = (x - D) / sigma, Karras et al. 2022).
 
@@ -240,12 +247,16 @@ def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: 
     batch (the error norm is over all of it), so an image's result moves, within the tolerance, with
     the others in its batch. A batch the solver does not finish in `ODE_MAX_TRIES` comes out NaN.
     """
-    sigma, lo = row["sigma"], s.model_log_sigma[0]
+    sigma, sigma_next, lo = row["sigma"], row["sigma_next"], s.model_log_sigma[0]
+    last = sigma_next == 0.0
     f = lambda y, v: denoised(s, kind, model_fn, y, jnp.exp(-v), opts) - y
-    y, evals, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma), -lo,
+    y, evals, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma),
+                                        jnp.where(last, -lo, -jnp.log(jnp.where(last, 1.0, sigma_next))),
                                         rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
-    x0 = jnp.where(done, denoised(s, kind, model_fn, y, jnp.exp(lo), opts), jnp.nan)
-    return x0, x0, state + evals + 1
+    x_next = jax.lax.cond(last, lambda y: denoised(s, kind, model_fn, y, jnp.exp(lo), opts),
+                          lambda y: y * jax.lax.rsqrt(1.0 + sigma_next ** 2), y)
+    x_next = jnp.where(done, x_next, jnp.nan)
+    return x_next, x_next, state + evals + last
 
 
 def ode_init(x: jax.Array):
@@ -253,8 +264,8 @@ def ode_init(x: jax.Array):
     return jnp.int32(0)
 
 
-def level_plan(s: Schedule, start: int, opts: StepOptions):
-    """The schedule's own levels: steps i = start - 1, ..., 0, no rows."""
+def level_plan(s: Schedule, start: int, opts: StepOptions, num_frames: int = 0):
+    """The schedule's own levels: steps i = start - 1, ..., 0, no rows (frames are some of them)."""
     return np.arange(start - 1, -1, -1, dtype=np.int32), None
 
 
@@ -400,7 +411,7 @@ def denoise(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x: jax.Ar
     state in one scan over its plan. Returns x_0 [, frames]; with `return_state`, (that, the sampler's
     final state: ode's network evaluations)."""
     m = get_sampler(sampler)
-    i, rows = m.plan(s, start, opts)
+    i, rows = m.plan(s, start, opts, num_frames)
 
     def body(x, step_in, state):
         i, row = step_in

@@ -183,6 +183,35 @@ def test_ode_sampler_is_the_probability_flow_to_its_tolerance():
     assert np.abs(M_ddim - M64).max() > 1e-2  # the reference tells it from a 20-step sampler
 
 
+def test_ode_frames_are_points_of_the_flow():
+    """With frames asked for (`--figures`) the ode path is solved in pieces, evenly spaced in log sigma:
+    each frame is x at its piece's end, on the closed-form flow to the tolerance, the last x_0."""
+    def sqrtm(A):
+        lam, U = np.linalg.eigh(A)
+        return U @ np.diag(np.sqrt(lam)) @ U.T
+
+    s, F = _respaced(1000), 4
+    hi, lo = float(s.sqrt_recipm1_alphas_cumprod[-1]), float(np.exp(s.model_log_sigma[0]))
+    model = continuous_eps_model(s, GAUSS_MU, WIDE)
+    run = jax.jit(lambda: S.generate(s, "eps", model, jax.random.key(0), None, sampler="ode",
+                                     opts=EXACT._replace(ode_tolerance=1e-5), x_T=BASIS, num_frames=F,
+                                     return_state=True))
+    (x0, frames), evals = run()
+    frames = np.asarray(frames, np.float64)
+    assert frames.shape == (F, 5, 4)
+    np.testing.assert_array_equal(frames[-1], x0)
+    for k, sig in enumerate(np.exp(np.linspace(np.log(hi), np.log(lo), F + 1))[1:-1]):
+        R = sqrtm(WIDE + sig ** 2 * np.eye(4)) @ np.linalg.inv(sqrtm(WIDE + hi ** 2 * np.eye(4)))
+        M = np.sqrt(1 + hi ** 2) / np.sqrt(1 + sig ** 2) * R
+        c = (GAUSS_MU - R @ GAUSS_MU) / np.sqrt(1 + sig ** 2)
+        np.testing.assert_allclose((frames[k, 1:] - frames[k, 0]).T, M, atol=5e-5)
+        np.testing.assert_allclose(frames[k, 0], c, atol=5e-5)
+    M1, c1 = _affine_map("ode", 1000, opts=EXACT._replace(ode_tolerance=1e-5))  # in one piece
+    np.testing.assert_allclose((x0[1:] - x0[0]).T, M1, atol=5e-5)
+    np.testing.assert_allclose(x0[0], c1, atol=5e-5)
+    assert int(evals) > 4 * 6  # every piece took solver steps, and the last its D
+
+
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_second_order_samplers_converge_faster():
     """The law of x_0 from x_T ~ N(0, I) is N(c, M M^T); its covariance error ||M M^T - Sigma||_F
