@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -169,3 +170,21 @@ def test_kernel_sources_traces_each_kernel_to_its_model_part():
         (("unmatched", "-", "memcpy128"), 2)]
     text = kernel_sources.table(rows, lambda s, i: s[0], steps, "phase", 10)
     assert "| backward | 0.015 | 0.5 | 48.4% |" in text
+
+
+@pytest.mark.slow  # a minute and a half each: the GPU scripts at toy sizes
+@pytest.mark.parametrize("script", ["run_gpu.sh", "gpu_levers.sh"])
+def test_gpu_script_runs_end_to_end_at_toy_sizes(tmp_path, script):
+    """Device time is scarce: the prepared scripts are checked here (SMOKE=1: the tiny config on CPU,
+    without torch the peer is skipped) before a GPU session spends its minutes on them."""
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), WORK=str(tmp_path / "work"), JAX_PLATFORMS="cpu")
+    r = subprocess.run(["bash", f"benchmarks/{script}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| train images/s (batch 16) |" in table, table  # ddpm_jax's own figures
+    variant = {"run_gpu.sh": "rbg", "gpu_levers.sh": "spc5"}[script]  # the first of each script's SMOKE variants
+    assert f"| {variant} |" in table, table
+    log = next(p for p in tmp_path.iterdir() if p.suffix == ".log").read_text()
+    failed = [line for line in re.findall(r"^[\w ]+ failed$", log, re.M) if line != "peer failed"]  # the scripts' marks
+    assert not failed, log[-3000:]
