@@ -36,6 +36,7 @@ class Stage:
     config: ConfigDict
     params: object = None
     step: int | None = None  # of the checkpoint read (before: the one asked for; None: the newest)
+    ode: dict = dataclasses.field(default_factory=dict)  # after `run`: `generation.ode_fields` of its samples
 
 
 def per_stage(name: str, values, num_stages: int, kind=None) -> list:
@@ -150,8 +151,9 @@ def run(stages: list[Stage], *, prompts: list[str] | None = None, label: str | N
             stage.params, stage.step = checkpoints.load_params(stage.workdir, stage.config, step=stage.step)
         try:
             kept = None if resume_dir is None else os.path.join(resume_dir, f"stage_{k}")
-            outputs.append(generation.run(stage.config, stage.params, req, progress=progress, uint8=True,
-                                          resume_dir=kept)["images"])
+            out = generation.run(stage.config, stage.params, req, progress=progress, uint8=True, resume_dir=kept)
+            outputs.append(out["images"])
+            stage.ode = generation.ode_fields(out)
         except UserError as e:  # non-finite samples, or no folder for its batches: name the stage
             raise UserError(f"stage {k} ({stage.workdir}): {e}") from None
     return outputs
@@ -187,9 +189,11 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
     outputs = run(stages, prompts=prompts, label=label, progress=generation.ProgressBar(), resume_dir=partial)
     paths = []
     for k, (stage, images) in enumerate(zip(stages, outputs)):
+        sp = stage.config.sampling
+        how = (f"tolerance {sp.ode_tolerance:g}, {stage.ode['ode_sampling_evals']:.1f} network evaluations per "
+               "image" if stage.ode else f"{sp.steps} steps")
         print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
-              f"{stage.config.sampling.sampler} {stage.config.sampling.steps} steps, guidance "
-              f"{stage.config.sampling.guidance:g}", file=sys.stderr)
+              f"{sp.sampler} {how}, guidance {sp.guidance:g}", file=sys.stderr)
         paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), images,
                                           first, stages[0].config.model.num_classes,
                                           individual=individual and k == len(stages) - 1)

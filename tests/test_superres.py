@@ -235,6 +235,11 @@ def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
     outputs = cascading.run(cascading.load_stages([base, crops], {"steps": ["2"]}, num_samples=1),
                             prompts=prompts[:1])
     assert [o.shape for o in outputs] == [(1, 8, 8, 3), (1, 16, 16, 3)]
+    # the ode sampler in the second stage only: that stage counts its network evaluations
+    stages = cascading.load_stages([base, crops], {"steps": ["2"], "sampler": ["ddim", "ode"], "eta": ["0"],
+                                                   "ode_tolerance": ["1e-2"]}, num_samples=1)
+    cascading.run(stages, prompts=prompts[:1])
+    assert stages[0].ode == {} and stages[1].ode["ode_sampling_evals"] > 7
 
 
 def test_cascade_checkpoint_step_chooses_each_stage_checkpoint(tmp_path):

@@ -97,7 +97,7 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
         result["bicubic_base"] = {"size": outputs[-1].shape[1],
                                   **shape_rates(bicubic(outputs[0], outputs[-1].shape[1]), texts)}
     result["stages"] = [{"workdir": st.workdir, "step": st.step,
-                         **{k: st.config.sampling[k] for k in ("seed", *cascading.STAGE_FIELDS)}}
+                         **{k: st.config.sampling[k] for k in ("seed", *cascading.STAGE_FIELDS)}, **st.ode}
                         for st in stages]
     result.update(split=split, num_samples=len(texts))
     return result
