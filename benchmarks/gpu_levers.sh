@@ -30,7 +30,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   VARIANTS=${VARIANTS-"spc5:--config.training.steps_per_call=5 rbg_nodrop:JAX_DEFAULT_PRNG_IMPL=rbg+--config.model.dropout=0.0"}
 else
   CONFIG=configs/cifar10.py BASE=${BASE-} BUDGET_S=${BUDGET_S:-330}
-  SIZES=(--train_calls=30)
+  SIZES=(--train_calls=100)
   VARIANTS=${VARIANTS-"cudnn:--config.model.attention=cudnn nodrop:--config.model.dropout=0.0 \
 b256:--config.training.batch_size=256 \
 cbwhile:--config.training.steps_per_call=4+XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}

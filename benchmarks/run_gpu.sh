@@ -47,7 +47,7 @@ bench() { env "${setting[@]}" python3 -m ddpm_jax.benchmark --config=$CONFIG "${
 python3 benchmarks/peer_torch.py "${PEER[@]}" --out "$OUT/peer.jsonl" >>"$LOG" 2>&1 || echo "peer failed" >>"$LOG"
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 bench --skip="${SKIP-parts}" --out="$OUT/ddpm_jax.json" --profile_dir=/tmp/ddpm_jax_profile >/dev/null || echo "ddpm_jax failed" >>"$LOG"
-bench --skip=parts,sample,large --train_calls=5 --out="$OUT/ddpm_jax_cached.json" >/dev/null \
+bench --skip=parts,sample,large --out="$OUT/ddpm_jax_cached.json" >/dev/null \
   || echo "cached launch failed" >>"$LOG"
 python3 benchmarks/trace_summary.py /tmp/ddpm_jax_profile >"$OUT/trace.md" 2>>"$LOG"
 python3 benchmarks/compare.py "$OUT" >"$OUT/table.md"  # again below with the variants, if they finish

@@ -23,7 +23,7 @@ SKIPPABLE = ("train", "parts", "sample", "large")
 def define_flags(fv: flags.FlagValues) -> None:
     config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, lock_config=True)
     flags.DEFINE_string("out", "", "Write the results here as JSON.", flag_values=fv)
-    flags.DEFINE_integer("train_calls", 20, "Timed train-step calls (each runs training.steps_per_call steps).",
+    flags.DEFINE_integer("train_calls", 100, "Timed train-step calls (each runs training.steps_per_call steps).",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("sample_batch", 256, "Images for the sampling-time measurement.", lower_bound=1,
                          flag_values=fv)

@@ -213,7 +213,7 @@ def _sampling_mfu(r: dict, forward_flops: float | None, peak: float | None) -> d
     return r
 
 
-def run_benchmark(config: ConfigDict, *, train_calls=20, sample_batch=256, sample_steps=0, large_batch=2048,
+def run_benchmark(config: ConfigDict, *, train_calls=100, sample_batch=256, sample_steps=0, large_batch=2048,
                   large_steps=100, peak=0.0, bandwidth=0.0, skip=(), profile_dir="", profile_calls=3) -> dict:
     """All measurements as one dict (see the module docstring)."""
     validate_config(config, jax.local_device_count())
