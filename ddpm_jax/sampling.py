@@ -251,7 +251,7 @@ def ode_step(s: Schedule, kind: str, model_fn: ModelFn, x: jax.Array, i, noise: 
     last = sigma_next == 0.0
     f = lambda y, v: denoised(s, kind, model_fn, y, jnp.exp(-v), opts) - y
     y, evals, done = ode.dormand_prince(f, x * jnp.sqrt(1.0 + sigma ** 2), -jnp.log(sigma),
-                                        jnp.where(last, -lo, -jnp.log(jnp.where(last, 1.0, sigma_next))),
+                                        jnp.where(last, -lo, -jnp.log(sigma_next)),  # log 0 unused
                                         rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
     x_next = jax.lax.cond(last, lambda y: denoised(s, kind, model_fn, y, jnp.exp(lo), opts),
                           lambda y: y * jax.lax.rsqrt(1.0 + sigma_next ** 2), y)
