@@ -157,19 +157,21 @@ def test_deterministic_samplers_are_the_papers_algorithms():
     assert np.abs(refs["heun"][0] - refs["ddim"][0]).max() > 1e-2
 
 
+def _sqrtm(A):
+    """The symmetric square root of a covariance, float64."""
+    lam, U = np.linalg.eigh(A)
+    return U @ np.diag(np.sqrt(lam)) @ U.T
+
+
 def test_ode_sampler_is_the_probability_flow_to_its_tolerance():
     """On Gaussian data the exact probability-flow ODE is affine in closed form: in x_ve = x / sqrt(abar),
     x_ve(sigma) - mu = (Sigma + sigma^2 I)^(1/2) (Sigma + sigma_hi^2 I)^(-1/2) (x_ve(sigma_hi) - mu), then
     the final x_0 = mu + Sigma (Sigma + sigma_lo^2 I)^(-1) (x_ve - mu). The adaptive solver lands on it to
     its tolerance, whatever --steps (only the table the model is told timesteps on), and a coarser
     tolerance lands farther off."""
-    def sqrtm(A):
-        lam, U = np.linalg.eigh(A)
-        return U @ np.diag(np.sqrt(lam)) @ U.T
-
     sigma = np.sqrt((1 - ABAR) / ABAR)
     hi, lo, eye = sigma[-1], sigma[0], np.eye(4)
-    A = sqrtm(WIDE + lo ** 2 * eye) @ np.linalg.inv(sqrtm(WIDE + hi ** 2 * eye))
+    A = _sqrtm(WIDE + lo ** 2 * eye) @ np.linalg.inv(_sqrtm(WIDE + hi ** 2 * eye))
     B = WIDE @ np.linalg.inv(WIDE + lo ** 2 * eye)
     M64, c64 = np.sqrt(1 + hi ** 2) * B @ A, GAUSS_MU - B @ A @ GAUSS_MU
     errors = {}
@@ -186,10 +188,6 @@ def test_ode_sampler_is_the_probability_flow_to_its_tolerance():
 def test_ode_frames_are_points_of_the_flow():
     """With frames asked for (`--figures`) the ode path is solved in pieces, evenly spaced in log sigma:
     each frame is x at its piece's end, on the closed-form flow to the tolerance, the last x_0."""
-    def sqrtm(A):
-        lam, U = np.linalg.eigh(A)
-        return U @ np.diag(np.sqrt(lam)) @ U.T
-
     s, F = _respaced(1000), 4
     hi, lo = float(s.sqrt_recipm1_alphas_cumprod[-1]), float(np.exp(s.model_log_sigma[0]))
     model = continuous_eps_model(s, GAUSS_MU, WIDE)
@@ -201,7 +199,7 @@ def test_ode_frames_are_points_of_the_flow():
     assert frames.shape == (F, 5, 4)
     np.testing.assert_array_equal(frames[-1], x0)
     for k, sig in enumerate(np.exp(np.linspace(np.log(hi), np.log(lo), F + 1))[1:-1]):
-        R = sqrtm(WIDE + sig ** 2 * np.eye(4)) @ np.linalg.inv(sqrtm(WIDE + hi ** 2 * np.eye(4)))
+        R = _sqrtm(WIDE + sig ** 2 * np.eye(4)) @ np.linalg.inv(_sqrtm(WIDE + hi ** 2 * np.eye(4)))
         M = np.sqrt(1 + hi ** 2) / np.sqrt(1 + sig ** 2) * R
         c = (GAUSS_MU - R @ GAUSS_MU) / np.sqrt(1 + sig ** 2)
         np.testing.assert_allclose((frames[k, 1:] - frames[k, 0]).T, M, atol=5e-5)
