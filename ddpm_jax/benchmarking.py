@@ -216,7 +216,7 @@ def _sampling_mfu(r: dict, forward_flops: float | None, peak: float | None) -> d
 def run_benchmark(config: ConfigDict, *, train_calls=100, sample_batch=256, sample_steps=0, large_batch=2048,
                   large_steps=100, peak=0.0, bandwidth=0.0, skip=(), profile_dir="", profile_calls=3) -> dict:
     """All measurements as one dict (see the module docstring)."""
-    validate_config(config, jax.local_device_count())
+    validate_config(config, jax.local_device_count(), reads_data=False)  # synthetic batches
     device = jax.local_devices()[0]
     sample_steps = sample_steps or config.diffusion.num_timesteps
     peak = peak or _lookup(PEAK_BF16_TFLOPS, device)

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from ml_collections import ConfigDict
 
-from ddpm_jax import chunk_store, files, generation, image_utils
+from ddpm_jax import chunk_store, files, generation, image_utils, sampling
 from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
@@ -190,10 +190,10 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
     paths = []
     for k, (stage, images) in enumerate(zip(stages, outputs)):
         sp = stage.config.sampling
-        how = (f"tolerance {sp.ode_tolerance:g}, {stage.ode['ode_sampling_evals']:.1f} network evaluations per "
-               "image" if stage.ode else f"{sp.steps} steps")
+        evals = f", {stage.ode['ode_sampling_evals']:.1f} network evaluations per image" if stage.ode else ""
         print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
-              f"{sp.sampler} {how}, guidance {sp.guidance:g}", file=sys.stderr)
+              f"{sampling.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance)}{evals}, guidance {sp.guidance:g}",
+              file=sys.stderr)
         paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), images,
                                           first, stages[0].config.model.num_classes,
                                           individual=individual and k == len(stages) - 1)

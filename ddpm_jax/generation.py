@@ -485,8 +485,8 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
     if is_main:
         guide = f" (autoguidance by {sp.guide_workdir} step {guide_params(config)[1]})" if autoguided(config) else ""
-        how = f"tolerance {sp.ode_tolerance:g}" if sp.sampler == "ode" else f"{sp.steps} steps"
-        print(f"step {step} ({'EMA' if ema else 'raw'} params), {sp.sampler}, {how}, guidance "
+        how = S.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance)
+        print(f"step {step} ({'EMA' if ema else 'raw'} params), {how}, guidance "
               f"{sp.guidance}{guide}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
     partial = os.path.join(out, PARTIAL_DIR)
     result = run(config, params, req, progress=ProgressBar() if is_main else None, uint8=True, resume_dir=partial)

@@ -312,6 +312,11 @@ def sampler_name(sampler: str, steps: int, ode_tolerance: float) -> str:
     return f"ode_tol{ode_tolerance:g}" if sampler == "ode" else f"{sampler}{steps}"
 
 
+def sampler_text(sampler: str, steps: int, ode_tolerance: float) -> str:
+    """The same for people: 'ddim, 50 steps', 'ode, tolerance 1e-05'."""
+    return f"ode, tolerance {ode_tolerance:g}" if sampler == "ode" else f"{sampler}, {steps} steps"
+
+
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r}: must be one of {sorted(SAMPLERS)}.")
@@ -691,9 +696,8 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
     cond = batch["cond"] if conditional else None
     model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval,
                              guide)
-    count = spec.sampler == "ode" and not spec.inpaint  # the ode sampler's evaluations (it cannot inpaint)
-    kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames) | (
-        {"return_state": True} if count else {})
+    count = spec.sampler == "ode"  # its state: the network evaluations it chose (it cannot inpaint)
+    kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
     source = batch.get("source_cond")
     invert_model_fn = None if source is None else unet_model_fn(model, params, source)
     extra = {}
@@ -710,9 +714,10 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
                       invert_model_fn=invert_model_fn, **kw)
     elif spec.level is not None:
         out = img2img(s, kind, model_fn, key, batch["x0"], spec.level, invert=spec.invert, **kw,
-                      invert_model_fn=invert_model_fn)
+                      invert_model_fn=invert_model_fn, return_state=count)
     else:
-        out = generate(s, kind, model_fn, key, (batch["cond"]["drop"].shape[0],) + tuple(image_shape), **kw)
+        out = generate(s, kind, model_fn, key, (batch["cond"]["drop"].shape[0],) + tuple(image_shape), **kw,
+                       return_state=count)
     if count:
         out, evals = out
         extra["ode_evals"] = jnp.full(batch["cond"]["drop"].shape[:1], evals)

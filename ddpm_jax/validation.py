@@ -55,11 +55,11 @@ def unet_resolutions(image_size: int, ch_mult) -> tuple[int, ...]:
     return tuple(image_size // 2 ** level for level in range(len(ch_mult)))
 
 
-def validate_data_and_model(config: ConfigDict):
+def validate_data_and_model(config: ConfigDict, reads_data: bool = True):
     d, m = config.data, config.model
     size = _positive_int(config, "data.image_size")
     _one_of(d.channels, "data.channels", (1, 3))
-    _require(d.dataset != "folder" or bool(d.data_dir),
+    _require(not reads_data or d.dataset != "folder" or bool(d.data_dir),
              "data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
     _positive_int(config, "data.shuffle_buffer")
     _non_negative_int(d.random_crop, "data.random_crop")
@@ -323,10 +323,11 @@ def validate_eval(config: ConfigDict, in_loop: bool = False):
                                        "from, in [0, 1) (0: the model's smallest; e.g. 1e-3).")
 
 
-def validate_config(config: ConfigDict, num_devices: int | None = None):
-    """Raises UserError naming the first bad field of a training config. `num_devices`: all JAX devices."""
+def validate_config(config: ConfigDict, num_devices: int | None = None, reads_data: bool = True):
+    """Raises UserError naming the first bad field of a training config. `num_devices`: all JAX devices;
+    `reads_data` False: where the dataset is not asked (the benchmark makes its own batches)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
-    validate_data_and_model(config)
+    validate_data_and_model(config, reads_data)
     validate_diffusion(config)
     validate_training(config, num_devices)
     validate_sampling(config)

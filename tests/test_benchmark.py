@@ -92,6 +92,18 @@ def test_flops_per_step_count_every_step_and_microbatch_of_a_call_also_where_it_
     assert looped["bytes_per_step"] is None  # fusion decides them: unknown without compiling a plain step
 
 
+def test_benchmark_of_a_folder_config_needs_no_folder():
+    """The benchmark makes synthetic batches: a config training on a folder of images (celebahq256,
+    data.data_dir unset) is measured as it is, while training it still asks for the folder."""
+    from configs import celebahq256
+    from ddpm_jax import benchmarking, validation
+    config = celebahq256.get_config()
+    res = benchmarking.run_benchmark(config, skip=("train", "parts", "sample", "large"))  # the checks alone
+    assert res["model"]["params"] > 100_000_000 and res["model"]["image_size"] == 256
+    with pytest.raises(validation.UserError, match="data.data_dir"):
+        validation.validate_config(config, num_devices=8)
+
+
 def test_benchmark_skips_the_forward_flop_count_without_sampling():
     from configs import tiny
     from ddpm_jax import benchmarking
