@@ -64,6 +64,8 @@ SAMPLE_FLAGS = {
                                             "input noised to t = sr_strength * T."),
     "ode_tolerance": ("sampling.ode_tolerance", "--sampler=ode: the ODE solver's relative and absolute tolerance."),
     "seed": ("sampling.seed", "Base random seed."),
+    "text_encoder": ("model.text_encoder_path", "Models of precomputed text embeddings: the frozen T5's folder "
+                                                "that embeds the prompts (default: the run's)."),
 }
 EVAL_FLAGS = {
     "num_samples": ("eval.num_samples", "Samples to generate and score."),

@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text_heads = 4  # trained encoder: attention heads
     c.model.text_attention = "fused"  # fused: text keys/values appended to self-attention's; cross: separate
     c.model.text_emb_dim = 0  # precomputed: D of the dataset's embeddings (projected to text_width)
+    c.model.text_encoder_path = ""  # precomputed: a frozen T5's folder (ddpm_jax.t5); prompts are embedded by it
     # Super-resolution (ddpm_jax.superres): > 0 conditions on the image downsampled to this size,
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
     c.model.low_res_size = 0

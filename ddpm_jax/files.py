@@ -3,8 +3,10 @@ VM reads its inputs from, and writes its results to, the bucket its runs live in
 named `gs:` would go with the VM)."""
 from __future__ import annotations
 
+import json
 import zipfile
 
+import ml_dtypes
 import numpy as np
 from etils import epath
 
@@ -46,3 +48,43 @@ def save_npz(path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         np.savez(f, **arrays)
+
+
+# safetensors' dtype names -> numpy (bfloat16 from ml_dtypes, which JAX depends on)
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _safetensors_header(path: str) -> tuple[dict, int, np.ndarray]:
+    """(header, where the tensor data starts, the file's bytes: memory-mapped when local)."""
+    local = "://" not in str(path)
+    data = np.memmap(path, np.uint8, "r") if local else np.frombuffer(epath.Path(path).read_bytes(), np.uint8)
+    try:
+        size = int(data[:8].view("<u8")[0])
+        header = json.loads(bytes(data[8:8 + size]))
+        assert isinstance(header, dict)
+    except (ValueError, IndexError, AssertionError):
+        raise UserError(f"{path}: not a safetensors file.") from None
+    return header, 8 + size, data
+
+
+def safetensors_names(path: str) -> list[str]:
+    """The tensor names in the safetensors file `path`."""
+    return [name for name in _safetensors_header(path)[0] if name != "__metadata__"]
+
+
+def load_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The tensors `names` (default all) of the safetensors file `path` (an 8-byte little-endian header
+    size, a JSON header of {name: {dtype, shape, data_offsets}}, then the data), as numpy arrays in
+    their stored dtype; only the tensors asked for are read."""
+    header, start, data = _safetensors_header(path)
+    tensors = {}
+    for name in names if names is not None else safetensors_names(path):
+        info = header[name]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not read.")
+        begin, end = info["data_offsets"]
+        tensors[name] = np.array(data[start + begin:start + end].view(_SAFETENSORS_DTYPES[info["dtype"]])
+                                 .reshape(info["shape"]))
+    return tensors

@@ -25,12 +25,12 @@ import numpy as np
 from etils import epath
 from ml_collections import ConfigDict
 
-from ddpm_jax import chunk_store, files, image_utils, parallel, superres, text
+from ddpm_jax import chunk_store, files, image_utils, parallel, superres, t5, text
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.train_state import example_cond
-from ddpm_jax.validation import UserError, check_guide, check_output_dir, validate_sampling
+from ddpm_jax.validation import UserError, check_guide, check_output_dir, check_text_encoder, validate_sampling
 
 FIGURE_ROWS = 8  # images in each process figure
 AUTO_MASK = "auto"  # --mask=auto: DiffEdit's mask, computed from the prompts
@@ -99,8 +99,13 @@ def read_prompts(path: str) -> list[str]:
 
 
 def text_cond(config: ConfigDict, texts: list[str], flag: str) -> dict:
-    """{'tokens', 'mask', 'drop' (False)} of `texts` for a trained text encoder; a text longer than
-    the model reads (`data.max_text_len` - 1 bytes) is a UserError naming `flag`."""
+    """{'tokens', 'mask', 'drop' (False)} of `texts` for a trained text encoder, or {'text_emb', 'mask',
+    'drop'} from the frozen encoder of a precomputed one; a text longer than the model reads
+    (`data.max_text_len` tokens, BOS or EOS included) is a UserError naming `flag`."""
+    if config.model.text_encoder == "precomputed":
+        check_text_encoder(config)
+        emb, mask = t5.load(config.model.text_encoder_path).embed(texts, config.data.max_text_len, flag)
+        return {"text_emb": emb, "mask": mask, "drop": np.zeros(len(texts), bool)}
     limit = config.data.max_text_len - 1
     for t in texts:
         if len(t.encode("utf-8")) > limit:
@@ -142,13 +147,18 @@ def conditioning(config: ConfigDict, *, label=None, prompts=None, prompt_embeddi
     if label is not None:
         raise UserError(f"--label={label}: this run's model is conditioned on text; give --prompt.")
     if m.text_encoder == "precomputed":
-        if prompts is not None or negative_prompt is not None or source_prompt is not None:
-            raise UserError(f"{given_text[0]}: this model reads precomputed text embeddings "
-                            "(model.text_encoder='precomputed'); give --prompt_embedding=FILE.npz.")
-        if prompt_embedding is None:
+        others = [f for f in given_text if f != "--prompt_embedding"]  # text, embedded by a frozen encoder
+        if others and prompt_embedding is not None:
+            raise UserError(f"{others[0]} and --prompt_embedding: give text or its embedding, not both.")
+        if others and not m.text_encoder_path:
+            raise UserError(f"{others[0]}: this model reads precomputed text embeddings (model.text_encoder="
+                            "'precomputed') and has no frozen encoder to embed text (model.text_encoder_path, "
+                            "--text_encoder=T5_FOLDER); give --prompt_embedding=FILE.npz.")
+        if prompt_embedding is not None:
+            return embedding_cond(config, prompt_embedding), None, None, None
+        if not others:
             emb = np.zeros((1, 1, m.text_emb_dim), np.float32)
             return {"text_emb": emb, "mask": np.ones((1, 1), bool), "drop": np.ones(1, bool)}, None, None, None
-        return embedding_cond(config, prompt_embedding), None, None, None
     if prompt_embedding is not None:
         raise UserError("--prompt_embedding: this model encodes text itself (model.text_encoder='trained'); "
                         "give --prompt.")

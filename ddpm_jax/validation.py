@@ -84,7 +84,7 @@ def validate_data_and_model(config: ConfigDict, reads_data: bool = True):
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout!r}: must be in [0, 1).")
     _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
              f"model.num_classes={m.num_classes!r}: must be 0 (unconditional) or the number of classes.")
-    validate_text(config)
+    validate_text(config, reads_data)
     validate_low_res(config)
     _one_of(m.dtype, "model.dtype", DTYPES)
     _one_of(m.attention, "model.attention", ATTENTION_KERNELS)
@@ -102,11 +102,15 @@ def validate_data_and_model(config: ConfigDict, reads_data: bool = True):
             f"below 32 or a multiple of 32: a model.ch that is a multiple of 32 always works.") from None
 
 
-def validate_text(config: ConfigDict):
-    """The text-conditioning fields (`model.text_*`, `data.max_text_len`, `data.random_flip`)."""
+def validate_text(config: ConfigDict, reads_data: bool = True):
+    """The text-conditioning fields (`model.text_*`, `data.max_text_len`, `data.random_flip`); with
+    `reads_data`, also the frozen encoder's config.json."""
     d, m = config.data, config.model
     _one_of(m.text_encoder, "model.text_encoder", TEXT_ENCODERS)
     _one_of(m.text_attention, "model.text_attention", TEXT_ATTENTION)
+    _require(not m.text_encoder_path or m.text_encoder == "precomputed",
+             f"model.text_encoder_path={m.text_encoder_path!r}: a frozen encoder gives precomputed embeddings; set "
+             f"model.text_encoder='precomputed' (model.text_encoder={m.text_encoder!r}).")
     if m.text_encoder == "none":
         return
     _require(not m.num_classes, f"model.num_classes={m.num_classes} and model.text_encoder={m.text_encoder!r}: "
@@ -122,10 +126,23 @@ def validate_text(config: ConfigDict):
                                                    f"model.text_heads={m.text_heads} heads.")
     else:
         _positive_int(config, "model.text_emb_dim")
+        if m.text_encoder_path and reads_data:
+            check_text_encoder(config)
     # Flipping an image swaps left and right but not the words: the caption would lie.
     _require(not (d.random_flip and d.dataset == "shapes"),
              "data.random_flip=True with a text model on 'shapes': flips swap left and right in the image "
              "but not in the caption; set data.random_flip=False.")
+
+
+def check_text_encoder(config: ConfigDict):
+    """UserError unless model.text_encoder_path is a T5 folder whose width is model.text_emb_dim."""
+    from ddpm_jax import t5  # imported here: t5 imports this module
+
+    m = config.model
+    width = t5.read_config(m.text_encoder_path).d_model
+    _require(width == m.text_emb_dim, f"model.text_emb_dim={m.text_emb_dim}: the encoder in model.text_encoder_path="
+                                      f"{m.text_encoder_path!r} makes {width}-wide embeddings; set "
+                                      f"model.text_emb_dim={width}.")
 
 
 def validate_low_res(config: ConfigDict):

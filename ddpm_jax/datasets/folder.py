@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -40,6 +41,7 @@ from ddpm_jax.validation import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXTENSION, EMBEDDING_EXTENSION = ".txt", ".npz"  # NAME.txt / NAME.npz beside NAME.png
 CACHE_DIRNAME = ".ddpm_jax_cache"  # starts with '.', so the scan never reads the cache as images
+EMBED_HINT = " (python -m ddpm_jax.embed writes them from captions NAME.txt with a frozen T5)"
 _CHUNK = 256  # files decoded concurrently; bounds the decoded images held in memory
 
 
@@ -189,6 +191,44 @@ def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.
     return np.pad(emb.astype(np.float32), ((0, pad), (0, 0))), np.pad(mask.astype(bool), (0, pad))
 
 
+def write_embeddings(root: str, embed, encoder: str, batch_size: int = 64) -> tuple[int, int]:
+    """Writes NAME.npz beside every image's caption NAME.txt under `root`: 'text_emb' float32 [l, D],
+    the caption's l tokens as `embed(captions) -> (text_emb [B, L, D], mask [B, L])` gives them, and
+    'encoder', the string `encoder` naming the encoder. A file that already holds this `encoder` and is
+    newer than its caption is kept, so a stopped run resumes; each file appears whole (written under
+    a hidden name, then renamed). Returns (files written, captions)."""
+    listing = scan(root, CAPTION_EXTENSION)
+    if listing.missing:
+        first = listing.missing[0]
+        raise UserError(f"data.data_dir={root!r}: {len(listing.missing)} of its {len(listing.files)} images have no "
+                        f"caption beside them, the first {sidecar_path(first, CAPTION_EXTENSION)!r}.")
+    captions = [sidecar_path(f, CAPTION_EXTENSION) for f in listing.files]
+    todo = [c for c in captions if not _embedded(root, c, encoder)]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        emb, mask = embed([read_caption(root, c) for c in chunk])
+        for caption, e, m in zip(chunk, emb, mask):
+            path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
+            partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+            with open(partial, "wb") as f:
+                np.savez(f, text_emb=e[m], encoder=np.array(encoder))
+            os.replace(partial, path)
+        logging.info("data.data_dir=%s: embedded %d of %d captions", root, start + len(chunk), len(todo))
+    return len(todo), len(captions)
+
+
+def _embedded(root: str, caption: str, encoder: str) -> bool:
+    """Whether the .npz beside `caption` holds `encoder`'s embedding of it (and is newer than it)."""
+    path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
+    try:
+        if os.stat(path).st_mtime_ns < os.stat(os.path.join(root, caption)).st_mtime_ns:
+            return False
+        with np.load(path, allow_pickle=False) as f:
+            return "encoder" in f.files and str(f["encoder"]) == encoder
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
 def _header_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the file's header, None if unreadable (then skipped when decoding)."""
     try:
@@ -245,7 +285,8 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             raise UserError(f"data.data_dir={listing.root!r}: {len(listing.missing)} of its {len(listing.files)} "
                             f"images have no {kind} file beside them, the first "
                             f"{sidecar_path(first, listing.sidecar)!r} (for {first!r}); model.text_encoder="
-                            f"{reader!r} reads NAME{listing.sidecar} beside each image NAME.png.")
+                            f"{reader!r} reads NAME{listing.sidecar} beside each image NAME.png"
+                            f"{EMBED_HINT if self.embedding_shape else ''}.")
         paths = [os.path.join(listing.root, f) for f in listing.files]
         with concurrent.futures.ThreadPoolExecutor() as pool:
             sizes = list(pool.map(_header_size, paths))
