@@ -286,5 +286,5 @@ def load(path: str) -> FrozenT5:
     if processor.eos_id() < 0 or processor.get_piece_size() > config.vocab_size:
         raise UserError(f"{FIELD}={path!r}: {VOCABULARY} ({processor.get_piece_size()} pieces, EOS id "
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
-    params = load_params(path, config)
+    params = jax.device_put(load_params(path, config))  # once: not copied to the device at every call
     return FrozenT5(path, config, params, processor, jax.jit(T5Encoder(config).apply))
