@@ -478,26 +478,26 @@ def ode_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level: 
     model's smallest noise level (where x_0 is taken as x) to level's sigma, to `opts.ode_tolerance`
     (Song et al. 2021, Sec. 4.3: the encoding is unique and exact up to the solver). Decoding it by
     `ode_step` under the same `model_fn` and `opts` returns D(x_0; sigma_min) to that tolerance. A
-    batch the solver does not finish comes out NaN."""
+    batch the solver does not finish comes out NaN. Returns (x_level, the network evaluations)."""
     lo, hi = s.model_log_sigma[0], s.sqrt_recipm1_alphas_cumprod[level - 1]
     f = lambda y, u: y - denoised(s, kind, model_fn, y, jnp.exp(u), opts)
-    y, _, done = ode.dormand_prince(f, x0 * jnp.sqrt(1.0 + jnp.exp(2.0 * lo)), lo, jnp.log(hi),
-                                    rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
-    return jnp.where(done, y * jax.lax.rsqrt(1.0 + hi ** 2), jnp.nan)
+    y, evals, done = ode.dormand_prince(f, x0 * jnp.sqrt(1.0 + jnp.exp(2.0 * lo)), lo, jnp.log(hi),
+                                        rtol=opts.ode_tolerance, atol=opts.ode_tolerance, max_steps=ODE_MAX_TRIES)
+    return jnp.where(done, y * jax.lax.rsqrt(1.0 + hi ** 2), jnp.nan), evals
 
 
 def noised_to(s: Schedule, kind: str, key: jax.Array, x0: jax.Array, level: int, *, invert: bool = False,
               invert_model_fn: ModelFn | None = None, sampler: str = "ancestral",
               opts: StepOptions = StepOptions()) -> jax.Array:
-    """`x0` taken to `level`: by q(x_t | x_0) (Eq. 4) with the noise of `key`, or with `invert`
-    deterministically under `invert_model_fn`: by `ode_invert` for the ode sampler, else by
-    `ddim_invert`."""
+    """(`x0` taken to `level`, the network evaluations of `ode_invert` or 0): by q(x_t | x_0) (Eq. 4)
+    with the noise of `key`, or with `invert` deterministically under `invert_model_fn`: by
+    `ode_invert` for the ode sampler, else by `ddim_invert`."""
     if invert and sampler == "ode":
         return ode_invert(s, kind, invert_model_fn, x0, level, opts)
     if invert:
-        return ddim_invert(s, kind, invert_model_fn, x0, level, variance=opts.variance)
+        return ddim_invert(s, kind, invert_model_fn, x0, level, variance=opts.variance), 0
     t = jnp.full((x0.shape[0],), level - 1, jnp.int32)
-    return D.q_sample(s, x0, t, jax.random.normal(key, x0.shape))
+    return D.q_sample(s, x0, t, jax.random.normal(key, x0.shape)), 0
 
 
 def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.Array, level: int, *,
@@ -509,15 +509,18 @@ def img2img(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
     `ode_invert`) under `invert_model_fn` (default `model_fn`; prompt-to-prompt editing inverts
     under the source prompt and denoises under the target); any sampler denoises (heun from the
     level's noise, in at most `level` evaluations). Level 0 returns `x0` unchanged. Returns x_0
-    `[B, ...]` [, frames]; `return_state`: as `denoise` (the denoising's alone).
+    `[B, ...]` [, frames]; `return_state`: as `denoise` (ode's count includes its encoding's).
     """
     if level == 0:
         out = (x0, x0[None]) if num_frames else x0
         return (out, get_sampler(sampler).init(x0)) if return_state else out
-    x = noised_to(s, kind, jax.random.fold_in(key, s.num_timesteps), x0, level, invert=invert,
-                  invert_model_fn=invert_model_fn or model_fn, sampler=sampler, opts=opts)
-    return denoise(s, kind, model_fn, key, x, level, sampler=sampler, opts=opts, num_frames=num_frames,
-                   return_state=return_state)
+    x, encoding_evals = noised_to(s, kind, jax.random.fold_in(key, s.num_timesteps), x0, level, invert=invert,
+                                  invert_model_fn=invert_model_fn or model_fn, sampler=sampler, opts=opts)
+    out = denoise(s, kind, model_fn, key, x, level, sampler=sampler, opts=opts, num_frames=num_frames,
+                  return_state=return_state)
+    if return_state and sampler == "ode":  # its state counts network evaluations
+        out = (out[0], out[1] + encoding_evals)
+    return out
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 0, jump_n_sample: int = 1) -> np.ndarray:
@@ -596,8 +599,8 @@ def inpaint(s: Schedule, kind: str, model_fn: ModelFn, key: jax.Array, x0: jax.A
     if level is None:
         x = jax.random.normal(start_key, x0.shape, jnp.float32)
     else:
-        x = noised_to(s, kind, start_key, x0, level, invert=invert, invert_model_fn=invert_model_fn or model_fn,
-                      sampler=sampler, opts=opts)
+        x, _ = noised_to(s, kind, start_key, x0, level, invert=invert, invert_model_fn=invert_model_fn or model_fn,
+                         sampler=sampler, opts=opts)
     return D.reverse_scan(body, x, rows, num_frames, state=m.init(x))
 
 

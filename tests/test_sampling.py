@@ -253,6 +253,13 @@ def test_network_evaluations_are_counted():
     x, evals = S.generate(s, "eps", counted, jax.random.key(0), (2, 4), sampler="ode", opts=opts, return_state=True)
     jax.effects_barrier()
     assert x.shape == (2, 4) and 20 < int(evals) == len(calls)
+    # With --invert, the encoding by the same ODE upwards is counted too.
+    calls.clear()
+    x0 = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4)), jnp.float32)
+    x, evals = S.img2img(s, "eps", counted, jax.random.key(0), x0, steps, sampler="ode", opts=opts, invert=True,
+                         return_state=True)
+    jax.effects_barrier()
+    assert 40 < int(evals) == len(calls)
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
