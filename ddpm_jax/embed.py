@@ -1,14 +1,16 @@
 """Embeds the captions of a folder of images with a frozen T5 encoder, for a model of precomputed
 text embeddings (Imagen's recipe: the U-Net attends to a frozen T5's token embeddings).
 
-    python -m ddpm_jax.embed --config=configs/folder_t5.py --config.data.data_dir=DIR \\
-        --config.model.text_encoder_path=T5_FOLDER --config.model.text_emb_dim=D
+    python -m ddpm_jax.embed --config=configs/shapes_t2i.py --config.data.dataset=folder --config.data.data_dir=mine \\
+        --config.model.text_encoder=precomputed --config.model.text_encoder_path=t5-v1_1-xxl \\
+        --config.model.text_emb_dim=4096
 
 Reads the config's `data.data_dir` (images, each with its caption NAME.txt beside it),
 `model.text_encoder_path` (a T5 checkpoint folder in the Hugging Face layout, see `ddpm_jax.t5`) and
 `data.max_text_len` (tokens per caption, EOS included; longer captions are cut, as T5 tokenizers do),
 and writes NAME.npz beside each caption, the file `data.dataset='folder'` reads. Files already written
-by the same encoder are kept, so the same command resumes. Then train with the same config and flags.
+by the same encoder are kept, so the same command resumes. Then train with the same config and flags
+(docs/text_to_image.md, "A frozen T5 encoder").
 The logic is in `ddpm_jax.datasets.folder.write_embeddings`.
 """
 import os
@@ -23,8 +25,8 @@ from ddpm_jax.validation import UserError  # noqa: E402
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    config_flags.DEFINE_config_file("config", None, "The training config, e.g. configs/folder_t5.py.", flag_values=fv,
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "The training config, e.g. configs/shapes_t2i.py with the "
+                                    "overrides above.", flag_values=fv, lock_config=True)
     flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.", lower_bound=1, flag_values=fv)
     flags.mark_flag_as_required("config", flag_values=fv)
 

@@ -209,7 +209,7 @@ def write_embeddings(root: str, embed, encoder: str, batch_size: int = 64) -> tu
         emb, mask = embed([read_caption(root, c) for c in chunk])
         for caption, e, m in zip(chunk, emb, mask):
             path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
-            partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+            partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")  # hosts of a pod
             with open(partial, "wb") as f:
                 np.savez(f, text_emb=e[m], encoder=np.array(encoder))
             os.replace(partial, path)
