@@ -98,3 +98,27 @@ def test_sr_64_256_has_the_upsampler_sizes_and_validates():
     shapes = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
     assert shapes["conv_in"]["kernel"].shape == (3, 3, 6, 192)  # x_t and the upsampled input, on channels
     assert shapes["conv_out"]["kernel"].shape[-1] == 6  # v and the variance interpolation
+
+
+def test_t2i_64_is_the_base_of_sr_64_256_and_validates_with_a_frozen_t5(tmp_path):
+    """The Imagen-like base stage: guided-diffusion's 64x64 sizes, T5-XXL-wide precomputed text, and the
+    same folder embeddings as its second stage; with a frozen T5's folder it validates before training."""
+    c = defaults.load_config_file("configs/t2i_64.py")
+    sr = defaults.load_config_file("configs/sr_64_256.py")
+    m = c.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (192, (1, 2, 3, 4), 3,
+                                                                                     (32, 16, 8))
+    assert (c.data.image_size, sr.model.low_res_size) == (64, 64)
+    assert (m.text_encoder, m.text_emb_dim, c.data.max_text_len) == (sr.model.text_encoder, sr.model.text_emb_dim,
+                                                                     sr.data.max_text_len) == ("precomputed", 4096, 128)
+    c.data.data_dir = "/data/captioned"
+    validation.validate_config(c, num_devices=16)
+    count = sum(p.size for p in jax.tree.leaves(jax.eval_shape(lambda: init_params(c, jax.random.key(0)))))
+    assert round(count / 1e6) == 281  # the docstring's
+    (tmp_path / "config.json").write_text('{"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "num_heads": 64, '
+                                          '"d_ff": 10240, "num_layers": 24, "feed_forward_proj": "gated-gelu"}')
+    c.model.text_encoder_path = str(tmp_path)  # T5-XXL's config.json (google/t5-v1_1-xxl)
+    validation.validate_config(c, num_devices=16)
+    c.model.text_emb_dim = 2048
+    with pytest.raises(validation.UserError, match="makes 4096-wide embeddings; set model.text_emb_dim=4096"):
+        validation.validate_config(c, num_devices=16)
