@@ -49,8 +49,9 @@ def get_builder(data_config, model_config=None) -> tfds.core.DatasetBuilder:
     'folder' reads the images in `data.data_dir` (`datasets.folder`), prepared at `data.image_size`
     (`data.random_crop` if set) and `data.channels` into `data.cache_dir` (None: a hidden folder
     inside `data.data_dir`), with the text `model_config.text_encoder` reads beside each image:
-    NAME.txt captions ('trained'), or NAME.npz embeddings padded to `data.max_text_len` tokens of
-    `model.text_emb_dim` ('precomputed'). Without `model_config`, images (and labels) only.
+    NAME.txt captions ('trained'), or NAME.npz embeddings of `model.text_emb_dim`, each as long as its
+    caption and padded to `data.max_text_len` tokens in the pipeline ('precomputed'). Without
+    `model_config`, images (and labels) only.
     """
     name = data_config.dataset
     if name == "folder":
@@ -258,6 +259,11 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
             out["tokens"], out["mask"] = tokenize(pick_caption(ex["text"], flip_seed), d.max_text_len)
         if "text_emb" in ex:
             out["text_emb"], out["mask"] = tf.cast(ex["text_emb"], tf.float32), tf.cast(ex["text_mask"], tf.bool)
+            if ex["text_emb"].shape[0] is None:  # a folder's, as long as its caption: zero-padded to L
+                pad = d.max_text_len - tf.shape(out["mask"])[0]
+                out["text_emb"] = tf.ensure_shape(tf.pad(out["text_emb"], [[0, pad], [0, 0]]),
+                                                  [d.max_text_len, config.model.text_emb_dim])
+                out["mask"] = tf.ensure_shape(tf.pad(out["mask"], [[0, pad]]), [d.max_text_len])
         return out
 
     k, per_process = t.steps_per_call, t.batch_size // process_count

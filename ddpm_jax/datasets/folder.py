@@ -11,7 +11,8 @@ With `captions=True` (the input pipeline's choice for model.text_encoder='traine
 needs NAME.txt beside it, its caption (UTF-8, surrounding whitespace dropped), stored as the Text
 feature 'caption'. With `embedding_shape=(L, D)` ('precomputed') it needs NAME.npz holding 'text_emb'
 float [l, D] with l <= L and optionally 'text_mask' bool [l] (default all True), stored as 'text_emb'
-float32 [L, D] and 'text_mask' bool [L], zero- and False-padded to L. A missing or malformed file is a
+float32 [l, D] and 'text_mask' bool [l], as long as each caption (the input pipeline pads them to L:
+a T5-XXL caption of 20 tokens takes 320 KB, not the 2 MB of 128 padded ones). A missing or malformed file is a
 UserError naming it, from `check_images`, before anything is prepared.
 
 The prepared copy goes to `CACHE_ROOT/<S>px_<C>ch[_captions|_emb<L>x<D>]_<fingerprint>/folder/<version>/`,
@@ -169,8 +170,8 @@ def read_caption(root: str, relpath: str) -> str:
 
 
 def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(text_emb float32 [L, D], text_mask bool [L]) from the .npz `relpath` under `root`, padded from
-    its own length l <= L = shape[0]; a UserError naming the file if it is not such an .npz."""
+    """(text_emb float32 [l, D], text_mask bool [l]) from the .npz `relpath` under `root`, of its own
+    length l <= L = shape[0]; a UserError naming the file if it is not such an .npz."""
     length, dim = shape
     where = f"data.data_dir={root!r}: {relpath}"
     arrays = load_npz(os.path.join(root, relpath), "data.data_dir", ("text_emb",), where=where)
@@ -187,8 +188,7 @@ def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.
     if mask.shape != emb.shape[:1] or not mask.any():
         raise UserError(f"{where}: 'text_mask' must be bool [{len(emb)}] (one per token of 'text_emb') with at "
                         f"least one True, got {mask.dtype} {mask.shape} with {int(np.count_nonzero(mask))} True.")
-    pad = length - len(emb)
-    return np.pad(emb.astype(np.float32), ((0, pad), (0, 0))), np.pad(mask.astype(bool), (0, pad))
+    return emb.astype(np.float32), mask.astype(bool)
 
 
 def write_embeddings(root: str, embed, encoder: str, batch_size: int = 64) -> tuple[int, int]:
@@ -241,8 +241,8 @@ def _header_size(path: str) -> tuple[int, int] | None:
 class Folder(tfds.core.GeneratorBasedBuilder):
     """The images of one folder, prepared at one size and channel count (see the module doc)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Text embeddings stored as long as each caption."}
 
     def __init__(self, *, folder: str, image_size: int, channels: int, cache_dir: str | None = None,
                  captions: bool = False, embedding_shape: tuple[int, int] | None = None,
@@ -267,8 +267,8 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         if self.captions:
             features["caption"] = tfds.features.Text()
         if self.embedding_shape:
-            features["text_emb"] = tfds.features.Tensor(shape=self.embedding_shape, dtype=np.float32)
-            features["text_mask"] = tfds.features.Tensor(shape=self.embedding_shape[:1], dtype=np.bool_)
+            features["text_emb"] = tfds.features.Tensor(shape=(None, self.embedding_shape[1]), dtype=np.float32)
+            features["text_mask"] = tfds.features.Tensor(shape=(None,), dtype=np.bool_)
         return self.dataset_info_from_configs(
             description=f"The images in {self.listing.root}, centre-cropped and resized to {s}x{s}x{c}.",
             features=tfds.features.FeaturesDict(features),
