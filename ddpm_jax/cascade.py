@@ -7,7 +7,8 @@
 stage's size. --sampler, --steps, --guidance (and its interval --guidance_t_min, --guidance_t_max),
 --eta and --aug_level take one value for every stage or one per stage (aug_level is read by
 super-resolution stages only); unset, each run's own `sampling` section holds. --checkpoint_step
-chooses each run's checkpoint the same way (0: the run's newest, the default). Writes
+chooses each run's checkpoint the same way (0: the run's newest, the default); --text_encoder names the
+frozen T5 of the stages that read precomputed text embeddings, if it has moved since training. Writes
 OUT/stage_K/samples.png and .npz per stage and OUT/cascade.png (the stages side by side). The logic
 is in `ddpm_jax.cascading`.
 """
@@ -31,6 +32,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                          flag_values=fv)
     flags.DEFINE_bool("individual", False, "Also write each final image as stage_K/images/NNNNNN.png.",
                       flag_values=fv)
+    flags.DEFINE_string("text_encoder", None, "Stages of precomputed text embeddings: the frozen T5's folder that "
+                        "embeds the prompts (default: each run's model.text_encoder_path).", flag_values=fv)
     flags.DEFINE_list("checkpoint_step", None, "The runs' checkpoints of these steps: one, or one per stage "
                       "(0: the newest, the default).", flag_values=fv)
     for name in cascading.STAGE_FIELDS:
@@ -46,7 +49,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     overrides = {name: fv[name].value for name in cascading.STAGE_FIELDS if fv[name].value is not None}
     cascading.cascade_command(fv.stages, overrides, out=fv.out, prompts=prompts, label=fv.label,
                               num_samples=fv.num_samples, seed=fv.seed,
-                              checkpoint_steps=fv.checkpoint_step, individual=fv.individual)
+                              checkpoint_steps=fv.checkpoint_step, individual=fv.individual,
+                              text_encoder=fv.text_encoder)
 
 
 if __name__ == "__main__":

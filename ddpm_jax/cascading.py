@@ -68,9 +68,11 @@ def choose_checkpoints(values, stages: list[Stage]) -> None:
 
 
 def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_samples: int | None = None,
-                seed: int | None = None, checkpoint_steps: list | None = None) -> list[Stage]:
+                seed: int | None = None, checkpoint_steps: list | None = None,
+                text_encoder: str | None = None) -> list[Stage]:
     """The stages' configs (each run's config.json with `overrides` {field: [value per stage or one]}
-    written into `sampling`), checked as a chain, with the checkpoints to read (`checkpoint_steps`:
+    written into `sampling`, and `text_encoder` into the `model.text_encoder_path` of the stages of
+    precomputed text), checked as a chain, with the checkpoints to read (`checkpoint_steps`:
     `choose_checkpoints`); no checkpoint is read yet."""
     from ddpm_jax import checkpoints
 
@@ -91,6 +93,8 @@ def load_stages(workdirs: list[str], overrides: dict | None = None, *, num_sampl
             c.sampling.num_samples = num_samples
         if seed is not None:
             c.sampling.seed = seed + k
+        if text_encoder is not None and c.model.text_encoder == "precomputed":
+            c.model.text_encoder_path = text_encoder
         try:
             validate_sampling(c)
         except UserError as e:  # a value set for every stage may fit one and not another: name the stage
@@ -176,12 +180,13 @@ def side_by_side(outputs: list[np.ndarray], rows: int = 8) -> np.ndarray:
 
 def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: list[str] | None = None,
                     label: str | None = None, num_samples: int | None = None, seed: int | None = None,
-                    checkpoint_steps: list | None = None, individual: bool = False) -> list[str]:
+                    checkpoint_steps: list | None = None, individual: bool = False,
+                    text_encoder: str | None = None) -> list[str]:
     """`python -m ddpm_jax.cascade`: runs the stages and writes OUT/stage_K/ (each stage's grid and
     .npz, as `python -m ddpm_jax.sample` writes them) and OUT/cascade.png (the stages side by side).
     Returns the paths written."""
     stages = load_stages(workdirs, overrides, num_samples=num_samples, seed=seed,
-                         checkpoint_steps=checkpoint_steps)
+                         checkpoint_steps=checkpoint_steps, text_encoder=text_encoder)
     check_conditioning(stages, prompts, label)
     first = _stage_request(stages[0], None, prompts, label)  # checks the base's prompts/label now
     check_output_dir(out)

@@ -14,7 +14,7 @@ import pytest
 from cli_helpers import run_command
 from PIL import Image
 
-from ddpm_jax import embed, files, generation, main, sample, t5
+from ddpm_jax import cascade, embed, files, generation, main, sample, t5
 from ddpm_jax.defaults import load_config_file
 from ddpm_jax.validation import UserError, validate_text
 
@@ -217,9 +217,9 @@ def test_documented_embed_train_and_sample_commands_run_on_a_folder(tmp_path, mo
     status, _, err = run_command(main, *main_args, *tiny, *small)
     assert status == 0, err
     (sample_args,) = _documented("sample")
+    workdir = next(a.split("=", 1)[1] for a in sample_args if a.startswith("--workdir="))
     status, _, err = run_command(sample, *sample_args, "--num_samples=2", "--batch_size=8")
     assert status == 0, err
-    workdir = next(a.split("=", 1)[1] for a in sample_args if a.startswith("--workdir="))
     with np.load(os.path.join(workdir, "samples", "samples.npz")) as f:
         assert f["arr_0"].shape == (2, 16, 16, 3)
     os.rename(encoder_folder, "moved")  # the run's encoder elsewhere: --text_encoder names it
@@ -228,6 +228,11 @@ def test_documented_embed_train_and_sample_commands_run_on_a_folder(tmp_path, mo
         "the folder of a T5 checkpoint in the Hugging Face layout (config.json, model.safetensors or " \
         "model.safetensors.index.json with its shards, spiece.model).\n", err
     status, _, err = run_command(sample, *sample_args, "--num_samples=2", "--text_encoder=moved")
+    assert status == 0, err
+    stage = [f"--stages={workdir}", "--prompt=a red circle", "--num_samples=2"]
+    status, _, err = run_command(cascade, *stage)
+    assert status == 2 and "error: stage 0" not in err and "model.text_encoder_path=" in err, err
+    status, _, err = run_command(cascade, *stage, "--text_encoder=moved")
     assert status == 0, err
     long = " ".join(["a red circle left of a blue square"] * 8)  # more than data.max_text_len=48 tokens
     status, _, err = run_command(sample, *sample_args, f"--prompt={long}", "--num_samples=2", "--text_encoder=moved")
