@@ -221,7 +221,8 @@ def _embedded(root: str, caption: str, encoder: str) -> bool:
     """Whether the .npz beside `caption` holds `encoder`'s embedding of it (and is newer than it)."""
     path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
     try:
-        if os.stat(path).st_mtime_ns < os.stat(os.path.join(root, caption)).st_mtime_ns:
+        # <=: file times tick coarsely (~4 ms), so a caption edited in the same tick is not missed
+        if os.stat(path).st_mtime_ns <= os.stat(os.path.join(root, caption)).st_mtime_ns:
             return False
         with np.load(path, allow_pickle=False) as f:
             return "encoder" in f.files and str(f["encoder"]) == encoder
