@@ -95,6 +95,8 @@ EVAL_FLAGS = {
                                                     "once to the .npz beside it."),
     "reference_stats": ("eval.reference_stats", "Reference statistics .npz (pytorch-fid layout)."),
     "digits_classifier": ("eval.digits_classifier", "The digits classifier .npz (default: fitted and cached)."),
+    "clip_model": ("eval.clip_model", "clip: the folder of a CLIP checkpoint in the Hugging Face layout "
+                                      "(config.json, model.safetensors, vocab.json, merges.txt)."),
 }
 
 

@@ -170,6 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.inception_weights = ml_collections.FieldReference(None, field_type=str)
     c.eval.reference_stats = ml_collections.FieldReference(None, field_type=str)
     c.eval.digits_classifier = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache/ddpm_jax/
+    c.eval.clip_model = ""  # `evaluate clip`: a CLIP checkpoint's folder (ddpm_jax.evaluation.clip)
     return c
 
 

@@ -17,6 +17,7 @@ digits and shapes rates.
     python -m ddpm_jax.evaluate accuracy --workdir=runs/digits_cond --settings=ddim:50,ddim:10,ddim:50:0
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i [--num_samples=500] [--guidance=0]
     python -m ddpm_jax.evaluate sr --workdir=runs/shapes_sr [--aug_level=0.1]
+    python -m ddpm_jax.evaluate clip --workdir=runs/shapes_t2i --clip_model=clip-vit-base-patch32
     python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500] \\
         [--guidance_t_min=150]
 
@@ -25,7 +26,7 @@ params), print the metrics and write them to WORKDIR/eval/{command}_step_{step}_
 (fid, digits, shapes: ..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_guide-{guide run's
 folder}[_step{guide_checkpoint_step}]]
 [_seed{seed}]_n{num_samples}.json, `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json;
-shapes and sr given --split: ..._step_{step}_{split}_...;
+shapes and sr given --split: ..._step_{step}_{split}_...; clip: ..._step_{step}_{the CLIP's folder}_{the same};
 bpd: ...[_ode_tol{tolerance}[_smin{sigma_min}]]_{split}_n{examples}[_seed{seed}].json; with --samples=F.npz:
 {command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
@@ -48,7 +49,7 @@ from ddpm_jax.validation import UserError
 def define_flags(fv: flags.FlagValues) -> None:
     config_flags.DEFINE_config_file("config", None, "reference_stats: the config naming the dataset "
                                     "(data.dataset, data_dir, image_size).", flag_values=fv, lock_config=False)
-    flags.DEFINE_string("workdir", None, "A training run's --workdir (fid, bpd, digits, accuracy, shapes, sr).",
+    flags.DEFINE_string("workdir", None, "A training run's --workdir (fid, bpd, digits, accuracy, shapes, sr, clip).",
                         flag_values=fv)
     flags.DEFINE_list("stages", None, "cascade: the cascade's runs, base first (each with its own sampling "
                       "settings).", flag_values=fv)

@@ -73,7 +73,8 @@ def test_docs_have_commands_and_most_run_offline():
 def cwd_with_runs(tmp_path_factory):
     """runs/digits, runs/digits_cond, runs/shapes_t2i and runs/shapes_sr trained by the documented
     command (a smaller model, 2 steps; shapes with 40 train / 20 test scenes), runs/shapes_t2i_2k (a
-    copy of runs/shapes_t2i: the same model, as a guide run must be), docs/shapes_prompts.txt, and
+    copy of runs/shapes_t2i: the same model, as a guide run must be), clip-vit-base-patch32 (the tiny
+    random CLIP of tests/data), docs/shapes_prompts.txt, and
     the images the commands read (inputs/, mask.png, shapes_inputs/, shapes_mask.png,
     shapes_low_res/), written by the docs' own snippets, as the docs' commands expect them."""
     from ddpm_jax.datasets import shapes as shapes_ds
@@ -89,6 +90,7 @@ def cwd_with_runs(tmp_path_factory):
                                              f"--config.data.data_dir={d / 'tfds'}", *SMALL_MODEL)
                 assert status == 0, err[-2000:]
         shutil.copytree("runs/shapes_t2i", "runs/shapes_t2i_2k")
+        shutil.copytree(os.path.join(ROOT, "tests", "data", "clip_tiny"), "clip-vit-base-patch32")  # the docs' CLIP
         os.makedirs("docs")
         shutil.copy(os.path.join(ROOT, "docs", "shapes_prompts.txt"), "docs/")
         snippets = documented_python(INPUTS)

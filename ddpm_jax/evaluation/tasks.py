@@ -23,7 +23,8 @@ from ddpm_jax.files import is_file, load_npz
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.validation import UserError, check_output_file, validate_eval, validate_sampling
 
-COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy", "shapes", "sr", "cascade")
+COMMANDS = ("convert_inception", "reference_stats", "fid", "bpd", "digits", "accuracy", "shapes", "sr", "cascade",
+            "clip")
 WEIGHTS_FIELD = "--inception_weights / eval.inception_weights"
 STATS_FIELD = "--reference_stats / eval.reference_stats"
 PARTIAL_SUFFIX = ".partial"  # WORKDIR/eval/NAME.partial: the finished batches of NAME.json (`chunk_store`)
@@ -237,6 +238,50 @@ def captions(config: ConfigDict, split: str, max_examples: int) -> list[str]:
     return texts
 
 
+def caption_samples(config: ConfigDict, params, progress=None, resume_dir=None):
+    """(split, its first `eval.num_samples` captions, the config that sampled, `generation.run`'s output
+    of one uint8 sample per caption, see `sampling_config`), for text-to-image metrics."""
+    split = eval_split(config)
+    texts = captions(config, split, config.eval.num_samples)
+    config = sampling_config(config)
+    config.sampling.num_samples = 1  # per caption
+    req = generation.make_request(config, prompts=texts)
+    return split, texts, config, generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
+
+
+def check_clip(config: ConfigDict) -> None:
+    """UserError unless `config` is a text-to-image run and eval.clip_model a CLIP checkpoint's folder."""
+    from ddpm_jax.evaluation import clip
+
+    if config.model.text_encoder == "none" or config.model.low_res_size:
+        raise UserError(f"clip scores a text-to-image run's samples against their captions (this one has "
+                        f"model.text_encoder={config.model.text_encoder!r}, model.low_res_size="
+                        f"{config.model.low_res_size}).")
+    if not config.eval.clip_model:
+        raise UserError("eval.clip_model='': give --clip_model=FOLDER, a CLIP checkpoint in the Hugging Face layout "
+                        "(e.g. openai/clip-vit-large-patch14, downloaded).")
+    clip.read_config(config.eval.clip_model)
+    validate_sampling(sampling_config(config))
+
+
+def clip_score(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
+    """The CLIP score (`clip.ClipModel.score`, 100 max(cos, 0)) of one sample for each of the first
+    `eval.num_samples` held-out captions against its caption: mean and std over the samples."""
+    from ddpm_jax.evaluation import clip
+
+    check_clip(config)
+    model = clip.load(config.eval.clip_model)  # before sampling: its errors come first
+    split, texts, config, out = caption_samples(config, params, progress, resume_dir)
+    scores = model.score(out["images"], texts)
+    sp = config.sampling
+    result = {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std()), "split": split,
+              "num_samples": len(texts), "clip_model": config.eval.clip_model, **sampler_fields(sp),
+              **generation.ode_fields(out), "image_size": config.data.image_size}
+    if generation.autoguided(config):
+        result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
+    return result
+
+
 def check_shapes(config: ConfigDict) -> None:
     """UserError unless `config` is a text-to-image run on RGB `shapes` with valid sampling settings."""
     d, m = config.data, config.model
@@ -254,14 +299,8 @@ def shapes(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
     'all'), over two-object captions ('relation', 'reversed': the opposite one), and split by
     one/two objects ('*_one', '*_two'). `progress`, `resume_dir`: as `generation.run` takes them."""
     check_shapes(config)
-    split = eval_split(config)
-    texts = captions(config, split, config.eval.num_samples)
-    config = sampling_config(config)
-    config.sampling.num_samples = 1  # per caption
-    req = generation.make_request(config, prompts=texts)
-    out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
-    images = out["images"]
-    v = shapes_checker.per_image(images, texts)
+    split, texts, config, out = caption_samples(config, params, progress, resume_dir)
+    v = shapes_checker.per_image(out["images"], texts)
     two = v["two_objects"]
     rate = lambda x: float(x.mean()) if x.size else float("nan")
     result = {k: rate(v[k]) for k in ("colour", "count", "shape", "all")}
@@ -410,7 +449,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if out is not None and command != "accuracy":
         raise UserError(f"--out={out}: {command} writes WORKDIR/eval/; --out applies to accuracy (its grids), "
                         "convert_inception and reference_stats.")
-    if samples is not None and command in ("bpd", "accuracy"):
+    if samples is not None and command in ("bpd", "accuracy", "clip"):
         raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
     if samples is None and not workdir:
         raise UserError(f"{command} needs --workdir (a training run) or, for fid and digits, --samples.")
@@ -440,6 +479,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         plans = conditional_accuracy.parse_settings(config, settings)
     if command == "shapes":
         check_shapes(config)
+    if command == "clip":
+        check_clip(config)
     if command == "sr":
         super_resolution.check_sr(config)
     elif config.model.low_res_size and command != "bpd":
@@ -471,6 +512,10 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if command == "shapes":
         name = f"{name}{given_split}_{how}"
         result = shapes(config, params, progress, partial(name))
+    elif command == "clip":  # named by the CLIP's folder too: another CLIP gives other scores
+        clip_name = split_name(os.path.basename(os.path.normpath(e.clip_model)))
+        name = f"{name}{given_split}_{clip_name}_{how}"
+        result = clip_score(config, params, progress, partial(name))
     elif command == "sr":
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
         result = super_resolution.sr(config, params, progress, partial(name))

@@ -1,0 +1,74 @@
+"""The CLIP of the CLIP score against Hugging Face transformers' (tests/data/clip_tiny, random weights,
+made by make_clip_fixture.py): token ids, text and image embeddings, the image preprocessing and the
+cosines; its errors; and `evaluate clip` on a small text-to-image run."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from ddpm_jax.evaluation import clip
+from ddpm_jax.validation import UserError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TINY = os.path.join(DATA, "clip_tiny")
+REF = np.load(os.path.join(DATA, "clip_reference.npz"))
+PROMPTS = [str(p) for p in REF["prompts"]]
+
+
+def test_tokens_match_transformers_cut_with_the_end_token_kept():
+    model = clip.load(TINY)
+    ids, mask = model.tokenizer(PROMPTS, 16)
+    np.testing.assert_array_equal(ids, REF["input_ids"])
+    np.testing.assert_array_equal(mask, REF["attention_mask"].astype(bool))
+    for text, full, n in zip(PROMPTS, REF["full_ids"], REF["full_lengths"]):
+        assert model.tokenizer.encode(text) == full[:n].tolist(), text
+    # transformers' normalizer: NFC (e + combining acute is é), and the special tokens written out are themselves
+    assert model.tokenizer.encode("e\u0301cole") == model.tokenizer.encode("\u00e9cole")
+    assert model.tokenizer.encode("a <|endoftext|>")[2:] == [model.tokenizer.eos] * 2
+
+
+def test_embeddings_and_cosines_match_transformers():
+    model = clip.load(TINY)
+    # float32 against HF in float64: 1.1e-6 (text) and 5.4e-7 (images) measured
+    np.testing.assert_allclose(model.embed_texts(PROMPTS, batch_size=4), REF["text_embeds"], rtol=0, atol=1e-5)
+    pixels = clip.preprocess(REF["images"], model.config.image_size)  # 48x40 -> 38x32 bicubic -> the centre 32
+    np.testing.assert_allclose(pixels, REF["pixel_values"].transpose(0, 2, 3, 1), rtol=0, atol=1e-5)
+    images = model.embed_images(REF["images"], batch_size=2)
+    np.testing.assert_allclose(images, REF["image_embeds"], rtol=0, atol=1e-5)
+    # logits_per_image = exp(logit_scale) cos(image, text), of each image (48x40, preprocessed) and prompt
+    cos = REF["logits_per_image"] / np.exp(REF["logit_scale"])
+    n = len(images)
+    np.testing.assert_allclose(model.cosines(REF["images"], PROMPTS[:n]), np.diag(cos[:, :n]), rtol=0, atol=1e-6)
+    assert np.abs(np.diag(cos)).min() > 1e-3  # (the random model's are all negative: -0.21 to -0.04)
+    np.testing.assert_array_equal(model.score(REF["images"], PROMPTS[:n]), 0)
+
+
+def test_clip_score_is_100_times_the_cosine_clamped_at_0():
+    np.testing.assert_allclose(clip.clip_score(np.array([1.0, 0.5 ** 0.5, 0.0, -0.3])), [100, 70.710678, 0, 0])
+
+
+def _error(folder) -> str:
+    with pytest.raises(UserError) as e:
+        clip.load(str(folder))
+    return str(e.value)
+
+
+def test_checkpoint_mistakes_are_errors_naming_the_field(tmp_path):
+    assert _error(tmp_path / "none").startswith(f"eval.clip_model={str(tmp_path / 'none')!r}: no config.json there")
+    folder = tmp_path / "clip"
+    shutil.copytree(TINY, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vision_config": {**config["vision_config"],
+                                                                                 "hidden_act": "gelu"}}))
+    assert "hidden_act ['gelu', 'quick_gelu'] in config.json; this CLIP reads quick_gelu" in _error(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"],
+                                                                               "num_hidden_layers": 3}}))
+    assert ("model.safetensors lacks 16 tensors of its config.json, the first "
+            "'text_model.encoder.layers.2.self_attn.q_proj.weight'") in _error(folder)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "text_config"}))
+    assert "config.json is not a CLIP model's" in _error(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "merges.txt").unlink()
+    assert _error(folder).endswith("no merges.txt (CLIP's BPE vocabulary) there.")
