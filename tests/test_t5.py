@@ -14,7 +14,7 @@ import pytest
 from cli_helpers import run_command
 from PIL import Image
 
-from ddpm_jax import cascade, embed, files, generation, main, sample, t5
+from ddpm_jax import cascade, embed, evaluate, files, generation, main, sample, t5
 from ddpm_jax.defaults import load_config_file
 from ddpm_jax.validation import UserError, validate_text
 
@@ -234,6 +234,10 @@ def test_documented_embed_train_and_sample_commands_run_on_a_folder(tmp_path, mo
     assert status == 2 and "error: stage 0" not in err and "model.text_encoder_path=" in err, err
     status, _, err = run_command(cascade, *stage, "--text_encoder=moved")
     assert status == 0, err
+    clip = os.path.join(ROOT, "tests", "data", "clip_tiny")  # the captions of a folder of embeddings are not kept
+    status, _, err = run_command(evaluate, "clip", f"--workdir={workdir}", f"--clip_model={clip}", "--num_samples=2")
+    assert status == 2 and err.startswith("error: data.text_feature='caption': this run's data ('folder') has no "
+                                          "captions there"), err
     long = " ".join(["a red circle left of a blue square"] * 8)  # more than data.max_text_len=48 tokens
     status, _, err = run_command(sample, *sample_args, f"--prompt={long}", "--num_samples=2", "--text_encoder=moved")
     assert status == 2 and err.startswith("error: --prompt=") and "T5 tokens" in err and err.count("\n") == 1, err

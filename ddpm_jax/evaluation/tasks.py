@@ -230,6 +230,10 @@ def captions(config: ConfigDict, split: str, max_examples: int) -> list[str]:
     if split not in builder.info.splits:
         raise UserError(f"split {split!r}: {d.dataset!r} has splits {sorted(builder.info.splits)} "
                         "(set eval.split or --split).")
+    if d.text_feature.split("/")[0] not in builder.info.features:
+        raise UserError(f"data.text_feature={d.text_feature!r}: this run's data ({d.dataset!r}) has no captions "
+                        f"there (features {sorted(builder.info.features)}; a folder prepared for precomputed "
+                        "embeddings keeps none).")
     ds = builder.as_dataset(split=split, shuffle_files=False).take(max_examples)
     texts = [np.asarray(t).reshape(-1)[0].decode("utf-8") for t in
              tfds.as_numpy(ds.map(lambda ex: input_pipeline.text_feature(ex, d.text_feature)))]
