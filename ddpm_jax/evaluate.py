@@ -18,6 +18,7 @@ digits and shapes rates.
     python -m ddpm_jax.evaluate shapes --workdir=runs/shapes_t2i [--num_samples=500] [--guidance=0]
     python -m ddpm_jax.evaluate sr --workdir=runs/shapes_sr [--aug_level=0.1]
     python -m ddpm_jax.evaluate clip --workdir=runs/shapes_t2i --clip_model=clip-vit-base-patch32
+    python -m ddpm_jax.evaluate clip --samples=samples.npz --prompts=prompts.txt --clip_model=clip-vit-base-patch32
     python -m ddpm_jax.evaluate cascade --stages=runs/shapes_t2i,runs/shapes_sr [--num_samples=500] \\
         [--guidance_t_min=150]
 
@@ -58,6 +59,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) or a folder of PNG/JPEG images, instead of sampling the workdir's "
                         "model.", flag_values=fv)
+    flags.DEFINE_string("prompts", None, "clip: a file of prompts, one per line, scored in place of the held-out "
+                        "captions (the first --num_samples, one sample each); with --samples, the prompts the "
+                        "samples were drawn for, in the order `sample --prompts` writes them.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
     flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write; accuracy: the folder "
                         "of its grids (default WORKDIR/accuracy).", flag_values=fv)
@@ -112,7 +116,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         tasks.workdir_command(command, fv.workdir, cli.apply_flags(config, fv, cli.EVAL_FLAGS), samples=fv.samples,
                               reference_split=fv.reference_split, num_examples=fv.num_examples,
                               per_device_batch=fv.per_device_batch, settings=fv.settings,
-                              num_per_class=fv.num_per_class, out=fv.out, step=_one_step(fv.checkpoint_step))
+                              num_per_class=fv.num_per_class, out=fv.out, step=_one_step(fv.checkpoint_step),
+                              prompts=fv.prompts)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from cli_helpers import run_command
 
+from ddpm_jax import evaluate
 from ddpm_jax.evaluation import clip
 from ddpm_jax.validation import UserError
 
@@ -72,3 +74,26 @@ def test_checkpoint_mistakes_are_errors_naming_the_field(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "merges.txt").unlink()
     assert _error(folder).endswith("no merges.txt (CLIP's BPE vocabulary) there.")
+
+
+def test_evaluate_clip_scores_a_samples_file_against_its_prompts(tmp_path):
+    """`evaluate clip --samples --prompts`: N / P images per prompt, prompt by prompt, as `sample
+    --prompts` writes them; the score is `ClipModel.score` of those pairs."""
+    images = np.concatenate([REF["images"], REF["images"][::-1]])  # 6 images, 3 per prompt
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n\na red circle\n")
+    args = [f"--samples={tmp_path / 'samples.npz'}", f"--clip_model={TINY}"]
+    status, out, err = run_command(evaluate, "clip", *args, f"--prompts={tmp_path / 'prompts.txt'}")
+    assert status == 0, err
+    result = json.loads(out[out.index("{"):out.index("}") + 1])
+    texts = ["a photo of a cat"] * 3 + ["a red circle"] * 3
+    cos = clip.load(TINY).cosines(images, texts)
+    assert result["num_samples"] == 6 and result["num_prompts"] == 2
+    assert result["clip_score"] == pytest.approx(clip.clip_score(cos).mean(), abs=1e-9)
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\nd\n")
+    status, _, err = run_command(evaluate, "clip", *args, f"--prompts={tmp_path / 'prompts.txt'}")
+    assert status == 2 and "6 images for the 4 --prompts" in err, err
+    status, _, err = run_command(evaluate, "clip", *args)
+    assert status == 2 and "give --prompts=FILE too" in err, err
+    status, _, err = run_command(evaluate, "fid", *args, f"--prompts={tmp_path / 'prompts.txt'}")
+    assert status == 2 and "applies to clip" in err, err

@@ -242,22 +242,25 @@ def captions(config: ConfigDict, split: str, max_examples: int) -> list[str]:
     return texts
 
 
-def caption_samples(config: ConfigDict, params, progress=None, resume_dir=None):
+def caption_samples(config: ConfigDict, params, progress=None, resume_dir=None, prompts: list[str] | None = None):
     """(split, its first `eval.num_samples` captions, the config that sampled, `generation.run`'s output
-    of one uint8 sample per caption, see `sampling_config`), for text-to-image metrics."""
-    split = eval_split(config)
-    texts = captions(config, split, config.eval.num_samples)
+    of one uint8 sample per caption, see `sampling_config`), for text-to-image metrics. `prompts`: the
+    captions instead (their first `eval.num_samples`; split None)."""
+    split = None if prompts is not None else eval_split(config)
+    texts = prompts[:config.eval.num_samples] if prompts is not None else captions(config, split,
+                                                                                  config.eval.num_samples)
     config = sampling_config(config)
     config.sampling.num_samples = 1  # per caption
     req = generation.make_request(config, prompts=texts)
     return split, texts, config, generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
 
 
-def check_clip(config: ConfigDict) -> None:
-    """UserError unless `config` is a text-to-image run and eval.clip_model a CLIP checkpoint's folder."""
+def check_clip(config: ConfigDict, samples: bool = False) -> None:
+    """UserError unless eval.clip_model is a CLIP checkpoint's folder and, unless scoring `samples`
+    (a file), `config` a text-to-image run."""
     from ddpm_jax.evaluation import clip
 
-    if config.model.text_encoder == "none" or config.model.low_res_size:
+    if not samples and (config.model.text_encoder == "none" or config.model.low_res_size):
         raise UserError(f"clip scores a text-to-image run's samples against their captions (this one has "
                         f"model.text_encoder={config.model.text_encoder!r}, model.low_res_size="
                         f"{config.model.low_res_size}).")
@@ -265,25 +268,42 @@ def check_clip(config: ConfigDict) -> None:
         raise UserError("eval.clip_model='': give --clip_model=FOLDER, a CLIP checkpoint in the Hugging Face layout "
                         "(e.g. openai/clip-vit-large-patch14, downloaded).")
     clip.read_config(config.eval.clip_model)
-    validate_sampling(sampling_config(config))
+    if not samples:
+        validate_sampling(sampling_config(config))
 
 
-def clip_score(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
+def _clip_result(scores: np.ndarray, clip_model: str) -> dict:
+    return {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std()), "num_samples": len(scores),
+            "clip_model": clip_model}
+
+
+def clip_score(config: ConfigDict, params, progress=None, resume_dir=None, prompts: list[str] | None = None) -> dict:
     """The CLIP score (`clip.ClipModel.score`, 100 max(cos, 0)) of one sample for each of the first
-    `eval.num_samples` held-out captions against its caption: mean and std over the samples."""
+    `eval.num_samples` held-out captions (or `prompts`) against it: mean and std over the samples."""
     from ddpm_jax.evaluation import clip
 
     check_clip(config)
     model = clip.load(config.eval.clip_model)  # before sampling: its errors come first
-    split, texts, config, out = caption_samples(config, params, progress, resume_dir)
-    scores = model.score(out["images"], texts)
+    split, texts, config, out = caption_samples(config, params, progress, resume_dir, prompts)
     sp = config.sampling
-    result = {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std()), "split": split,
-              "num_samples": len(texts), "clip_model": config.eval.clip_model, **sampler_fields(sp),
-              **generation.ode_fields(out), "image_size": config.data.image_size}
+    result = {**_clip_result(model.score(out["images"], texts), config.eval.clip_model), "split": split,
+              **sampler_fields(sp), **generation.ode_fields(out), "image_size": config.data.image_size}
     if generation.autoguided(config):
         result.update(guide_workdir=sp.guide_workdir, guide_step=generation.guide_params(config)[1])
     return result
+
+
+def clip_of_samples(clip_model: str, images: np.ndarray, prompts: list[str], samples: str) -> dict:
+    """The CLIP score of uint8 `images` `[N, H, W, C]` drawn for `prompts`, N / P each in prompt order
+    (as `sample --prompts` writes them)."""
+    from ddpm_jax.evaluation import clip
+
+    if len(images) % len(prompts):
+        raise UserError(f"--samples={samples}: {len(images)} images for the {len(prompts)} --prompts; clip reads "
+                        "the same number for each prompt, prompt by prompt (as `sample --prompts` writes them).")
+    per_prompt = len(images) // len(prompts)
+    scores = clip.load(clip_model).score(images, [p for p in prompts for _ in range(per_prompt)])
+    return {**_clip_result(scores, clip_model), "num_prompts": len(prompts)}
 
 
 def check_shapes(config: ConfigDict) -> None:
@@ -434,7 +454,7 @@ def _enough_for_inception_score(n: int, what: str):
 def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, samples: str | None = None,
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100,
-                    out: str | None = None, step: int | None = None) -> dict:
+                    out: str | None = None, step: int | None = None, prompts: str | None = None) -> dict:
     """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
     the flags; its newest checkpoint, or checkpoint `step`) or, for fid/digits, on a `samples` .npz.
     Checks every input before the checkpoint is read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json
@@ -453,10 +473,17 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if out is not None and command != "accuracy":
         raise UserError(f"--out={out}: {command} writes WORKDIR/eval/; --out applies to accuracy (its grids), "
                         "convert_inception and reference_stats.")
-    if samples is not None and command in ("bpd", "accuracy", "clip"):
-        raise UserError(f"--samples applies to fid and digits; {command} needs the model (--workdir).")
+    if samples is not None and command in ("bpd", "accuracy", "shapes", "sr"):
+        raise UserError(f"--samples applies to fid, digits and clip; {command} needs the model (--workdir).")
     if samples is None and not workdir:
-        raise UserError(f"{command} needs --workdir (a training run) or, for fid and digits, --samples.")
+        raise UserError(f"{command} needs --workdir (a training run) or, for fid, digits and clip, --samples.")
+    if prompts is not None and command != "clip":
+        raise UserError(f"--prompts={prompts}: applies to clip (the captions to score against).")
+    if samples is not None and command == "clip" and prompts is None:
+        raise UserError(f"--samples={samples}: give --prompts=FILE too, the prompts the samples were drawn for.")
+    prompt_list = None if prompts is None else generation.read_prompts(prompts)
+    if prompt_list is not None and samples is None:  # what is sampled, for the result's name and fields
+        config.eval.num_samples = min(config.eval.num_samples, len(prompt_list))
     if samples is not None and step is not None:
         raise UserError(f"--checkpoint_step={step} chooses the checkpoint to sample; --samples={samples} scores "
                         "that file instead: give one of them.")
@@ -484,7 +511,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     if command == "shapes":
         check_shapes(config)
     if command == "clip":
-        check_clip(config)
+        check_clip(config, samples=samples is not None)
     if command == "sr":
         super_resolution.check_sr(config)
     elif config.model.low_res_size and command != "bpd":
@@ -517,9 +544,14 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         name = f"{name}{given_split}_{how}"
         result = shapes(config, params, progress, partial(name))
     elif command == "clip":  # named by the CLIP's folder too: another CLIP gives other scores
-        clip_name = split_name(os.path.basename(os.path.normpath(e.clip_model)))
-        name = f"{name}{given_split}_{clip_name}_{how}"
-        result = clip_score(config, params, progress, partial(name))
+        stem = lambda path: split_name(os.path.splitext(os.path.basename(os.path.normpath(path)))[0])
+        if images is not None:
+            name = f"{name}_{stem(e.clip_model)}_{stem(samples)}"
+            result = clip_of_samples(e.clip_model, images, prompt_list, samples)
+        else:
+            texts = f"_{stem(prompts)}" if prompts else given_split
+            name = f"{name}{texts}_{stem(e.clip_model)}_{how}"
+            result = clip_score(config, params, progress, partial(name), prompt_list)
     elif command == "sr":
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
         result = super_resolution.sr(config, params, progress, partial(name))
