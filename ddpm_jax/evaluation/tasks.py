@@ -455,8 +455,9 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
                     reference_split: str | None = None, num_examples: int | None = None,
                     per_device_batch: int = 50, settings=(), num_per_class: int = 100,
                     out: str | None = None, step: int | None = None, prompts: str | None = None) -> dict:
-    """`fid`, `bpd`, `digits`, `accuracy`, `shapes` or `sr` on the run in `workdir` (with `config`, its config.json and
-    the flags; its newest checkpoint, or checkpoint `step`) or, for fid/digits, on a `samples` .npz.
+    """`fid`, `bpd`, `digits`, `accuracy`, `shapes`, `sr` or `clip` on the run in `workdir` (with `config`, its
+    config.json and the flags; its newest checkpoint, or checkpoint `step`) or, for fid/digits/clip, on a
+    `samples` .npz (clip: scored against the `prompts` file's lines, which also replace the held-out captions).
     Checks every input before the checkpoint is read; writes WORKDIR/eval/COMMAND_step_N_{`sampling_name`}.json
     for what samples the model (fid, digits, shapes; sr: COMMAND_step_N_aug{aug_level}_s{sr_strength}_{the
     same}.json; shapes and sr with `eval.split` set: COMMAND_step_N_{split}_...),
@@ -544,13 +545,14 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         name = f"{name}{given_split}_{how}"
         result = shapes(config, params, progress, partial(name))
     elif command == "clip":  # named by the CLIP's folder too: another CLIP gives other scores
-        stem = lambda path: split_name(os.path.splitext(os.path.basename(os.path.normpath(path)))[0])
+        base = lambda path: split_name(os.path.basename(os.path.normpath(path)))
+        stem = lambda path: os.path.splitext(base(path))[0]
         if images is not None:
-            name = f"{name}_{stem(e.clip_model)}_{stem(samples)}"
+            name = f"{name}_{base(e.clip_model)}_{stem(samples)}"
             result = clip_of_samples(e.clip_model, images, prompt_list, samples)
         else:
             texts = f"_{stem(prompts)}" if prompts else given_split
-            name = f"{name}{texts}_{stem(e.clip_model)}_{how}"
+            name = f"{name}{texts}_{base(e.clip_model)}_{how}"
             result = clip_score(config, params, progress, partial(name), prompt_list)
     elif command == "sr":
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
