@@ -99,3 +99,31 @@ def test_evaluate_clip_scores_a_samples_file_against_its_prompts(tmp_path):
     assert status == 2 and "applies to clip" in err, err
     status, _, err = run_command(evaluate, "shapes", *args)  # before: an UnboundLocalError with --workdir
     assert status == 2 and "--samples applies to fid, digits and clip; shapes needs the model" in err, err
+
+
+def test_in_loop_clip_score_of_a_text_model(tmp_path, monkeypatch):
+    """`eval.clip_model` in training: eval/clip_score, the score of one sample per held-out caption,
+    the same as `tasks.clip_score` draws (the same noise, `eval.seed`)."""
+    import jax
+
+    from ddpm_jax.datasets import shapes as shapes_ds
+    from ddpm_jax.defaults import load_config_file
+    from ddpm_jax.evaluation import in_loop, tasks
+    from ddpm_jax.train_state import init_params
+
+    monkeypatch.setattr(shapes_ds, "SPLITS", {"train": (8, 0), "test": (6, 1)})
+    config = load_config_file(os.path.join(os.path.dirname(DATA), "..", "configs", "shapes_t2i.py"))
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.model.update(ch=16, ch_mult=(1,), attn_resolutions=(), text_width=16, text_depth=1)
+    config.sampling.steps, config.eval.num_samples, config.eval.batch_size = 4, 4, 8
+    config.eval.eval_every, config.eval.clip_model = 10, TINY
+    params = init_params(config, jax.random.key(0))
+    out = in_loop.Evaluator(config)(10, params, _Writer())
+    assert set(out) == {"clip_score"}
+    direct = tasks.clip_score(config, params)
+    assert out["clip_score"] == pytest.approx(direct["clip_score"], abs=1e-9) and direct["num_samples"] == 4
+
+
+class _Writer:
+    def write_scalars(self, step, scalars):
+        self.scalars = scalars

@@ -282,3 +282,16 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
     assert os.listdir(os.path.join(base, "eval")) == [name]
     with pytest.raises(UserError, match="--batch_size does not apply to cascade"):
         tasks.cascade_command([base, sr], {"batch_size": 8})
+
+
+def test_the_held_out_split_is_test_on_a_dataset_not_prepared_yet(tmp_path, monkeypatch):
+    """Before: an unprepared dataset listed no splits, so the first evaluation on a fresh data_dir read
+    data.split ('train') and later ones 'test'."""
+    from configs import shapes_t2i
+    from ddpm_jax.datasets import shapes as shapes_ds
+    monkeypatch.setattr(shapes_ds, "SPLITS", {"train": (8, 0), "test": (6, 1)})
+    config = shapes_t2i.get_config()
+    config.data.data_dir = str(tmp_path)
+    assert tasks.eval_split(config) == "test"
+    first = tasks.captions(config, "test", 4)
+    assert first == tasks.captions(config, tasks.eval_split(config), 4) and first != tasks.captions(config, "train", 4)

@@ -2,7 +2,8 @@
 
 What runs follows the config: on `eval.num_samples` samples the digits metrics (digits datasets)
 and FID/IS (when `eval.inception_weights` and `eval.reference_stats` are set; also KID and
-precision/recall when the reference statistics keep their features); bits/dim on
+precision/recall when the reference statistics keep their features); the CLIP score of one sample
+per held-out caption (text models, when `eval.clip_model` is set; `tasks.clip_score`); bits/dim on
 `eval.bpd_examples` examples of the evaluation split (when > 0). Everything it needs is checked and
 loaded when it is built, before training compiles anything. The sampling noise (`eval.seed`) and
 the pmapped functions are the same at every evaluation: the curves move only with the params, and
@@ -15,7 +16,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from ddpm_jax import parallel
-from ddpm_jax.evaluation import digits_classifier, inception, metrics, tasks
+from ddpm_jax.evaluation import clip, digits_classifier, inception, metrics, tasks
 from ddpm_jax.validation import validate_eval
 
 
@@ -37,6 +38,11 @@ class Evaluator:
         if self.digits:
             self.classifier = digits_classifier.load_or_fit(e.digits_classifier)
             self.real_digits = digits_classifier.real_digits()[0]
+        self.clip = None
+        if e.clip_model and e.num_samples:
+            tasks.check_clip(config)
+            self.clip = clip.load(e.clip_model)
+            self.captions = tasks.captions(config, tasks.eval_split(config), e.num_samples)
         self.bpd_images = None
         if e.bpd_examples:
             self.bpd_images = tasks.real_images(config, tasks.eval_split(config), e.bpd_examples)[0]
@@ -50,6 +56,9 @@ class Evaluator:
                 out.update(digits_classifier.digits_metrics(self.classifier, images, labels, self.real_digits))
             if self.fid:
                 out.update(tasks.fid_is_kid(images, self.variables, self.reference))
+        if self.clip is not None:
+            _, texts, _, samples = tasks.caption_samples(self.config, params, prompts=self.captions)
+            out["clip_score"] = self.clip.score(samples["images"], texts).mean()
         if self.bpd_images is not None:
             bpd = tasks.bits_per_dim(self.config, params, self.bpd_images)
             out.update({k: v for k, v in bpd.items() if np.ndim(v) == 0})

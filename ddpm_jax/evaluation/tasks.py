@@ -39,7 +39,8 @@ def eval_split(config: ConfigDict) -> str:
     if config.eval.split:
         return config.eval.split
     from ddpm_jax import input_pipeline
-    splits = input_pipeline.get_builder(config.data, config.model).info.splits
+    # prepared first: an unprepared dataset lists no splits, and its first evaluation read data.split
+    splits = input_pipeline.prepared_builder(config.data, config.model).info.splits
     return "test" if "test" in splits else config.data.split
 
 
