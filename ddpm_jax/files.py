@@ -3,6 +3,7 @@ VM reads its inputs from, and writes its results to, the bucket its runs live in
 named `gs:` would go with the VM)."""
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 
@@ -72,6 +73,16 @@ def _safetensors_header(path: str) -> tuple[dict, int, np.ndarray]:
 def safetensors_names(path: str) -> list[str]:
     """The tensor names in the safetensors file `path`."""
     return [name for name in _safetensors_header(path)[0] if name != "__metadata__"]
+
+
+def place_tensor(params: dict, shapes: dict, keys: tuple[str, ...], value: np.ndarray) -> tuple[int, ...] | None:
+    """Puts `value` at `keys` in the nested dict `params` when the params tree `shapes` (of
+    `jax.eval_shape`) has its shape there; otherwise returns the shape expected."""
+    expected = functools.reduce(lambda tree, k: tree[k], keys, shapes).shape
+    if value.shape != expected:
+        return expected
+    functools.reduce(lambda tree, k: tree.setdefault(k, {}), keys[:-1], params)[keys[-1]] = value
+    return None
 
 
 def load_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -215,12 +215,10 @@ def load_params(path: str, config: T5Config) -> dict:
         tensors = files.load_safetensors(file, wanted)
         for name in wanted:
             keys, transpose = names[name]
-            value = tensors[name].T if transpose else tensors[name]
-            expected = functools.reduce(lambda tree, k: tree[k], keys, shapes).shape
-            if value.shape != expected:
+            expected = files.place_tensor(params, shapes, keys, tensors[name].T if transpose else tensors[name])
+            if expected is not None:
                 raise UserError(f"{FIELD}={path!r}: tensor {name!r} has shape {tensors[name].shape}, but config.json "
                                 f"implies {expected[::-1] if transpose else expected}.")
-            functools.reduce(lambda tree, k: tree.setdefault(k, {}), keys[:-1], params)[keys[-1]] = value
     return params
 
 

@@ -270,12 +270,10 @@ def load_params(path: str, config: ClipConfig) -> dict:
     params: dict = {}
     for name, value in files.load_safetensors(weights, list(names)).items():
         keys, how = names[name]
-        value = convert[how](value)
-        expected = functools.reduce(lambda tree, k: tree[k], keys, shapes).shape
-        if value.shape != expected:
-            raise UserError(f"{FIELD}={path!r}: tensor {name!r} has shape {value.shape} (converted), but config.json "
-                            f"implies {expected}.")
-        functools.reduce(lambda tree, k: tree.setdefault(k, {}), keys[:-1], params)[keys[-1]] = value
+        expected = files.place_tensor(params, shapes, keys, convert[how](value))
+        if expected is not None:
+            raise UserError(f"{FIELD}={path!r}: tensor {name!r} has shape {convert[how](value).shape} (converted), "
+                            f"but config.json implies {expected}.")
     return params
 
 
