@@ -488,7 +488,7 @@ def ode_invert(s: Schedule, kind: str, model_fn: ModelFn, x0: jax.Array, level: 
 
 def noised_to(s: Schedule, kind: str, key: jax.Array, x0: jax.Array, level: int, *, invert: bool = False,
               invert_model_fn: ModelFn | None = None, sampler: str = "ancestral",
-              opts: StepOptions = StepOptions()) -> jax.Array:
+              opts: StepOptions = StepOptions()) -> tuple[jax.Array, jax.Array | int]:
     """(`x0` taken to `level`, the network evaluations of `ode_invert` or 0): by q(x_t | x_0) (Eq. 4)
     with the noise of `key`, or with `invert` deterministically under `invert_model_fn`: by
     `ode_invert` for the ode sampler, else by `ddim_invert`."""
