@@ -47,6 +47,20 @@ def test_embeddings_and_cosines_match_transformers():
     np.testing.assert_array_equal(model.score(REF["images"], PROMPTS[:n]), 0)
 
 
+def test_exact_gelu_towers_match_transformers(tmp_path):
+    """hidden_act "gelu" (LAION's CLIPs): the same weights with the exact gelu in both towers."""
+    folder = tmp_path / "gelu"
+    shutil.copytree(TINY, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        config[tower]["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    model = clip.load(str(folder))
+    np.testing.assert_allclose(model.embed_texts(PROMPTS), REF["text_embeds_gelu"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model.embed_images(REF["images"]), REF["image_embeds_gelu"], rtol=0, atol=1e-5)
+    assert np.abs(REF["text_embeds_gelu"] - REF["text_embeds"]).max() > 1e-2  # quick_gelu would fail
+
+
 def test_clip_score_is_100_times_the_cosine_clamped_at_0():
     np.testing.assert_allclose(clip.clip_score(np.array([1.0, 0.5 ** 0.5, 0.0, -0.3])), [100, 70.710678, 0, 0])
 
@@ -63,8 +77,9 @@ def test_checkpoint_mistakes_are_errors_naming_the_field(tmp_path):
     shutil.copytree(TINY, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vision_config": {**config["vision_config"],
-                                                                                 "hidden_act": "gelu"}}))
-    assert "hidden_act ['gelu', 'quick_gelu'] in config.json; this CLIP reads quick_gelu" in _error(folder)
+                                                                                 "hidden_act": "gelu_new"}}))
+    assert "hidden_act ['gelu_new', 'quick_gelu'] in config.json; this CLIP reads quick_gelu or gelu" in \
+        _error(folder)
     (folder / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"],
                                                                                "num_hidden_layers": 3}}))
     assert ("model.safetensors lacks 16 tensors of its config.json, the first "

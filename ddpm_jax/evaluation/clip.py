@@ -13,8 +13,9 @@ vocabulary `vocab.json` and `merges.txt`.
 - Images: the shortest side resized to the vision tower's size by PIL's bicubic filter, centre-cropped,
   scaled to [0, 1] and normalised by CLIP's mean and std; patches, a class token and positions, a layer
   norm, a Transformer; the class token's output, normed and projected.
-Both Transformers are pre-norm with quick_gelu MLPs (x sigmoid(1.702 x)) and attention scaled by
-1/sqrt(head_dim). Weights keep their stored dtype; every product is computed in float32.
+Both Transformers are pre-norm with quick_gelu MLPs (x sigmoid(1.702 x), OpenAI's; or the exact gelu,
+`hidden_act` "gelu", LAION's) and attention scaled by 1/sqrt(head_dim). Weights keep their stored
+dtype; every product is computed in float32.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ddpm_jax import files
 from ddpm_jax.validation import UserError
 
 FIELD = "eval.clip_model"
+ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI's CLIP; LAION's (exact gelu)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (openai/CLIP's simple_tokenizer.py), by the `regex` module for \p{L} and \p{N}
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -117,6 +119,7 @@ class TowerConfig:
     num_hidden_layers: int
     num_attention_heads: int
     layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # or "gelu" (exact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +150,8 @@ class EncoderLayer(nn.Module):
         h = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v).reshape(B, L, W)
         x = x + dense(W, "out_proj")(h)
         h = dense(c.intermediate_size, "fc1")(nn.LayerNorm(c.layer_norm_eps, dtype=jnp.float32, name="layer_norm2")(x))
-        return x + dense(W, "fc2")(h * jax.nn.sigmoid(1.702 * h))
+        h = h * jax.nn.sigmoid(1.702 * h) if c.hidden_act == "quick_gelu" else jax.nn.gelu(h, approximate=False)
+        return x + dense(W, "fc2")(h)
 
 
 class Clip(nn.Module):
@@ -208,15 +212,17 @@ def read_config(path: str) -> ClipConfig:
         raw = json.loads(config_file.read_text())
         text, vision = raw["text_config"], raw["vision_config"]
         tower = lambda c: TowerConfig(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
-                                      c["num_attention_heads"], c.get("layer_norm_eps", 1e-5))
+                                      c["num_attention_heads"], c.get("layer_norm_eps", 1e-5),
+                                      c.get("hidden_act", "quick_gelu"))
         acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
         config = ClipConfig(tower(text), tower(vision), text["vocab_size"], text["max_position_embeddings"],
                             vision["image_size"], vision["patch_size"], raw["projection_dim"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: config.json is not a CLIP model's (CLIPModel: text_config, vision_config, "
                         f"projection_dim; {type(e).__name__}: {e}).") from None
-    if acts != {"quick_gelu"}:
-        raise UserError(f"{where}: hidden_act {sorted(acts)} in config.json; this CLIP reads quick_gelu (OpenAI's).")
+    if not acts <= set(ACTIVATIONS):
+        raise UserError(f"{where}: hidden_act {sorted(acts)} in config.json; this CLIP reads "
+                        f"{' or '.join(ACTIVATIONS)}.")
     return config
 
 

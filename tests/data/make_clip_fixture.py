@@ -262,6 +262,16 @@ def main():
         t32 = model.get_text_features(input_ids=ids_t, attention_mask=mask_t).pooler_output.numpy()
         i32 = model.get_image_features(pixel_values=torch.from_numpy(pixel_values)).pooler_output.numpy()
 
+    # The same weights with exact (erf) gelu in both towers, as LAION's CLIP checkpoints (hidden_act "gelu").
+    gelu_config = CLIPConfig.from_pretrained(MODEL_DIR)
+    gelu_config.text_config.hidden_act = gelu_config.vision_config.hidden_act = "gelu"
+    gelu64 = CLIPModel.from_pretrained(MODEL_DIR, config=gelu_config, attn_implementation="sdpa").eval().double()
+    with torch.no_grad():
+        text_embeds_gelu = gelu64.get_text_features(input_ids=ids_t, attention_mask=mask_t).pooler_output.numpy()
+        image_embeds_gelu = gelu64.get_image_features(
+            pixel_values=torch.from_numpy(pixel_values.astype(np.float64))).pooler_output.numpy()
+    assert np.abs(text_embeds_gelu - text_embeds).max() > 1e-3  # the activation matters
+
     pooled_index = (input_ids == vocab[EOS]).argmax(-1)  # first <|endoftext|>
     assert np.array_equal(pooled_index, input_ids.argmax(-1))  # legacy rule agrees: EOS is the largest id
     assert np.allclose(text_pooled, text_last_hidden[np.arange(len(PROMPTS)), pooled_index])
@@ -297,6 +307,8 @@ def main():
         image_last_hidden=image_last_hidden,
         given_pixel_values=given_pixels,
         image_embeds_from_given_pixels=image_embeds_given,
+        text_embeds_gelu=text_embeds_gelu,
+        image_embeds_gelu=image_embeds_gelu,
         logit_scale=logit_scale,
         logits_per_image=logits_per_image,
     )
