@@ -1,6 +1,7 @@
-"""Users' `.npz` files, local or in a bucket (gs://...): every path goes through epath, so a Cloud TPU
-VM reads its inputs from, and writes its results to, the bucket its runs live in (a local folder
-named `gs:` would go with the VM)."""
+"""Users' files, local or in a bucket (gs://...): `.npz` arrays, and the `.safetensors` weights of the
+checkpoints users download (the frozen T5, CLIP), put into a params tree by `place_tensor`. Every
+path goes through epath, so a Cloud TPU VM reads its inputs from, and writes its results to, the
+bucket its runs live in (a local folder named `gs:` would go with the VM)."""
 from __future__ import annotations
 
 import functools
