@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     # included (longer captions are cut at a character boundary).
     c.data.text_feature = "caption"
     c.data.max_text_len = 64
+    # Precomputed-embedding models with model.text_encoder_path: True reads the captions instead of
+    # stored embeddings and embeds each batch with that frozen T5 on the devices as it trains (any
+    # captioned dataset, e.g. coco_captions, or a folder of NAME.txt; no `embed` step).
+    c.data.embed_captions = False
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 128

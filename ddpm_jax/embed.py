@@ -39,6 +39,9 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
         raise UserError(f"--config: embedding captions needs data.dataset='folder' (is {d.dataset!r}), "
                         f"model.text_encoder='precomputed' (is {m.text_encoder!r}) and model.text_encoder_path "
                         f"(is {m.text_encoder_path!r}).")
+    if d.embed_captions:
+        raise UserError("--config: data.embed_captions=True embeds the captions on the devices as it trains; "
+                        "these files are read with data.embed_captions=False.")
     validation.validate_data_and_model(config)
     from ddpm_jax.datasets import folder  # imported here: it imports TensorFlow Datasets
 

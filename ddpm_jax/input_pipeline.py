@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -43,26 +44,34 @@ _CAPTION_SEED_OFFSET = 2 ** 40  # a caption draw's seed is the flip's, index shi
 _CROP_SEED_OFFSET = 2 ** 41  # and a crop's by this
 
 
+def text_input(data_config, model_config) -> str:
+    """What the data gives a model: 'captions' (a trained encoder's, or a frozen T5's with
+    `data.embed_captions`), 'embeddings' (stored ones, 'precomputed') or 'none'."""
+    encoder = model_config.text_encoder if model_config is not None else "none"
+    if encoder == "trained" or (encoder == "precomputed" and data_config.get("embed_captions", False)):
+        return "captions"
+    return "embeddings" if encoder == "precomputed" else "none"
+
+
 def get_builder(data_config, model_config=None) -> tfds.core.DatasetBuilder:
     """The tfds builder of `data.dataset`, or a UserError naming the field and similar names.
 
     'folder' reads the images in `data.data_dir` (`datasets.folder`), prepared at `data.image_size`
     (`data.random_crop` if set) and `data.channels` into `data.cache_dir` (None: a hidden folder
-    inside `data.data_dir`), with the text `model_config.text_encoder` reads beside each image:
-    NAME.txt captions ('trained'), or NAME.npz embeddings of `model.text_emb_dim`, each as long as its
-    caption and padded to `data.max_text_len` tokens in the pipeline ('precomputed'). Without
-    `model_config`, images (and labels) only.
+    inside `data.data_dir`), with the text the model reads (`text_input`) beside each image:
+    NAME.txt captions, or NAME.npz embeddings of `model.text_emb_dim`, each as long as its caption and
+    padded to `data.max_text_len` tokens in the pipeline. Without `model_config`, images (and labels) only.
     """
     name = data_config.dataset
     if name == "folder":
         if not data_config.data_dir:
             raise UserError("data.dataset='folder' needs data.data_dir=PATH, the folder of images to train on.")
-        encoder = model_config.text_encoder if model_config is not None else "none"
-        embedding_shape = (data_config.max_text_len, model_config.text_emb_dim) if encoder == "precomputed" else None
+        text = text_input(data_config, model_config)
+        embedding_shape = (data_config.max_text_len, model_config.text_emb_dim) if text == "embeddings" else None
         size = data_config.random_crop or data_config.image_size  # the crops' source size, if cropping
         return folder_dataset.Folder(folder=data_config.data_dir, image_size=size,
                                      channels=data_config.channels, cache_dir=data_config.cache_dir,
-                                     captions=encoder == "trained", embedding_shape=embedding_shape,
+                                     captions=text == "captions", embedding_shape=embedding_shape,
                                      size_field="data.random_crop" if data_config.random_crop else "data.image_size")
     try:
         return tfds.builder(name, data_dir=data_config.data_dir)
@@ -127,6 +136,14 @@ def check_dataset(config: ConfigDict) -> None:
         if label.num_classes != m.num_classes:
             raise UserError(f"model.num_classes={m.num_classes}: the {d.dataset!r} dataset has "
                              f"{label.num_classes} classes.")
+    text = text_input(d, m)
+    if text == "captions" and d.text_feature.split("/")[0] not in features:
+        raise UserError(f"data.text_feature={d.text_feature!r}: the {d.dataset!r} dataset has no such feature "
+                        f"(it has {sorted(features)}).")
+    if text == "embeddings" and not {"text_emb", "text_mask"} <= set(features):
+        raise UserError(f"model.text_encoder='precomputed': the {d.dataset!r} dataset has no 'text_emb' and "
+                        f"'text_mask' features (it has {sorted(features)}); with captions and a frozen T5 in "
+                        f"model.text_encoder_path, set data.embed_captions=True.")
     _check_split(_prepare(builder, d, m), d)
 
 
@@ -146,7 +163,7 @@ def _check_folder(builder, config) -> None:
     pod slice)."""
     d = config.data
     folder_dataset.check_classes(builder.listing, config.model.num_classes)
-    if config.model.text_encoder == "trained" and d.text_feature != "caption":
+    if text_input(d, config.model) == "captions" and d.text_feature != "caption":
         raise UserError(f"data.text_feature={d.text_feature!r}: data.dataset='folder' has its captions (NAME.txt "
                         f"beside each image) in 'caption'.")
     if not builder.is_prepared():
@@ -226,11 +243,11 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
                                  decoders={"image": tfds.decode.SkipDecoding()})
     image_feature = builder.info.features["image"]
     keys = ["image"] + (["label"] if "label" in builder.info.features else [])
-    if config.model.text_encoder == "precomputed":
+    text = text_input(d, config.model)
+    if text == "embeddings":
         keys += ["text_emb", "text_mask"]
-    trained_text = config.model.text_encoder == "trained"
     records = records.map(lambda ex: {**{k: ex[k] for k in keys},
-                                      **({"text": text_feature(ex, d.text_feature)} if trained_text else {})})
+                                      **({"text": text_feature(ex, d.text_feature)} if text == "captions" else {})})
     n = int(records.cardinality())
     first_epoch, skip = divmod(start_example, n)
 
@@ -255,7 +272,9 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
         out = {"image": image / 127.5 - 1.0}
         if "label" in ex:
             out["label"] = tf.cast(ex["label"], tf.int32)
-        if "text" in ex:
+        if "text" in ex and d.embed_captions:  # for the frozen T5's tokenizer, a batch at a time (`t5_tokens`)
+            out["text"] = pick_caption(ex["text"], flip_seed)
+        elif "text" in ex:
             out["tokens"], out["mask"] = tokenize(pick_caption(ex["text"], flip_seed), d.max_text_len)
         if "text_emb" in ex:
             out["text_emb"], out["mask"] = tf.cast(ex["text_emb"], tf.float32), tf.cast(ex["text_mask"], tf.bool)
@@ -283,8 +302,29 @@ def create_dataset(config: ConfigDict, *, start_example: int = 0, num_local_devi
 
         ds = ds.enumerate().filter(mine).map(lambda i, example: example)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(per_process * k, drop_remainder=True).map(shape_for_pmap)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(per_process * k, drop_remainder=True)
+    if d.embed_captions:
+        ds = ds.map(t5_tokens(config, per_process * k))
+    return ds.map(shape_for_pmap).prefetch(tf.data.AUTOTUNE)
+
+
+def t5_tokens(config: ConfigDict, n: int):
+    """A map of batches of n captions 'text' to the frozen T5's 'tokens' int32 and 'mask' bool `[n,
+    data.max_text_len]` (`t5.FrozenT5.tokenize`: longer captions are cut to EOS), in one Python call per batch."""
+    from ddpm_jax import t5
+
+    encoder, L = t5.load(config.model.text_encoder_path), config.data.max_text_len
+
+    def tokenize_batch(texts):
+        return encoder.tokenize([t.decode("utf-8") for t in texts], L)
+
+    def fn(batch):
+        batch = dict(batch)
+        texts = batch.pop("text")
+        tokens, mask = tf.numpy_function(tokenize_batch, [texts], [tf.int32, tf.bool], stateful=False)
+        return {**batch, "tokens": tf.ensure_shape(tokens, [n, L]), "mask": tf.ensure_shape(mask, [n, L])}
+
+    return fn
 
 
 def prefetch_to_device(iterator, size: int = 2, devices=None) -> Iterator:
@@ -300,5 +340,25 @@ def prefetch_to_device(iterator, size: int = 2, devices=None) -> Iterator:
 
 
 def create_train_iterator(config: ConfigDict, start_example: int = 0) -> Iterator[dict]:
-    """Device-resident batches from `create_dataset`, for pmap over all local devices."""
-    return prefetch_to_device(tfds.as_numpy(create_dataset(config, start_example=start_example)))
+    """Device-resident batches from `create_dataset`, for pmap over all local devices; with
+    `data.embed_captions`, their T5 'tokens' replaced by the frozen encoder's 'text_emb' (`embed_on_devices`)."""
+    batches = prefetch_to_device(tfds.as_numpy(create_dataset(config, start_example=start_example)))
+    return map(embed_on_devices(config), batches) if config.data.embed_captions else batches
+
+
+def embed_on_devices(config: ConfigDict):
+    """A function of a device batch {'tokens', 'mask', ...} `[D, ...]` to {'text_emb' float32 `[D, ..., L,
+    d_model]`, 'mask', ...}: the frozen T5 of `model.text_encoder_path`, replicated once on every local
+    device, pmapped over them (`t5.embed_tokens`; gradients never reach it: it is not in the train state)."""
+    from ddpm_jax import t5
+
+    encoder = t5.load(config.model.text_encoder_path)
+    params = parallel.replicate(encoder.params)
+    p_embed = jax.pmap(functools.partial(t5.embed_tokens, encoder.config))
+
+    def fn(batch):
+        batch = dict(batch)
+        tokens = batch.pop("tokens")
+        return {**batch, "text_emb": p_embed(params, tokens, batch["mask"])}
+
+    return fn

@@ -222,6 +222,14 @@ def load_params(path: str, config: T5Config) -> dict:
     return params
 
 
+def embed_tokens(config: T5Config, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The token embeddings float32 `[..., L, d_model]` of ids int `[..., L]` under mask bool `[..., L]`,
+    zero where padded: what a 'precomputed' text model reads (any leading dims, one encoder call)."""
+    L = ids.shape[-1]
+    emb = T5Encoder(config).apply({"params": params}, ids.reshape(-1, L), mask.reshape(-1, L))
+    return jnp.where(mask[..., None], emb.reshape(ids.shape + emb.shape[-1:]), 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class FrozenT5:
     """A loaded encoder: `embed(texts, max_len)` gives the token embeddings a 'precomputed' text model reads."""
@@ -230,7 +238,7 @@ class FrozenT5:
     config: T5Config
     params: dict
     processor: object  # sentencepiece.SentencePieceProcessor
-    apply: object  # jax.jit(T5Encoder(config).apply), built once per encoder
+    apply: object  # jax.jit(embed_tokens) of this config, built once per encoder
 
     @property
     def fingerprint(self) -> str:
@@ -262,10 +270,9 @@ class FrozenT5:
         """(text_emb float32 `[B, max_len, d_model]`, zero where padded; mask bool `[B, max_len]`), in
         batches of `batch_size` texts. `flag`: as `tokenize`."""
         ids, mask = self.tokenize(texts, max_len, flag)
-        emb = np.concatenate([np.asarray(self.apply({"params": self.params}, ids[i:i + batch_size],
-                                                    mask[i:i + batch_size]))
+        emb = np.concatenate([np.asarray(self.apply(self.params, ids[i:i + batch_size], mask[i:i + batch_size]))
                               for i in range(0, len(texts), batch_size)])
-        return np.where(mask[..., None], emb, 0).astype(np.float32), mask
+        return emb, mask
 
 
 @functools.lru_cache(maxsize=2)
@@ -285,4 +292,4 @@ def load(path: str) -> FrozenT5:
         raise UserError(f"{FIELD}={path!r}: {VOCABULARY} ({processor.get_piece_size()} pieces, EOS id "
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
     params = jax.device_put(load_params(path, config))  # once: not copied to the device at every call
-    return FrozenT5(path, config, params, processor, jax.jit(T5Encoder(config).apply))
+    return FrozenT5(path, config, params, processor, jax.jit(functools.partial(embed_tokens, config)))

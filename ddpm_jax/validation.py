@@ -111,6 +111,10 @@ def validate_text(config: ConfigDict, reads_data: bool = True):
     _require(not m.text_encoder_path or m.text_encoder == "precomputed",
              f"model.text_encoder_path={m.text_encoder_path!r}: a frozen encoder gives precomputed embeddings; set "
              f"model.text_encoder='precomputed' (model.text_encoder={m.text_encoder!r}).")
+    _require(not d.embed_captions or (m.text_encoder == "precomputed" and m.text_encoder_path),
+             f"data.embed_captions=True: captions are embedded by the frozen T5 of a precomputed model; set "
+             f"model.text_encoder='precomputed' (is {m.text_encoder!r}) and model.text_encoder_path=T5_FOLDER "
+             f"(is {m.text_encoder_path!r}).")
     if m.text_encoder == "none":
         return
     _require(not m.num_classes, f"model.num_classes={m.num_classes} and model.text_encoder={m.text_encoder!r}: "

@@ -376,7 +376,8 @@ def test_missing_and_bad_text_files_are_one_line_errors_naming_the_file(tmp_path
     (tmp_path / "more" / "d.txt").unlink()
     assert _error(text_folder_config(tmp_path, "trained")) == (
         f"data.data_dir={root!r}: 2 of its 4 images have no caption file beside them, the first 'b.txt' (for "
-        f"'b.webp'); model.text_encoder='trained' reads NAME.txt beside each image NAME.png.")
+        f"'b.webp'); model.text_encoder='trained' (or data.embed_captions=True) reads NAME.txt beside each image "
+        f"NAME.png.")
     (tmp_path / "b.txt").write_bytes(b"\xff\xfe not UTF-8")
     (tmp_path / "more" / "d.txt").write_text("fine")
     assert _error(text_folder_config(tmp_path, "trained")) == (

@@ -171,11 +171,11 @@ def _write_folder(root, captions: dict[str, str]):
             f.write(caption)
 
 
-def _documented(command: str) -> list[str]:
-    """The lines of docs/text_to_image.md's frozen-T5 block that run `command`, as argument lists."""
+def _documented(command: str, marker: str = "python -m ddpm_jax.embed") -> list[str]:
+    """The lines of the docs/text_to_image.md block holding `marker` that run `command`, as argument lists."""
     with open(os.path.join(ROOT, "docs", "text_to_image.md")) as f:
         text = re.sub(r"\\\n\s*", " ", f.read())
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "python -m ddpm_jax.embed" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if marker in b)
     lines = [shlex.split(line.split("  #")[0])[3:] for line in block.splitlines()
              if line.startswith(f"python -m ddpm_jax.{command} ")]
     assert lines, command
@@ -241,3 +241,102 @@ def test_documented_embed_train_and_sample_commands_run_on_a_folder(tmp_path, mo
     long = " ".join(["a red circle left of a blue square"] * 8)  # more than data.max_text_len=48 tokens
     status, _, err = run_command(sample, *sample_args, f"--prompt={long}", "--num_samples=2", "--text_encoder=moved")
     assert status == 2 and err.startswith("error: --prompt=") and "T5 tokens" in err and err.count("\n") == 1, err
+
+
+def _embedding_captions_config(data_dir, **data):
+    config = _precomputed_config()
+    config.data.update({"data_dir": str(data_dir), "embed_captions": True, **data})
+    config.training.update(batch_size=16, steps_per_call=2)
+    return config
+
+
+def test_captions_are_embedded_on_the_devices_as_the_byte_pipeline_draws_them(tmp_path):
+    """data.embed_captions: each batch's embeddings are `FrozenT5.embed` of the captions that a trained
+    encoder's pipeline (same seed, same positions) gets as bytes, in pmap's `[D, k, B_dev]` layout."""
+    import tensorflow_datasets as tfds
+
+    from ddpm_jax import input_pipeline, text
+
+    config = _embedding_captions_config(tmp_path)
+    trained = config.copy_and_resolve_references()
+    trained.model.update(text_encoder="trained", text_encoder_path="")
+    trained.data.update(embed_captions=False, max_text_len=48)  # whole captions: 43 bytes at most
+    start = 40  # a resumed stream's batch
+    want = next(iter(tfds.as_numpy(input_pipeline.create_dataset(trained, start_example=start))))
+    captions = text.detokenize(want["tokens"].reshape(-1, 48), want["mask"].reshape(-1, 48))
+    emb, mask = t5.load(TINY).embed(captions, L)  # some shapes captions are cut at L = 16 tokens
+    got = next(input_pipeline.create_train_iterator(config, start_example=start))
+    assert sorted(got) == ["image", "mask", "text_emb"]
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["mask"], mask.reshape(8, 2, 2, L))
+    np.testing.assert_allclose(np.asarray(got["text_emb"]), emb.reshape(8, 2, 2, L, 32), rtol=0, atol=1e-5)
+    assert len(set(captions)) > 4 and (mask.sum(1) == L).any()  # cut captions among them
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"text_feature": "label"}, "data.text_feature='label': the 'shapes' dataset has no such feature (it has "),
+    ({"embed_captions": False}, "model.text_encoder='precomputed': the 'shapes' dataset has no 'text_emb' and "
+                                "'text_mask' features (it has "),
+])
+def test_text_the_dataset_lacks_is_one_line_naming_the_field(tmp_path, data, message):
+    from ddpm_jax import input_pipeline
+
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        input_pipeline.check_dataset(_embedding_captions_config(tmp_path, **data))
+
+
+@pytest.mark.parametrize("model", [{"text_encoder_path": ""}, {"text_encoder": "trained", "text_encoder_path": ""}])
+def test_embedding_captions_needs_a_frozen_encoder(model):
+    config = _precomputed_config(**model)
+    config.data.embed_captions = True
+    with pytest.raises(UserError, match=r"^data.embed_captions=True: captions are embedded by the frozen T5 of a "
+                                        r"precomputed model; set model.text_encoder='precomputed' \(is "):
+        validate_text(config)
+
+
+def test_documented_commands_of_captions_embedded_as_it_trains_run(tmp_path, monkeypatch):
+    """The docs' block as written (the tiny encoder under the docs' folder name, so
+    `--config.model.text_emb_dim=32` is appended; a smaller model, 2 steps, fewer samples too)."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(ROOT, "configs"), "configs")
+    marker = "--config.data.embed_captions=True"
+    (main_args,) = _documented("main", marker)
+    encoder_folder = next(a.split("=", 1)[1] for a in main_args if a.startswith("--config.model.text_encoder_path="))
+    shutil.copytree(TINY, encoder_folder)
+    small = ["--config.model.text_emb_dim=32", f"--config.data.data_dir={tmp_path / 'tfds'}",
+             "--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=(16,)",
+             "--config.training.batch_size=8", "--config.training.num_train_steps=2",
+             "--config.training.checkpoint_every=2", "--config.training.sample_every=0",
+             "--config.training.profile_steps=0", "--compilation_cache="]
+    status, _, err = run_command(main, *main_args, *small)
+    assert status == 0, err
+    (sample_args,) = _documented("sample", marker)
+    status, _, err = run_command(sample, *sample_args, "--num_samples=2", "--batch_size=8")
+    assert status == 0, err
+    (evaluate_args,) = _documented("evaluate", marker)
+    status, out, err = run_command(evaluate, *evaluate_args, "--num_samples=8")
+    assert status == 0 and '"num_samples": 8' in out, err
+
+
+def test_a_folder_of_captions_is_embedded_as_it_trains_without_the_embed_step(tmp_path):
+    from ddpm_jax import input_pipeline
+
+    captions = {"a": "a red circle", "b": "a photo of a cat", "c/d": "a blue square", "e": "a dog"}
+    _write_folder(str(tmp_path / "mine"), captions)
+    config = _embedding_captions_config(tmp_path / "mine", dataset="folder", image_size=16)
+    config.training.steps_per_call = 1
+    input_pipeline.check_dataset(config)
+    assert not list((tmp_path / "mine").glob("*.npz"))
+    emb, mask = t5.load(TINY).embed(list(captions.values()), L)
+    got = next(input_pipeline.create_train_iterator(config))
+    rows = np.asarray(got["text_emb"]).reshape(16, L, 32)  # four epochs of the four captions
+    nearest = [np.abs(emb - row).max(axis=(1, 2)).min() for row in rows]
+    assert max(nearest) < 1e-5 and len({r.tobytes() for r in rows.round(4)}) == 4
+
+
+def test_embed_refuses_a_config_that_embeds_as_it_trains():
+    status, _, err = run_command(embed, f"--config={ROOT}/configs/shapes_t2i.py", "--config.data.dataset=folder",
+                                 "--config.data.data_dir=mine", "--config.model.text_encoder=precomputed",
+                                 f"--config.model.text_encoder_path={TINY}", "--config.data.embed_captions=True")
+    assert status == 2 and err == "error: --config: data.embed_captions=True embeds the captions on the devices as " \
+        "it trains; these files are read with data.embed_captions=False.\n", err

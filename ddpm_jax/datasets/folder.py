@@ -7,7 +7,8 @@ converted to RGB or greyscale (16-bit greyscale scaled to 8 bits), centre-croppe
 resized to S with the input pipeline's `to_square`, and stored as PNG. When every image lies in a
 sub-folder, the sorted sub-folder names are the class labels 0..K-1.
 
-With `captions=True` (the input pipeline's choice for model.text_encoder='trained') each image NAME.png
+With `captions=True` (the input pipeline's choice for model.text_encoder='trained', and for
+data.embed_captions) each image NAME.png
 needs NAME.txt beside it, its caption (UTF-8, surrounding whitespace dropped), stored as the Text
 feature 'caption'. With `embedding_shape=(L, D)` ('precomputed') it needs NAME.npz holding 'text_emb'
 float [l, D] with l <= L and optionally 'text_mask' bool [l] (default all True), stored as 'text_emb'
@@ -282,11 +283,12 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         s, listing = self.image_size, self.listing
         if listing.missing:
             first = listing.missing[0]
-            kind, reader = ("caption", "trained") if self.captions else ("embedding", "precomputed")
+            kind, reader = (("caption", "model.text_encoder='trained' (or data.embed_captions=True)") if self.captions
+                            else ("embedding", "model.text_encoder='precomputed'"))
             raise UserError(f"data.data_dir={listing.root!r}: {len(listing.missing)} of its {len(listing.files)} "
                             f"images have no {kind} file beside them, the first "
-                            f"{sidecar_path(first, listing.sidecar)!r} (for {first!r}); model.text_encoder="
-                            f"{reader!r} reads NAME{listing.sidecar} beside each image NAME.png"
+                            f"{sidecar_path(first, listing.sidecar)!r} (for {first!r}); {reader} reads "
+                            f"NAME{listing.sidecar} beside each image NAME.png"
                             f"{EMBED_HINT if self.embedding_shape else ''}.")
         paths = [os.path.join(listing.root, f) for f in listing.files]
         with concurrent.futures.ThreadPoolExecutor() as pool:

@@ -84,9 +84,10 @@ def cascade(workdirs: list[str], num_samples: int | None = None, split: str | No
     `cascading.load_stages` takes them; `progress` and `resume_dir`: as `cascading.run`."""
     stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps)
     base = stages[0].config
-    if base.data.dataset != "shapes" or base.model.text_encoder != "trained":
-        raise UserError(f"cascade evaluates a text-to-image cascade on shapes (the base run {workdirs[0]} has "
-                        f"data.dataset={base.data.dataset!r}, model.text_encoder={base.model.text_encoder!r}).")
+    if base.data.dataset != "shapes" or not T.embeds_prompts(base.model):
+        raise UserError(f"cascade evaluates a text-to-image cascade on shapes whose base embeds captions itself (the "
+                        f"base run {workdirs[0]} has data.dataset={base.data.dataset!r}, model.text_encoder="
+                        f"{base.model.text_encoder!r}, model.text_encoder_path={base.model.text_encoder_path!r}).")
     split = split or T.eval_split(base)
     texts = T.captions(base, split, num_samples or base.eval.num_samples)
     for stage in stages:

@@ -307,13 +307,19 @@ def clip_of_samples(clip_model: str, images: np.ndarray, prompts: list[str], sam
     return {**_clip_result(scores, clip_model), "num_prompts": len(prompts)}
 
 
+def embeds_prompts(m: ConfigDict) -> bool:
+    """Whether a model (`config.model`) turns text into its condition itself: a trained encoder, or a
+    frozen T5 of a precomputed one."""
+    return m.text_encoder == "trained" or (m.text_encoder == "precomputed" and bool(m.text_encoder_path))
+
+
 def check_shapes(config: ConfigDict) -> None:
     """UserError unless `config` is a text-to-image run on RGB `shapes` with valid sampling settings."""
     d, m = config.data, config.model
-    if d.dataset != "shapes" or m.text_encoder != "trained" or d.channels != 3:
-        raise UserError(f"shapes evaluates a text-to-image run on the shapes dataset (this one has "
-                        f"data.dataset={d.dataset!r}, model.text_encoder={m.text_encoder!r}, "
-                        f"data.channels={d.channels}).")
+    if d.dataset != "shapes" or not embeds_prompts(m) or d.channels != 3:
+        raise UserError(f"shapes evaluates a text-to-image run on the shapes dataset that embeds captions itself "
+                        f"(this one has data.dataset={d.dataset!r}, model.text_encoder={m.text_encoder!r}, "
+                        f"model.text_encoder_path={m.text_encoder_path!r}, data.channels={d.channels}).")
     validate_sampling(sampling_config(config))
 
 
