@@ -97,6 +97,8 @@ EVAL_FLAGS = {
     "digits_classifier": ("eval.digits_classifier", "The digits classifier .npz (default: fitted and cached)."),
     "clip_model": ("eval.clip_model", "clip: the folder of a CLIP checkpoint in the Hugging Face layout "
                                       "(config.json, model.safetensors, vocab.json, merges.txt)."),
+    "text_encoder": ("model.text_encoder_path", "Runs of precomputed text embeddings: the frozen T5's folder that "
+                                                "embeds the captions and prompts (default: the run's)."),
 }
 
 

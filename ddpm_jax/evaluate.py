@@ -31,11 +31,11 @@ shapes and sr given --split: ..._step_{step}_{split}_...; clip: ..._step_{step}_
 bpd: ...[_ode_tol{tolerance}[_smin{sigma_min}]]_{split}_n{examples}[_seed{seed}].json; with --samples=F.npz:
 {command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
-(`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's); unset, the run's
-values hold. For cascade, the sampling flags (and --steps) set that field of every stage, and
---checkpoint_step chooses each stage's checkpoint (one step, or one per stage; 0: the newest); the result file,
-BASE_RUN/eval/cascade_step_{step}_{run}-{step}..., is named by the later stages' runs and the flags
-given. The logic is in `ddpm_jax.evaluation.tasks`.
+(`cli.EVAL_FLAGS`; --guidance, --guide_workdir, --sampler and --eta set sampling's; --text_encoder, a moved frozen
+T5's folder, model.text_encoder_path); unset, the run's values hold. For cascade, the sampling flags (and
+--steps) set that field of every stage, and --checkpoint_step chooses each stage's checkpoint (one step, or one
+per stage; 0: the newest); the result file, BASE_RUN/eval/cascade_step_{step}_{run}-{step}..., is named by the
+later stages' runs and the flags given (but --text_encoder). The logic is in `ddpm_jax.evaluation.tasks`.
 """
 from __future__ import annotations
 

@@ -316,6 +316,17 @@ def test_documented_commands_of_captions_embedded_as_it_trains_run(tmp_path, mon
     (evaluate_args,) = _documented("evaluate", marker)
     status, out, err = run_command(evaluate, *evaluate_args, "--num_samples=8")
     assert status == 0 and '"num_samples": 8' in out, err
+    os.rename(encoder_folder, "moved")  # evaluate --text_encoder reads it from there, cascade too
+    status, _, err = run_command(evaluate, *evaluate_args, "--num_samples=8")
+    assert status == 2 and err.startswith(f"error: model.text_encoder_path={encoder_folder!r}: no config.json"), err
+    status, out, err = run_command(evaluate, *evaluate_args, "--num_samples=8", "--text_encoder=moved")
+    assert status == 0 and '"num_samples": 8' in out, err
+    workdir = next(a.split("=", 1)[1] for a in evaluate_args if a.startswith("--workdir="))
+    status, out, err = run_command(evaluate, "cascade", f"--stages={workdir}", "--num_samples=2",
+                                   "--text_encoder=moved")
+    assert status == 0 and '"stage_0"' in out, err
+    written = sorted(os.listdir(os.path.join(workdir, "eval")))  # the encoder's folder is not in a result's name
+    assert written == ["cascade_step_2_num_samples2.json", "shapes_step_2_ddim50_eta1_w3_t150-inf_n8.json"], written
 
 
 def test_a_folder_of_captions_is_embedded_as_it_trains_without_the_embed_step(tmp_path):

@@ -78,11 +78,12 @@ def sr(config: ConfigDict, params, progress=None, resume_dir=None) -> dict:
 
 def cascade(workdirs: list[str], num_samples: int | None = None, split: str | None = None,
             overrides: dict | None = None, seed: int | None = None, checkpoint_steps: list | None = None,
-            progress=None, resume_dir: str | None = None) -> dict:
+            progress=None, resume_dir: str | None = None, text_encoder: str | None = None) -> dict:
     """The cascade under held-out `shapes` captions: rates per stage and of bicubic-upscaled base
-    samples. `overrides` (per-stage sampling fields), `seed` and `checkpoint_steps`: as
+    samples. `overrides` (per-stage sampling fields), `seed`, `checkpoint_steps` and `text_encoder`: as
     `cascading.load_stages` takes them; `progress` and `resume_dir`: as `cascading.run`."""
-    stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps)
+    stages = cascading.load_stages(workdirs, overrides, seed=seed, checkpoint_steps=checkpoint_steps,
+                                   text_encoder=text_encoder)
     base = stages[0].config
     if base.data.dataset != "shapes" or not T.embeds_prompts(base.model):
         raise UserError(f"cascade evaluates a text-to-image cascade on shapes whose base embeds captions itself (the "

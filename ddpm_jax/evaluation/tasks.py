@@ -389,7 +389,8 @@ def reference_stats_command(config: ConfigDict, out: str, *, num_examples: int |
 
 # `evaluate cascade`'s flags besides --stages: those of `cascading.STAGE_FIELDS` set that field of
 # every stage, as one value does in `python -m ddpm_jax.cascade`.
-CASCADE_FLAGS = ("num_samples", "split", "seed", *cascading.STAGE_FIELDS)
+CASCADE_FLAGS = ("num_samples", "split", "seed", "text_encoder", *cascading.STAGE_FIELDS)
+_UNNAMED = ("text_encoder",)  # flags that do not change a result: not in its file's name
 
 
 def cascade_command(workdirs: list[str] | None, given: dict | None = None,
@@ -409,13 +410,14 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
     overrides = {flag: [value] for flag, value in given.items() if flag in cascading.STAGE_FIELDS}
     run_name = lambda workdir: os.path.basename(os.path.normpath(workdir))
     settings = "".join(f"_{flag}{value:g}" if isinstance(value, float) else f"_{flag}{value}"
-                       for flag, value in sorted(given.items()))
+                       for flag, value in sorted(given.items()) if flag not in _UNNAMED)
     # The steps read are known once read; until then the batches are kept under the steps asked for.
     asked = f"_checkpoints{'-'.join(map(str, checkpoint_steps))}" if checkpoint_steps else ""
     partial = os.path.join(workdirs[0], "eval", f"cascade{''.join('_' + run_name(w) for w in workdirs[1:])}{asked}"
                                                 f"{settings}{PARTIAL_SUFFIX}")
     result = super_resolution.cascade(workdirs, given.get("num_samples"), given.get("split"), overrides,
                                       seed=given.get("seed"), checkpoint_steps=checkpoint_steps,
+                                      text_encoder=given.get("text_encoder"),
                                       progress=generation.ProgressBar() if jax.process_index() == 0 else None,
                                       resume_dir=partial)
     # Named by every later stage's run and step, and by every flag given, so no other cascade or
