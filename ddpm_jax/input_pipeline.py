@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import difflib
-import functools
 from collections.abc import Iterator
 
 import jax
@@ -348,17 +347,16 @@ def create_train_iterator(config: ConfigDict, start_example: int = 0) -> Iterato
 
 def embed_on_devices(config: ConfigDict):
     """A function of a device batch {'tokens', 'mask', ...} `[D, ...]` to {'text_emb' float32 `[D, ..., L,
-    d_model]`, 'mask', ...}: the frozen T5 of `model.text_encoder_path`, replicated once on every local
-    device, pmapped over them (`t5.embed_tokens`; gradients never reach it: it is not in the train state)."""
+    d_model]`, 'mask', ...}: the frozen T5 of `model.text_encoder_path` (`t5.load`: a copy on every local
+    device), each device embedding its own rows (`t5.embed_tokens`; gradients never reach it: it is not
+    in the train state)."""
     from ddpm_jax import t5
 
     encoder = t5.load(config.model.text_encoder_path)
-    params = parallel.replicate(encoder.params)
-    p_embed = jax.pmap(functools.partial(t5.embed_tokens, encoder.config))
 
     def fn(batch):
         batch = dict(batch)
         tokens = batch.pop("tokens")
-        return {**batch, "text_emb": p_embed(params, tokens, batch["mask"])}
+        return {**batch, "text_emb": encoder.apply(encoder.params, tokens, batch["mask"])}
 
     return fn

@@ -236,9 +236,10 @@ class FrozenT5:
 
     path: str
     config: T5Config
-    params: dict
+    params: dict  # a copy on every local device
     processor: object  # sentencepiece.SentencePieceProcessor
-    apply: object  # jax.jit(embed_tokens) of this config, built once per encoder
+    apply: object  # jax.jit(embed_tokens) of this config, built once per encoder: apply(params, ids, mask)
+    rows: jax.sharding.NamedSharding  # leading axis split over the local devices
 
     @property
     def fingerprint(self) -> str:
@@ -268,11 +269,18 @@ class FrozenT5:
     def embed(self, texts: list[str], max_len: int, flag: str | None = None,
               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(text_emb float32 `[B, max_len, d_model]`, zero where padded; mask bool `[B, max_len]`), in
-        batches of `batch_size` texts. `flag`: as `tokenize`."""
+        calls of `batch_size` texts (rounded up to a multiple of the local devices) split over this
+        process's devices. `flag`: as `tokenize`."""
         ids, mask = self.tokenize(texts, max_len, flag)
-        emb = np.concatenate([np.asarray(self.apply(self.params, ids[i:i + batch_size], mask[i:i + batch_size]))
-                              for i in range(0, len(texts), batch_size)])
-        return emb, mask
+        n_dev = self.rows.mesh.size
+        per_call = -(-batch_size // n_dev) * n_dev
+        out = []
+        for i in range(0, len(texts), per_call):
+            rows = [x[i:i + per_call] for x in (ids, mask)]
+            pad = -len(rows[0]) % n_dev  # the last row again, so each device gets as many
+            rows = [jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), self.rows) for x in rows]
+            out.append(np.asarray(self.apply(self.params, *rows))[:len(rows[0]) - pad])
+        return np.concatenate(out), mask
 
 
 @functools.lru_cache(maxsize=2)
@@ -291,5 +299,8 @@ def load(path: str) -> FrozenT5:
     if processor.eos_id() < 0 or processor.get_piece_size() > config.vocab_size:
         raise UserError(f"{FIELD}={path!r}: {VOCABULARY} ({processor.get_piece_size()} pieces, EOS id "
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
-    params = jax.device_put(load_params(path, config))  # once: not copied to the device at every call
-    return FrozenT5(path, config, params, processor, jax.jit(functools.partial(embed_tokens, config)))
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("rows",))
+    # Once, on every local device (not copied at every call); no other process takes part in a call.
+    params = jax.device_put(load_params(path, config), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return FrozenT5(path, config, params, processor, jax.jit(functools.partial(embed_tokens, config)),
+                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")))

@@ -33,8 +33,11 @@ def test_tokens_and_hidden_states_match_transformers(folder, key):
     ids, mask = encoder.tokenize(PROMPTS, L)  # the long prompt cut to 15 pieces + EOS, as HF cuts it
     np.testing.assert_array_equal(ids, REF["input_ids"])
     np.testing.assert_array_equal(mask, REF["attention_mask"].astype(bool))
-    emb, mask = encoder.embed(PROMPTS, L, batch_size=3)  # batches of 3, 3, 2
-    assert emb.dtype == np.float32 and emb.shape == (len(PROMPTS), L, 32)
+    # 19 texts over the 8 (fake) local devices, batch_size 9: calls of 16 rows, then 3 padded to 8
+    emb, mask = encoder.embed(PROMPTS * 2 + PROMPTS[:3], L, batch_size=9)
+    assert emb.dtype == np.float32 and emb.shape == (19, L, 32)
+    np.testing.assert_allclose(emb[8:], np.concatenate([emb, emb])[:11], rtol=0, atol=1e-6)
+    emb, mask = emb[:8], mask[:8]
     # float32 against HF in float64 (bfloat16: its stored weights, in float64): 1.5e-6 measured; an erf
     # gelu instead of the tanh approximation is 6e-4 off, a 1/sqrt(d_kv) scale 3.4
     np.testing.assert_allclose(emb[mask], REF[key][mask], rtol=0, atol=1e-5)
