@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only lists the folder; keep its log quiet
 
+import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -47,10 +48,11 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
 
     encoder = t5.load(m.text_encoder_path)
     name = f"{encoder.fingerprint}_L{d.max_text_len}"
-    written, total = folder.write_embeddings(d.data_dir, lambda texts: encoder.embed(texts, d.max_text_len), name,
-                                             fv.batch_size)
-    logging.info("data.data_dir=%s: wrote %d embeddings, kept %d up to date (%d captions).", d.data_dir, written,
-                 total - written, total)
+    written, stale, total = folder.write_embeddings(
+        d.data_dir, lambda texts: encoder.embed(texts, d.max_text_len, batch_size=fv.batch_size), name, fv.batch_size)
+    process = f"process {jax.process_index()} " if jax.process_count() > 1 else ""
+    logging.info("data.data_dir=%s: %swrote %d embeddings, kept %d up to date (%d captions).", d.data_dir, process,
+                 written, total - stale, total)
 
 
 if __name__ == "__main__":

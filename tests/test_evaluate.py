@@ -267,17 +267,18 @@ def test_evaluate_cascade_passes_its_sampling_flags_as_one_value_for_all_stages(
     calls = []
 
     def fake_cascade(workdirs, num_samples, split, overrides, seed=None, checkpoint_steps=None, progress=None,
-                     resume_dir=None):
-        calls.append((workdirs, num_samples, split, overrides, seed, checkpoint_steps))
+                     resume_dir=None, text_encoder=None):
+        calls.append((workdirs, num_samples, split, overrides, seed, checkpoint_steps, text_encoder))
         return {"stages": [{"workdir": workdirs[0], "step": 8}, {"workdir": workdirs[1], "step": 15}]}
 
     monkeypatch.setattr(super_resolution, "cascade", fake_cascade)
     base, sr = str(tmp_path / "base"), str(tmp_path / "sr")
     status, out, err = run_command(evaluate, "cascade", f"--stages={base},{sr}", "--guidance_t_min=150",
-                                   "--steps=7", "--num_samples=4", "--seed=3", "--checkpoint_step=8,0")
+                                   "--steps=7", "--num_samples=4", "--seed=3", "--checkpoint_step=8,0",
+                                   "--text_encoder=/t5/moved")
     assert status == 0, err[-2000:]
-    assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3, ["8", "0"])]
-    # named by the SR run too: another SR run at step 15 must not overwrite it
+    assert calls == [([base, sr], 4, None, {"guidance_t_min": [150.0], "steps": [7]}, 3, ["8", "0"], "/t5/moved")]
+    # named by the SR run too: another SR run at step 15 must not overwrite it; not by the encoder's folder
     name = "cascade_step_8_sr-15_guidance_t_min150_num_samples4_seed3_steps7.json"
     assert os.listdir(os.path.join(base, "eval")) == [name]
     with pytest.raises(UserError, match="--batch_size does not apply to cascade"):

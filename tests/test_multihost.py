@@ -273,3 +273,34 @@ def test_a_cluster_jax_cannot_complete_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=r"cannot start a multi-process run \(Number of processes must be "
                                         r"defined\.\): give --coordinator_address"):
         _start_processes("--coordinator_address=h:1")
+
+
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
+@pytest.mark.parametrize("shared", [True, False])
+def test_embed_on_two_processes_splits_a_shared_folder_and_fills_folders_of_their_own(tmp_path, shared):
+    """Each process embeds every other caption; where the hosts' folders are their own, each then
+    writes the other half too. Every file is the one a single process writes."""
+    from PIL import Image
+
+    from ddpm_jax import t5
+
+    captions = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square")]
+    cwds = [str(tmp_path / "host0"), str(tmp_path / ("host0" if shared else "host1"))]
+    for cwd in set(cwds):
+        os.makedirs(os.path.join(cwd, "mine"))
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (16, 16)).save(os.path.join(cwd, "mine", f"{i}.png"))
+            with open(os.path.join(cwd, "mine", f"{i}.txt"), "w") as f:
+                f.write(caption)
+    tiny = os.path.join(ROOT, "tests", "data", "t5_tiny")
+    args = [f"--config={ROOT}/configs/shapes_t2i.py", "--config.data.dataset=folder", "--config.data.data_dir=mine",
+            "--config.model.text_encoder=precomputed", f"--config.model.text_encoder_path={tiny}",
+            "--config.model.text_emb_dim=32", "--batch_size=2"]
+    results = _run("ddpm_jax.embed", args, str(tmp_path / "log"), cwds=cwds)
+    out = results[0][1]  # (the other processes log warnings only)
+    assert f"process 0 wrote {3 if shared else 6} embeddings, kept 0 up to date (6 captions)" in out, out[-3000:]
+    want, mask = t5.load(tiny).embed(captions, 48)
+    for cwd in set(cwds):
+        for i in range(len(captions)):
+            with np.load(os.path.join(cwd, "mine", f"{i}.npz")) as f:
+                np.testing.assert_allclose(f["text_emb"], want[i][mask[i]], rtol=0, atol=1e-5)

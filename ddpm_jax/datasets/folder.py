@@ -32,6 +32,7 @@ import json
 import os
 import zipfile
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
@@ -192,30 +193,42 @@ def read_embedding(root: str, relpath: str, shape: tuple[int, int]) -> tuple[np.
     return emb.astype(np.float32), mask.astype(bool)
 
 
-def write_embeddings(root: str, embed, encoder: str, batch_size: int = 64) -> tuple[int, int]:
+def write_embeddings(root: str, embed, encoder: str, batch_size: int = 64) -> tuple[int, int, int]:
     """Writes NAME.npz beside every image's caption NAME.txt under `root`: 'text_emb' float32 [l, D],
     the caption's l tokens as `embed(captions) -> (text_emb [B, L, D], mask [B, L])` gives them, and
     'encoder', the string `encoder` naming the encoder. A file that already holds this `encoder` and is
     newer than its caption is kept, so a stopped run resumes; each file appears whole (written under
-    a hidden name, then renamed). Returns (files written, captions)."""
+    a hidden name, then renamed). With several processes each writes every n-th file from its index
+    first, then, after all have, the files it still lacks (hosts that do not share the folder).
+    Returns (files this process wrote, files that were out of date, captions)."""
     listing = scan(root, CAPTION_EXTENSION)
     if listing.missing:
         first = listing.missing[0]
         raise UserError(f"data.data_dir={root!r}: {len(listing.missing)} of its {len(listing.files)} images have no "
                         f"caption beside them, the first {sidecar_path(first, CAPTION_EXTENSION)!r}.")
     captions = [sidecar_path(f, CAPTION_EXTENSION) for f in listing.files]
-    todo = [c for c in captions if not _embedded(root, c, encoder)]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        emb, mask = embed([read_caption(root, c) for c in chunk])
-        for caption, e, m in zip(chunk, emb, mask):
-            path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
-            partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")  # hosts of a pod
-            with open(partial, "wb") as f:
-                np.savez(f, text_emb=e[m], encoder=np.array(encoder))
-            os.replace(partial, path)
-        logging.info("data.data_dir=%s: embedded %d of %d captions", root, start + len(chunk), len(todo))
-    return len(todo), len(captions)
+    stale = [c for c in captions if not _embedded(root, c, encoder)]
+
+    def write(todo):
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            emb, mask = embed([read_caption(root, c) for c in chunk])
+            for caption, e, m in zip(chunk, emb, mask):
+                path = os.path.join(root, sidecar_path(caption, EMBEDDING_EXTENSION))
+                partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+                with open(partial, "wb") as f:
+                    np.savez(f, text_emb=e[m], encoder=np.array(encoder))
+                os.replace(partial, path)
+            logging.info("data.data_dir=%s: embedded %d of %d captions", root, start + len(chunk), len(todo))
+        return len(todo)
+
+    written = write(stale[jax.process_index()::jax.process_count()])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ddpm_jax: embed shares written")
+        written += write([c for c in stale if not _embedded(root, c, encoder)])
+    return written, len(stale), len(captions)
 
 
 def _embedded(root: str, caption: str, encoder: str) -> bool:
