@@ -34,6 +34,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.text_encoder = "precomputed"
     c.model.text_emb_dim = 4096  # T5-XXL's d_model
+    c.model.text_encoder_dtype = "bfloat16"  # T5-XXL's float32 encoder (19 GB) in 9.5 GB on every device
     c.model.text_width = 512
     c.diffusion.beta_schedule = "cosine"
     c.diffusion.variance = "learned_range"

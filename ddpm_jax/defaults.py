@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text_attention = "fused"  # fused: text keys/values appended to self-attention's; cross: separate
     c.model.text_emb_dim = 0  # precomputed: D of the dataset's embeddings (projected to text_width)
     c.model.text_encoder_path = ""  # precomputed: a frozen T5's folder (ddpm_jax.t5); prompts are embedded by it
+    # The frozen T5's weights: '' as stored, or cast once as loaded to 'bfloat16' (a float32 checkpoint
+    # in half the memory on every device; products stay float32) or 'float32'.
+    c.model.text_encoder_dtype = ""
     # Super-resolution (ddpm_jax.superres): > 0 conditions on the image downsampled to this size,
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
     c.model.low_res_size = 0

@@ -46,7 +46,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     validation.validate_data_and_model(config)
     from ddpm_jax.datasets import folder  # imported here: it imports TensorFlow Datasets
 
-    encoder = t5.load(m.text_encoder_path)
+    encoder = t5.from_config(m)
     name = f"{encoder.fingerprint}_L{d.max_text_len}"
     written, stale, total = folder.write_embeddings(
         d.data_dir, lambda texts: encoder.embed(texts, d.max_text_len, batch_size=fv.batch_size), name, fv.batch_size)

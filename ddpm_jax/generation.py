@@ -104,7 +104,7 @@ def text_cond(config: ConfigDict, texts: list[str], flag: str) -> dict:
     (`data.max_text_len` tokens, BOS or EOS included) is a UserError naming `flag`."""
     if config.model.text_encoder == "precomputed":
         check_text_encoder(config)
-        emb, mask = t5.load(config.model.text_encoder_path).embed(texts, config.data.max_text_len, flag)
+        emb, mask = t5.from_config(config.model).embed(texts, config.data.max_text_len, flag)
         return {"text_emb": emb, "mask": mask, "drop": np.zeros(len(texts), bool)}
     limit = config.data.max_text_len - 1
     for t in texts:

@@ -312,7 +312,7 @@ def t5_tokens(config: ConfigDict, n: int):
     data.max_text_len]` (`t5.FrozenT5.tokenize`: longer captions are cut to EOS), in one Python call per batch."""
     from ddpm_jax import t5
 
-    encoder, L = t5.load(config.model.text_encoder_path), config.data.max_text_len
+    encoder, L = t5.from_config(config.model), config.data.max_text_len
 
     def tokenize_batch(texts):
         return encoder.tokenize([t.decode("utf-8") for t in texts], L)
@@ -352,7 +352,7 @@ def embed_on_devices(config: ConfigDict):
     in the train state)."""
     from ddpm_jax import t5
 
-    encoder = t5.load(config.model.text_encoder_path)
+    encoder = t5.from_config(config.model)
 
     def fn(batch):
         batch = dict(batch)

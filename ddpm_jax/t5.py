@@ -240,14 +240,18 @@ class FrozenT5:
     processor: object  # sentencepiece.SentencePieceProcessor
     apply: object  # jax.jit(embed_tokens) of this config, built once per encoder: apply(params, ids, mask)
     rows: jax.sharding.NamedSharding  # leading axis split over the local devices
+    dtype: str = ""  # what the weights were cast to as loaded ('': as stored)
 
     @property
     def fingerprint(self) -> str:
-        """Names the encoder: a hash of its config.json and its weight files' names and sizes."""
+        """Names the encoder: a hash of its config.json, its weight files' names and sizes, and the
+        dtype they were cast to (if they were)."""
         folder = epath.Path(self.path)
         h = hashlib.sha256((folder / "config.json").read_bytes())
         for file in sorted(set(weight_files(self.path).values())):
             h.update(f"{epath.Path(file).name}:{epath.Path(file).stat().length}".encode())
+        if self.dtype:
+            h.update(f"dtype:{self.dtype}".encode())
         return h.hexdigest()[:16]
 
     def tokenize(self, texts: list[str], max_len: int, flag: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -283,9 +287,15 @@ class FrozenT5:
         return np.concatenate(out), mask
 
 
+def from_config(model_config) -> FrozenT5:
+    """`load` of a model's `text_encoder_path` and `text_encoder_dtype`."""
+    return load(model_config.text_encoder_path, model_config.text_encoder_dtype)
+
+
 @functools.lru_cache(maxsize=2)
-def load(path: str) -> FrozenT5:
-    """The encoder in the folder `path` (see the module doc), loaded once per process."""
+def load(path: str, dtype: str = "") -> FrozenT5:
+    """The encoder in the folder `path` (see the module doc), loaded once per process, its weights cast
+    to `dtype` ('': as stored)."""
     config = read_config(path)
     vocabulary = epath.Path(path) / VOCABULARY
     if not vocabulary.is_file():
@@ -301,6 +311,9 @@ def load(path: str) -> FrozenT5:
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("rows",))
     # Once, on every local device (not copied at every call); no other process takes part in a call.
-    params = jax.device_put(load_params(path, config), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params = load_params(path, config)
+    if dtype:
+        params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return FrozenT5(path, config, params, processor, jax.jit(functools.partial(embed_tokens, config)),
-                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")))
+                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")), dtype)

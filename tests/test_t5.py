@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -354,3 +355,24 @@ def test_embed_refuses_a_config_that_embeds_as_it_trains():
                                  f"--config.model.text_encoder_path={TINY}", "--config.data.embed_captions=True")
     assert status == 2 and err == "error: --config: data.embed_captions=True embeds the captions on the devices as " \
         "it trains; these files are read with data.embed_captions=False.\n", err
+
+
+def test_weights_cast_as_loaded():
+    """text_encoder_dtype: bfloat16 weights (half the memory) give embeddings within bfloat16's rounding
+    of the stored float32 ones, under another fingerprint; bfloat16 shards cast to float32 give exactly
+    the stored weights' embeddings."""
+    stored, cast = t5.load(TINY), t5.load(TINY, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(cast.params)} == {jnp.dtype("bfloat16")}
+    assert cast.fingerprint != stored.fingerprint
+    emb, mask = stored.embed(PROMPTS, L)
+    emb16, mask16 = cast.embed(PROMPTS, L)
+    np.testing.assert_array_equal(mask16, mask)
+    error = np.abs(emb16 - emb)[mask].max()
+    assert 1e-4 < error < 0.1, error  # RMS-normed outputs of size ~1; bfloat16 keeps 8 bits
+    sharded = os.path.join(DATA, "t5_tiny_sharded_bf16")
+    up = t5.load(sharded, "float32")
+    assert {x.dtype for x in jax.tree.leaves(up.params)} == {jnp.dtype("float32")}
+    np.testing.assert_array_equal(up.embed(PROMPTS, L)[0], t5.load(sharded).embed(PROMPTS, L)[0])
+    config = _precomputed_config(text_encoder_dtype="float16")
+    with pytest.raises(UserError, match=r"^model.text_encoder_dtype='float16': must be one of \('', 'bfloat16', "):
+        validate_text(config)
