@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The frozen T5's weights: '' as stored, or cast once as loaded to 'bfloat16' (a float32 checkpoint
     # in half the memory on every device; products stay float32) or 'float32'.
     c.model.text_encoder_dtype = ""
+    # The frozen T5 split over groups of this many local devices (its heads and feed-forward units; each
+    # group embeds its share of the texts): 1/shards of its memory per device; 1: a copy on each device.
+    c.model.text_encoder_shards = 1
     # Super-resolution (ddpm_jax.superres): > 0 conditions on the image downsampled to this size,
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
     c.model.low_res_size = 0

@@ -347,16 +347,17 @@ def create_train_iterator(config: ConfigDict, start_example: int = 0) -> Iterato
 
 def embed_on_devices(config: ConfigDict):
     """A function of a device batch {'tokens', 'mask', ...} `[D, ...]` to {'text_emb' float32 `[D, ..., L,
-    d_model]`, 'mask', ...}: the frozen T5 of `model.text_encoder_path` (`t5.load`: a copy on every local
-    device), each device embedding its own rows (`t5.embed_tokens`; gradients never reach it: it is not
-    in the train state)."""
+    d_model]`, 'mask', ...}: the frozen T5 of `model.text_encoder_path` (`t5.load`: a copy on every
+    group of `model.text_encoder_shards` local devices), each group embedding its own rows
+    (`t5.embed_tokens`; gradients never reach it: it is not in the train state). With one device per
+    group the rows stay where they are."""
     from ddpm_jax import t5
 
-    encoder = t5.from_config(config.model)
+    encoder, pmap_layout = t5.from_config(config.model), parallel.device_sharding()
 
     def fn(batch):
         batch = dict(batch)
-        tokens = batch.pop("tokens")
-        return {**batch, "text_emb": encoder.apply(encoder.params, tokens, batch["mask"])}
+        tokens, mask = (jax.device_put(x, encoder.rows) for x in (batch.pop("tokens"), batch["mask"]))
+        return {**batch, "text_emb": jax.device_put(encoder.apply(encoder.params, tokens, mask), pmap_layout)}
 
     return fn

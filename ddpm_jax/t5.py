@@ -236,10 +236,10 @@ class FrozenT5:
 
     path: str
     config: T5Config
-    params: dict  # a copy on every local device
+    params: dict  # a copy on every group of local devices (`load`)
     processor: object  # sentencepiece.SentencePieceProcessor
     apply: object  # jax.jit(embed_tokens) of this config, built once per encoder: apply(params, ids, mask)
-    rows: jax.sharding.NamedSharding  # leading axis split over the local devices
+    rows: jax.sharding.NamedSharding  # leading axis split over the groups of local devices
     dtype: str = ""  # what the weights were cast to as loaded ('': as stored)
 
     @property
@@ -276,7 +276,7 @@ class FrozenT5:
         calls of `batch_size` texts (rounded up to a multiple of the local devices) split over this
         process's devices. `flag`: as `tokenize`."""
         ids, mask = self.tokenize(texts, max_len, flag)
-        n_dev = self.rows.mesh.size
+        n_dev = self.rows.mesh.shape["rows"]  # groups of devices, each with one copy
         per_call = -(-batch_size // n_dev) * n_dev
         out = []
         for i in range(0, len(texts), per_call):
@@ -288,14 +288,26 @@ class FrozenT5:
 
 
 def from_config(model_config) -> FrozenT5:
-    """`load` of a model's `text_encoder_path` and `text_encoder_dtype`."""
-    return load(model_config.text_encoder_path, model_config.text_encoder_dtype)
+    """`load` of a model's `text_encoder_path`, `text_encoder_dtype` and `text_encoder_shards`."""
+    return load(model_config.text_encoder_path, model_config.text_encoder_dtype, model_config.text_encoder_shards)
+
+
+def param_spec(path: tuple[str, ...]) -> jax.sharding.PartitionSpec:
+    """How a `T5Encoder` param is split over the mesh axis 'model' (Megatron-style tensor parallelism):
+    the query, key, value and first feed-forward kernels by their output units (heads, d_ff), the
+    attention output and last feed-forward kernels by their input units, so each layer needs one sum
+    over 'model'; embeddings and norms whole on every device."""
+    P = jax.sharding.PartitionSpec
+    if path[-1] != "kernel":
+        return P()
+    return P("model", None) if path[-2] in ("o", "wo") else P(None, "model")
 
 
 @functools.lru_cache(maxsize=2)
-def load(path: str, dtype: str = "") -> FrozenT5:
+def load(path: str, dtype: str = "", shards: int = 1) -> FrozenT5:
     """The encoder in the folder `path` (see the module doc), loaded once per process, its weights cast
-    to `dtype` ('': as stored)."""
+    to `dtype` ('': as stored). The local devices form groups of `shards`: each group holds one copy,
+    split over its devices (`param_spec`), and embeds its share of each call's texts."""
     config = read_config(path)
     vocabulary = epath.Path(path) / VOCABULARY
     if not vocabulary.is_file():
@@ -309,11 +321,18 @@ def load(path: str, dtype: str = "") -> FrozenT5:
     if processor.eos_id() < 0 or processor.get_piece_size() > config.vocab_size:
         raise UserError(f"{FIELD}={path!r}: {VOCABULARY} ({processor.get_piece_size()} pieces, EOS id "
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("rows",))
-    # Once, on every local device (not copied at every call); no other process takes part in a call.
+    devices = jax.local_devices()
+    split = {"attention (num_heads * d_kv)": config.num_heads * config.d_kv, "feed-forward (d_ff)": config.d_ff}
+    uneven = {name: n for name, n in split.items() if n % shards}
+    if len(devices) % shards or uneven:
+        raise UserError(f"model.text_encoder_shards={shards}: must divide this process's {len(devices)} devices and "
+                        f"the encoder's {' and '.join(f'{k}={v}' for k, v in split.items())}.")
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, shards), ("rows", "model"))
+    # Once (not copied at every call), on this process's devices only: no other process takes part in a call.
     params = load_params(path, config)
     if dtype:
         params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(x, jax.sharding.NamedSharding(mesh, param_spec(tuple(k.key for k in p)))), params)
     return FrozenT5(path, config, params, processor, jax.jit(functools.partial(embed_tokens, config)),
                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")), dtype)

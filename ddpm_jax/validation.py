@@ -109,6 +109,7 @@ def validate_text(config: ConfigDict, reads_data: bool = True):
     _one_of(m.text_encoder, "model.text_encoder", TEXT_ENCODERS)
     _one_of(m.text_attention, "model.text_attention", TEXT_ATTENTION)
     _one_of(m.text_encoder_dtype, "model.text_encoder_dtype", ("", "bfloat16", "float32"))  # t5.load's
+    _positive_int(config, "model.text_encoder_shards")
     _require(not m.text_encoder_path or m.text_encoder == "precomputed",
              f"model.text_encoder_path={m.text_encoder_path!r}: a frozen encoder gives precomputed embeddings; set "
              f"model.text_encoder='precomputed' (model.text_encoder={m.text_encoder!r}).")

@@ -333,17 +333,21 @@ def test_documented_commands_of_captions_embedded_as_it_trains_run(tmp_path, mon
     assert written == ["cascade_step_2_num_samples2.json", "shapes_step_2_ddim50_eta1_w3_t150-inf_n8.json"], written
 
 
-def test_a_folder_of_captions_is_embedded_as_it_trains_without_the_embed_step(tmp_path):
-    from ddpm_jax import input_pipeline
+@pytest.mark.parametrize("shards", [1, 4])
+def test_a_folder_of_captions_is_embedded_as_it_trains_without_the_embed_step(tmp_path, shards):
+    """(With the encoder split over groups of 4 devices too: the batch leaves in pmap's layout.)"""
+    from ddpm_jax import input_pipeline, parallel
 
     captions = {"a": "a red circle", "b": "a photo of a cat", "c/d": "a blue square", "e": "a dog"}
     _write_folder(str(tmp_path / "mine"), captions)
     config = _embedding_captions_config(tmp_path / "mine", dataset="folder", image_size=16)
     config.training.steps_per_call = 1
+    config.model.text_encoder_shards = shards
     input_pipeline.check_dataset(config)
     assert not list((tmp_path / "mine").glob("*.npz"))
     emb, mask = t5.load(TINY).embed(list(captions.values()), L)
     got = next(input_pipeline.create_train_iterator(config))
+    assert got["text_emb"].sharding.is_equivalent_to(parallel.device_sharding(), 4)
     rows = np.asarray(got["text_emb"]).reshape(16, L, 32)  # four epochs of the four captions
     nearest = [np.abs(emb - row).max(axis=(1, 2)).min() for row in rows]
     assert max(nearest) < 1e-5 and len({r.tobytes() for r in rows.round(4)}) == 4
@@ -376,3 +380,21 @@ def test_weights_cast_as_loaded():
     config = _precomputed_config(text_encoder_dtype="float16")
     with pytest.raises(UserError, match=r"^model.text_encoder_dtype='float16': must be one of \('', 'bfloat16', "):
         validate_text(config)
+
+
+@pytest.mark.parametrize("shards", [2, 8])
+def test_an_encoder_split_over_devices_embeds_as_a_whole_copy(shards):
+    """text_encoder_shards: each device holds 1/shards of the split kernels; the embeddings are those of
+    a copy per device (float32 sums in another order)."""
+    split = t5.load(TINY, "", shards)
+    kernel = split.params["block_0_mlp"]["wi_0"]["kernel"]  # [d_model, d_ff] split by its units
+    assert {s.data.shape for s in kernel.addressable_shards} == {(32, 64 // shards)}
+    assert {s.data.shape for s in split.params["shared"]["embedding"].addressable_shards} == {(200, 32)}
+    emb, mask = split.embed(PROMPTS * 2 + PROMPTS[:3], L, batch_size=9)
+    want, want_mask = t5.load(TINY).embed(PROMPTS * 2 + PROMPTS[:3], L, batch_size=9)
+    np.testing.assert_array_equal(mask, want_mask)
+    np.testing.assert_allclose(emb, want, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match=r"^model.text_encoder_shards=3: must divide this process's 8 devices and "
+                                        r"the encoder's attention \(num_heads \* d_kv\)=32 and feed-forward "
+                                        r"\(d_ff\)=64\.$"):
+        t5.load(TINY, "", 3)
