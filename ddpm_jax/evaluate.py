@@ -27,7 +27,8 @@ params), print the metrics and write them to WORKDIR/eval/{command}_step_{step}_
 (fid, digits, shapes: ..._{sampler}{steps}[_eta{eta}]_w{guidance}[_t{min}-{max} if guided][_guide-{guide run's
 folder}[_step{guide_checkpoint_step}]]
 [_seed{seed}]_n{num_samples}.json, `tasks.sampling_name`; sr: ..._aug{aug_level}_s{sr_strength}_{the same}.json;
-shapes and sr given --split: ..._step_{step}_{split}_...; clip: ..._step_{step}_{the CLIP's folder}_{the same};
+shapes, sr and a text-to-image run's fid given --split: ..._step_{step}_{split}_... (fid given --prompts=F:
+..._step_{step}_F_...); clip: ..._step_{step}_{the CLIP's folder}_{the same};
 bpd: ...[_ode_tol{tolerance}[_smin{sigma_min}]]_{split}_n{examples}[_seed{seed}].json; with --samples=F.npz:
 {command}_F.json).
 --num_samples, --steps and the other evaluation flags set the fields of the config's `eval` section
@@ -59,9 +60,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("samples", None, "fid/digits: a .npz of samples (uint8 under 'arr_0' or 'images'; "
                         "'labels' optional) or a folder of PNG/JPEG images, instead of sampling the workdir's "
                         "model.", flag_values=fv)
-    flags.DEFINE_string("prompts", None, "clip: a file of prompts, one per line, scored in place of the held-out "
-                        "captions (the first --num_samples, one sample each); with --samples, the prompts the "
-                        "samples were drawn for, in the order `sample --prompts` writes them.", flag_values=fv)
+    flags.DEFINE_string("prompts", None, "clip, and fid of a text-to-image run: a file of prompts, one per line, "
+                        "sampled in place of the held-out captions (the first --num_samples, one sample each); "
+                        "clip with --samples: the prompts the samples were drawn for, in the order `sample "
+                        "--prompts` writes them.", flag_values=fv)
     flags.DEFINE_string("pth", None, "convert_inception: pytorch-fid's weights file.", flag_values=fv)
     flags.DEFINE_string("out", None, "convert_inception / reference_stats: the .npz to write; accuracy: the folder "
                         "of its grids (default WORKDIR/accuracy).", flag_values=fv)

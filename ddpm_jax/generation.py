@@ -98,17 +98,18 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def text_cond(config: ConfigDict, texts: list[str], flag: str) -> dict:
+def text_cond(config: ConfigDict, texts: list[str], flag: str | None) -> dict:
     """{'tokens', 'mask', 'drop' (False)} of `texts` for a trained text encoder, or {'text_emb', 'mask',
     'drop'} from the frozen encoder of a precomputed one; a text longer than the model reads
-    (`data.max_text_len` tokens, BOS or EOS included) is a UserError naming `flag`."""
+    (`data.max_text_len` tokens, BOS or EOS included) is a UserError naming `flag`, or, with `flag`
+    None (a dataset's captions), cut as training cuts it."""
     if config.model.text_encoder == "precomputed":
         check_text_encoder(config)
         emb, mask = t5.from_config(config.model).embed(texts, config.data.max_text_len, flag)
         return {"text_emb": emb, "mask": mask, "drop": np.zeros(len(texts), bool)}
     limit = config.data.max_text_len - 1
     for t in texts:
-        if len(t.encode("utf-8")) > limit:
+        if flag is not None and len(t.encode("utf-8")) > limit:
             raise UserError(f"{flag}={t!r}: {len(t.encode('utf-8'))} bytes; this model reads at most {limit} "
                             f"(data.max_text_len={config.data.max_text_len} tokens, BOS included).")
     tokens, mask = text.tokenize(texts, config.data.max_text_len)
@@ -132,7 +133,8 @@ def embedding_cond(config: ConfigDict, path: str) -> dict:
 
 
 def conditioning(config: ConfigDict, *, label=None, prompts=None, prompt_embedding=None, negative_prompt=None,
-                 source_prompt=None) -> tuple[dict, dict | None, dict | None, str | None]:
+                 source_prompt=None, prompt_flag: str | None = "--prompt") -> tuple[dict, dict | None, dict | None,
+                                                                                str | None]:
     """(cond, null_cond, source_cond, label) of one row per prompt (one row, or the classes, when
     there are none), checked against the model: prompts and embeddings need a text model of their
     kind, labels a class-conditional one. A text model without prompts samples the null text."""
@@ -164,7 +166,7 @@ def conditioning(config: ConfigDict, *, label=None, prompts=None, prompt_embeddi
                         "give --prompt.")
     if negative_prompt is not None and not config.sampling.guidance:
         raise UserError("--negative_prompt replaces the null text in classifier-free guidance; set --guidance > 0.")
-    cond = text_cond(config, list(prompts or [""]), "--prompt")
+    cond = text_cond(config, list(prompts or [""]), prompt_flag)
     if prompts is None:
         cond["drop"][:] = True
     null = None if negative_prompt is None else text_cond(config, [negative_prompt], "--negative_prompt")
@@ -183,10 +185,11 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                  prompt_embedding: str | None = None, negative_prompt: str | None = None,
                  source_prompt: str | None = None, init_images: str | None = None, mask: str | None = None,
                  low_res: str | np.ndarray | None = None, invert: bool = False,
-                 given: frozenset[str] = frozenset()) -> Request:
+                 given: frozenset[str] = frozenset(), prompt_flag: str | None = "--prompt") -> Request:
     """Checks `config.sampling` and the inputs against the model and reads the input images; every
     error is a UserError naming its flag or field. `given`: the flags the user set explicitly
-    (--strength, --jump_length, ... make sense only with some inputs).
+    (--strength, --jump_length, ... make sense only with some inputs). `prompt_flag`: named by the error
+    of a prompt too long for the model; None (a dataset's captions): cut as in training.
 
     Text models take `prompts` (or a `prompt_embedding` file); each prompt gets `sampling.num_samples`
     rows (with --init_images: the inputs, each edited under every prompt), prompt by prompt.
@@ -224,7 +227,7 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
                         f"{sorted(k for k, v in S.SAMPLERS.items() if v.on_levels)}.")
     cond, null_cond, source_cond, label = conditioning(
         config, label=label, prompts=prompts, prompt_embedding=prompt_embedding, negative_prompt=negative_prompt,
-        source_prompt=source_prompt)
+        source_prompt=source_prompt, prompt_flag=prompt_flag)
     num_prompts = len(cond["drop"]) if config.model.text_encoder != "none" else 1
 
     per_prompt, x0, mask_arr, level = sp.num_samples, None, None, None

@@ -111,7 +111,7 @@ def test_evaluate_clip_scores_a_samples_file_against_its_prompts(tmp_path):
     status, _, err = run_command(evaluate, "clip", *args)
     assert status == 2 and "give --prompts=FILE too" in err, err
     status, _, err = run_command(evaluate, "fid", *args, f"--prompts={tmp_path / 'prompts.txt'}")
-    assert status == 2 and "applies to clip" in err, err
+    assert status == 2 and "fid samples a text-to-image run's --workdir under them" in err, err
     status, _, err = run_command(evaluate, "shapes", *args)  # before: an UnboundLocalError with --workdir
     assert status == 2 and "--samples applies to fid, digits and clip; shapes needs the model" in err, err
 

@@ -157,7 +157,7 @@ def test_fid_is_kid_precision_recall_with_random_inception(tmp_path, monkeypatch
     config.eval.inception_weights, config.eval.reference_stats = str(tmp_path / "w.npz"), str(tmp_path / "s.npz")
     evaluator = in_loop.Evaluator(config)
     np.testing.assert_array_equal(evaluator.reference["radii"], metrics.knn_radii(reference["features"]))
-    monkeypatch.setattr(tasks, "generate", lambda config, params: (real, None, {}))
+    monkeypatch.setattr(tasks, "generate", lambda config, params, **kw: (real, None, {}))
     monkeypatch.setattr(tasks, "fid_is_kid", functools.partial(tasks.fid_is_kid, per_device_batch=1))  # compiled
     writer = _Writer()
     evaluator(3, None, writer)

@@ -1,6 +1,8 @@
 """Text conditioning: the U-Net's text path, null-text guidance, text dropout, the pipeline's
 tokenizer, prompts through the sample command, and that class-conditional params did not change."""
 import hashlib
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -359,3 +361,59 @@ def test_diffedit_command_keeps_the_pixels_outside_its_mask(text_run, tmp_path):
     np.testing.assert_array_equal(edited[~masks], np.broadcast_to(image, edited.shape)[~masks])
     assert (edited[masks] != np.broadcast_to(image, edited.shape)[masks]).any()
     assert (out / "masks.png").exists()
+
+
+def test_fid_of_a_text_model_samples_one_image_per_held_out_caption(tmp_path, monkeypatch):
+    """`evaluate fid` and the in-loop FID of a text-to-image run draw one sample per held-out caption
+    (or --prompts line), as papers compute it (Inception stubbed: the samples are what is checked); the
+    in-loop CLIP score scores the same samples. A model that cannot embed captions is one line."""
+    from ddpm_jax import evaluate
+    from ddpm_jax.datasets import shapes as shapes_ds
+    from ddpm_jax.evaluation import in_loop, inception, metrics, tasks
+
+    monkeypatch.setattr(shapes_ds, "SPLITS", {"train": (8, 0), "test": (12, 1)})
+    seen = []
+    monkeypatch.setattr(tasks, "fid_is_kid", lambda images, *a, **k: seen.append(images) or {"fid": 1.0})
+    monkeypatch.setattr(tasks, "inception_weights_file", lambda path: path)
+    monkeypatch.setattr(inception, "load_variables", lambda *a: {})
+    monkeypatch.setattr(metrics, "load_statistics", lambda *a: {"mu": np.zeros(inception.POOL_DIM)})
+    config = _text_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.eval.update(num_samples=12, batch_size=8, inception_weights="w.npz", reference_stats="s.npz")
+    params = _random_params(config)
+    run = _save_run(tmp_path / "run", config, {3: params})
+    _, captions, _, want = tasks.caption_samples(config, params)
+    assert len(set(captions)) > 1
+
+    status, out, err = run_command(evaluate, "fid", f"--workdir={run}")
+    assert status == 0, err[-2000:]
+    np.testing.assert_array_equal(seen[-1], want["images"])
+    written = json.loads((tmp_path / "run" / "eval" / "fid_step_3_ddim4_w0_n12.json").read_text())
+    assert written["split"] == "test" and written["num_samples"] == 12
+    lines = [f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "triangle", "star", "cross")]
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("\n".join(lines))
+    status, out, err = run_command(evaluate, "fid", f"--workdir={run}", f"--prompts={prompts}")
+    assert status == 0, err[-2000:]
+    np.testing.assert_array_equal(seen[-1], tasks.caption_samples(config, params, prompts=lines)[3]["images"])
+    written = json.loads((tmp_path / "run" / "eval" / "fid_step_3_mine_ddim4_w0_n10.json").read_text())
+    assert written["prompts"] == str(prompts) and "split" not in written
+
+    clip_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "clip_tiny")
+    config.eval.update(eval_every=10, clip_model=clip_dir)
+    result = in_loop.Evaluator(config)(10, params, _Writer())
+    assert set(result) == {"fid", "clip_score"}
+    np.testing.assert_array_equal(seen[-1], want["images"])
+    assert result["clip_score"] == pytest.approx(tasks.clip_score(config, params)["clip_score"], abs=1e-9)
+
+    precomputed = _text_config("precomputed")
+    precomputed.eval.update(inception_weights="w.npz", reference_stats="s.npz")
+    other = _save_run(tmp_path / "precomputed", precomputed)
+    status, _, err = run_command(evaluate, "fid", f"--workdir={other}")
+    assert status == 2 and err.startswith("error: model.text_encoder='precomputed': a text-to-image run is evaluated "
+                                          "on one sample per held-out caption") and err.count("\n") == 1, err
+
+
+class _Writer:
+    def write_scalars(self, step, scalars):
+        self.scalars = scalars

@@ -2,8 +2,9 @@
 
 What runs follows the config: on `eval.num_samples` samples the digits metrics (digits datasets)
 and FID/IS (when `eval.inception_weights` and `eval.reference_stats` are set; also KID and
-precision/recall when the reference statistics keep their features); the CLIP score of one sample
-per held-out caption (text models, when `eval.clip_model` is set; `tasks.clip_score`); bits/dim on
+precision/recall when the reference statistics keep their features); the CLIP score (text models,
+when `eval.clip_model` is set; `tasks.clip_score`). A text model's samples are one per held-out
+caption, the same for FID and the CLIP score (`tasks.generate`). Bits/dim on
 `eval.bpd_examples` examples of the evaluation split (when > 0). Everything it needs is checked and
 loaded when it is built, before training compiles anything. The sampling noise (`eval.seed`) and
 the pmapped functions are the same at every evaluation: the curves move only with the params, and
@@ -42,6 +43,9 @@ class Evaluator:
         if e.clip_model and e.num_samples:
             tasks.check_clip(config)
             self.clip = clip.load(e.clip_model)
+        self.captions = None  # a text model's samples: one per held-out caption, for FID and CLIP alike
+        if config.model.text_encoder != "none" and (self.fid or self.clip):
+            tasks.check_caption_sampling(config)
             self.captions = tasks.captions(config, tasks.eval_split(config), e.num_samples)
         self.bpd_images = None
         if e.bpd_examples:
@@ -49,16 +53,15 @@ class Evaluator:
 
     def __call__(self, step: int, params, writer) -> dict:
         out = {}
-        if self.fid or self.digits:
-            images, labels, ode = tasks.generate(self.config, params)
+        if self.fid or self.digits or self.clip:
+            images, labels, ode = tasks.generate(self.config, params, held_out=self.captions)
             out.update(ode)
             if self.digits:
                 out.update(digits_classifier.digits_metrics(self.classifier, images, labels, self.real_digits))
             if self.fid:
                 out.update(tasks.fid_is_kid(images, self.variables, self.reference))
-        if self.clip is not None:
-            _, texts, _, samples = tasks.caption_samples(self.config, params, prompts=self.captions)
-            out["clip_score"] = self.clip.score(samples["images"], texts).mean()
+            if self.clip is not None:
+                out["clip_score"] = self.clip.score(images, self.captions[:len(images)]).mean()
         if self.bpd_images is not None:
             bpd = tasks.bits_per_dim(self.config, params, self.bpd_images)
             out.update({k: v for k, v in bpd.items() if np.ndim(v) == 0})

@@ -118,15 +118,30 @@ def sampling_config(config: ConfigDict):
     return config
 
 
-def generate(config: ConfigDict, params, progress=None, resume_dir=None) -> tuple[np.ndarray, np.ndarray | None,
-                                                                                  dict]:
+def generate(config: ConfigDict, params, progress=None, resume_dir=None, prompts: list[str] | None = None,
+             held_out: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """`eval.num_samples` uint8 samples (see `sampling_config`) on all local devices, their labels
     (classes in equal blocks for class-conditional models, else None) and `generation.ode_fields`.
-    `progress`, `resume_dir`: as `generation.run` takes them."""
+    A text-to-image model draws one sample per held-out caption, or per prompt of `prompts`
+    (`caption_samples`, with `held_out`), as papers compute FID (e.g. Imagen's FID-30K on COCO's
+    validation captions). `progress`, `resume_dir`: as `generation.run` takes them."""
+    if config.model.text_encoder != "none":
+        check_caption_sampling(config)
+        out = caption_samples(config, params, progress, resume_dir, prompts, held_out)[3]
+        return out["images"], None, generation.ode_fields(out)
     config = sampling_config(config)
     req = generation.make_request(config)
     out = generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
     return out["images"], (req.labels if config.model.num_classes else None), generation.ode_fields(out)
+
+
+def check_caption_sampling(config: ConfigDict) -> None:
+    """UserError unless a text-to-image run can embed the captions it is evaluated under."""
+    m = config.model
+    if not embeds_prompts(m):
+        raise UserError(f"model.text_encoder={m.text_encoder!r}: a text-to-image run is evaluated on one sample per "
+                        "held-out caption, and this model has no frozen encoder to embed them: set --text_encoder="
+                        "T5_FOLDER (model.text_encoder_path), or score samples made elsewhere with --samples.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,16 +258,20 @@ def captions(config: ConfigDict, split: str, max_examples: int) -> list[str]:
     return texts
 
 
-def caption_samples(config: ConfigDict, params, progress=None, resume_dir=None, prompts: list[str] | None = None):
+def caption_samples(config: ConfigDict, params, progress=None, resume_dir=None, prompts: list[str] | None = None,
+                    held_out: list[str] | None = None):
     """(split, its first `eval.num_samples` captions, the config that sampled, `generation.run`'s output
-    of one uint8 sample per caption, see `sampling_config`), for text-to-image metrics. `prompts`: the
-    captions instead (their first `eval.num_samples`; split None)."""
+    of one uint8 sample per caption, see `sampling_config`), for text-to-image metrics; a caption longer
+    than the model reads is cut, as in training. `held_out`: those captions, read before (`captions`).
+    `prompts`: the user's instead (their first `eval.num_samples`; split None; one too long is an
+    error naming --prompts)."""
     split = None if prompts is not None else eval_split(config)
-    texts = prompts[:config.eval.num_samples] if prompts is not None else captions(config, split,
-                                                                                  config.eval.num_samples)
+    if prompts is None and held_out is None:
+        held_out = captions(config, split, config.eval.num_samples)
+    texts = (prompts if prompts is not None else held_out)[:config.eval.num_samples]
     config = sampling_config(config)
     config.sampling.num_samples = 1  # per caption
-    req = generation.make_request(config, prompts=texts)
+    req = generation.make_request(config, prompts=texts, prompt_flag="--prompts" if prompts is not None else None)
     return split, texts, config, generation.run(config, params, req, progress, uint8=True, resume_dir=resume_dir)
 
 
@@ -487,8 +506,10 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         raise UserError(f"--samples applies to fid, digits and clip; {command} needs the model (--workdir).")
     if samples is None and not workdir:
         raise UserError(f"{command} needs --workdir (a training run) or, for fid, digits and clip, --samples.")
-    if prompts is not None and command != "clip":
-        raise UserError(f"--prompts={prompts}: applies to clip (the captions to score against).")
+    if prompts is not None and command not in ("clip", "fid"):
+        raise UserError(f"--prompts={prompts}: applies to clip and fid (the captions to sample under).")
+    if prompts is not None and command == "fid" and (samples is not None or config.model.text_encoder == "none"):
+        raise UserError(f"--prompts={prompts}: fid samples a text-to-image run's --workdir under them.")
     if samples is not None and command == "clip" and prompts is None:
         raise UserError(f"--samples={samples}: give --prompts=FILE too, the prompts the samples were drawn for.")
     prompt_list = None if prompts is None else generation.read_prompts(prompts)
@@ -516,6 +537,8 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
                             f"{inception.POOL_DIM}-d Inception pool features (make them with `reference_stats`).")
         if samples is None:
             _enough_for_inception_score(e.num_samples, "eval.num_samples")
+            if config.model.text_encoder != "none":
+                check_caption_sampling(config)
     if command == "accuracy":
         plans = conditional_accuracy.parse_settings(config, settings)
     if command == "shapes":
@@ -549,19 +572,19 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
     how = sampling_name(config)
     split_name = lambda split: re.sub(r"[^\w.-]+", "-", split)  # e.g. train[:10%] -> train-10-
     given_split = f"_{split_name(e.split)}" if e.split else ""  # shapes, sr: the held-out split unless given
+    base = lambda path: split_name(os.path.basename(os.path.normpath(path)))
+    stem = lambda path: os.path.splitext(base(path))[0]
+    captions_name = f"_{stem(prompts)}" if prompts else given_split  # clip, a text model's fid
     partial = lambda name: os.path.join(workdir, "eval", name + PARTIAL_SUFFIX)  # until the result is written
     if command == "shapes":
         name = f"{name}{given_split}_{how}"
         result = shapes(config, params, progress, partial(name))
     elif command == "clip":  # named by the CLIP's folder too: another CLIP gives other scores
-        base = lambda path: split_name(os.path.basename(os.path.normpath(path)))
-        stem = lambda path: os.path.splitext(base(path))[0]
         if images is not None:
             name = f"{name}_{base(e.clip_model)}_{stem(samples)}"
             result = clip_of_samples(e.clip_model, images, prompt_list, samples)
         else:
-            texts = f"_{stem(prompts)}" if prompts else given_split
-            name = f"{name}{texts}_{base(e.clip_model)}_{how}"
+            name = f"{name}{captions_name}_{base(e.clip_model)}_{how}"
             result = clip_score(config, params, progress, partial(name), prompt_list)
     elif command == "sr":
         name = f"{name}{given_split}_aug{config.sampling.aug_level:g}_s{config.sampling.sr_strength:g}_{how}"
@@ -575,9 +598,13 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
         result = bits_per_dim(config, params, images, progress, partial(name))
         result.update(split=split, num_examples=len(images), bpd_method=e.bpd_method)
     else:
+        texts = {}  # a text model's samples: one per held-out caption (or --prompts line)
+        if images is None and config.model.text_encoder != "none":
+            texts = {"split": None if prompts else eval_split(config), "prompts": prompts}
+            name = f"{name}{captions_name}"
         if images is None:
             name = f"{name}_{how}"
-            images, labels, ode = generate(config, params, progress, partial(name))
+            images, labels, ode = generate(config, params, progress, partial(name), prompt_list)
         else:
             name = f"{name}_{os.path.splitext(os.path.basename(os.path.normpath(samples)))[0]}"
         if command == "fid":
@@ -585,7 +612,7 @@ def workdir_command(command: str, workdir: str | None, config: ConfigDict, *, sa
             result = fid_is_kid(images, variables, reference, per_device_batch=per_device_batch)
         else:
             result = digits(images, labels, e.digits_classifier)
-        result.update(num_samples=len(images), **ode)
+        result.update(num_samples=len(images), **ode, **{k: v for k, v in texts.items() if v is not None})
     result.update(step=step)
     write_result(workdir, name, result)
     if workdir:
