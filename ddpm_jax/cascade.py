@@ -4,7 +4,7 @@
         --prompt="a red circle above a blue square" --guidance=3,0 --steps=50,25 --aug_level=0.1
 
 --stages lists the runs, base first; each later one a super-resolution model of the previous
-stage's size. --sampler, --steps, --guidance (and its interval --guidance_t_min, --guidance_t_max),
+stage's size. --sampler, --steps, --guidance (its interval --guidance_t_min, --guidance_t_max, its --guidance_rescale),
 --eta and --aug_level take one value for every stage or one per stage (aug_level is read by
 super-resolution stages only); unset, each run's own `sampling` section holds. --checkpoint_step
 chooses each run's checkpoint the same way (0: the run's newest, the default); --text_encoder names the

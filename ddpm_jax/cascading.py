@@ -26,7 +26,8 @@ from ddpm_jax.validation import UserError, check_output_dir, validate_sampling
 
 # sampling field (and flag) -> type: a value per stage, or one for all (aug_level: SR stages only).
 STAGE_FIELDS = {"sampler": str, "steps": int, "guidance": float, "guidance_t_min": float, "guidance_t_max": float,
-                "eta": float, "aug_level": float, "sr_strength": float, "ode_tolerance": float}
+                "guidance_rescale": float, "eta": float, "aug_level": float, "sr_strength": float,
+                "ode_tolerance": float}
 KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}  # as errors name the types
 
 

@@ -43,6 +43,9 @@ SAMPLE_FLAGS = {
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide only at model timesteps t >= this (below: w = 0)."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide only at model timesteps t <= this (above: w = 0)."),
+    "guidance_rescale": ("sampling.guidance_rescale", "Guidance rescale phi in [0, 1] (Lin et al. 2024; they use "
+                                                      "0.7): the guided output's std brought towards the "
+                                                      "conditional one's."),
     "guide_workdir": ("sampling.guide_workdir", "Autoguidance: guide by this run, a weaker version of the model "
                                                 "(e.g. the same config trained for fewer steps), not by the null "
                                                 "condition."),
@@ -76,6 +79,7 @@ EVAL_FLAGS = {
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide the samples only at model timesteps t >= this."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide the samples only at model timesteps t <= this."),
+    "guidance_rescale": ("sampling.guidance_rescale", "Guidance rescale phi of the samples, in [0, 1]."),
     "guide_workdir": ("sampling.guide_workdir", "Autoguidance of the samples: guide by this weaker run of the "
                                                 "same model, not by the null condition."),
     "guide_checkpoint_step": ("sampling.guide_checkpoint_step", "Autoguidance of the samples: the guide run's "

@@ -136,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     # elsewhere: guidance in a limited interval (Kynkaanniemi et al. 2024)
     c.sampling.guidance_t_min = 0.0
     c.sampling.guidance_t_max = float("inf")
+    # phi of guidance rescale (Lin et al. 2024, Eq. 15-16): the guided output's std per sample brought
+    # to the conditional output's, mixed phi : 1 - phi with the guided one (0: off; they use 0.7)
+    c.sampling.guidance_rescale = 0.0
     # Autoguidance (Karras et al. 2024): guidance's negative half from this run, a weaker version of the
     # model (the same config trained for fewer steps, or smaller), under the same condition, instead
     # of from the model itself under the null condition; '' = classifier-free guidance.

@@ -276,6 +276,7 @@ def make_request(config: ConfigDict, *, label: str | None = None, prompts: list[
     rows = lambda c: None if c is None else {**cond, **jax.tree.map(lambda a: np.repeat(a, n, axis=0), c)}
     spec = S.SampleSpec(sampler=sp.sampler, opts=S.step_options(config),
                         guidance=sp.guidance, guidance_interval=(sp.guidance_t_min, sp.guidance_t_max),
+                        guidance_rescale=sp.guidance_rescale,
                         level=level, invert=invert, inpaint=mask is not None,
                         jump_length=sp.jump_length, jump_n_sample=sp.jump_n_sample,
                         mask_level=max(1, S.strength_to_level(sp.mask_strength, sp.steps)) if auto_mask else 0,

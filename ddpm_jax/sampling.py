@@ -347,8 +347,19 @@ def null_condition(cond: dict) -> dict:
     return {**cond, "drop": jnp.ones_like(cond["drop"])}
 
 
+def rescale_guided(guided: jax.Array, out_cond: jax.Array, phi) -> jax.Array:
+    """Guidance rescale (Lin et al. 2024, Eq. 15-16): phi * guided * std(out_cond) / std(guided) +
+    (1 - phi) * guided, the stds over each sample's pixels and channels. Large guidance weights
+    inflate the guided output's scale, which over-exposes images; this pulls it back to the
+    conditional output's."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = jnp.std(out_cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True)
+    return phi * guided * ratio + (1.0 - phi) * guided
+
+
 def guided_model_fn(apply_fn: Callable, cond: dict | None, null_cond: dict | None, guidance,
-                    interval: tuple[float, float] = NO_INTERVAL, guide_apply: Callable | None = None) -> ModelFn:
+                    interval: tuple[float, float] = NO_INTERVAL, guide_apply: Callable | None = None,
+                    rescale: float = 0.0) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, cond) - w out(x, null_cond).
 
     `apply_fn(x [2B, ...], t [2B], cond [2B])` is called once on the conditional and unconditional
@@ -366,6 +377,8 @@ def guided_model_fn(apply_fn: Callable, cond: dict | None, null_cond: dict | Non
     weaker version of the model (trained for fewer steps, or smaller), under `null_cond` (the
     prompt itself, as `unet_model_fn` passes it); two passes. It also guides unconditional models
     (cond None).
+
+    rescale phi > 0: `rescale_guided` of the guided output (the mean half) against the conditional one.
     """
     if guide_apply is None:
         both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond)
@@ -378,21 +391,25 @@ def guided_model_fn(apply_fn: Callable, cond: dict | None, null_cond: dict | Non
         w = guidance
         if interval != NO_INTERVAL:
             w = jnp.where((t >= interval[0]) & (t <= interval[1]), guidance, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
+        var = None
         if out_cond.shape[-1] == 2 * x.shape[-1]:
             (out_cond, var), (out_uncond, _) = jnp.split(out_cond, 2, axis=-1), jnp.split(out_uncond, 2, axis=-1)
-            return jnp.concatenate([(1.0 + w) * out_cond - w * out_uncond, var], axis=-1)
-        return (1.0 + w) * out_cond - w * out_uncond
+        guided = (1.0 + w) * out_cond - w * out_uncond
+        if rescale:
+            guided = rescale_guided(guided, out_cond, rescale)
+        return guided if var is None else jnp.concatenate([guided, var], axis=-1)
 
     return model_fn
 
 
 def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0,
                   null_cond: dict | None = None, interval: tuple[float, float] = NO_INTERVAL,
-                  guide: tuple | None = None) -> ModelFn:
+                  guide: tuple | None = None, rescale: float = 0.0) -> ModelFn:
     """model_fn for a `UNet` in inference mode, conditioned on `cond` (see `UNet`; None for
     unconditional models). guidance w != 0 uses `guided_model_fn` against `null_cond` (default
-    `null_condition(cond)`) in `interval`; with `guide` = (guide UNet, its params), autoguidance:
-    against the guide network under `null_cond` (default `cond`, the same condition)."""
+    `null_condition(cond)`) in `interval`, rescaled by `rescale`; with `guide` = (guide UNet, its
+    params), autoguidance: against the guide network under `null_cond` (default `cond`, the same
+    condition)."""
     apply_fn = lambda x, t, c=None: model.apply({"params": params}, x, t, c)
     if not guidance or (cond is None and guide is None):
         return apply_fn if cond is None else lambda x, t: apply_fn(x, t, cond)
@@ -400,9 +417,9 @@ def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0
         guide_model, guide_params = guide
         guide_apply = lambda x, t, c: guide_model.apply({"params": guide_params}, x, t, c)
         return guided_model_fn(apply_fn, cond, cond if null_cond is None else null_cond, guidance, interval,
-                               guide_apply)
+                               guide_apply, rescale)
     return guided_model_fn(apply_fn, cond, null_condition(cond) if null_cond is None else null_cond, guidance,
-                           interval)
+                           interval, rescale=rescale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,13 +663,14 @@ def forward_trajectory(s: Schedule, key: jax.Array, x0: jax.Array, num_frames: i
 class SampleSpec(NamedTuple):
     """What one run does (static). level: None generates; an int edits from that level (SDEdit), or
     with `inpaint` fills the mask (RePaint) from there. guidance 0: no classifier-free guidance;
-    guidance_interval: the timesteps it applies to (`guided_model_fn`).
+    guidance_interval: the timesteps it applies to; guidance_rescale its phi (`guided_model_fn`).
     mask_level > 0: inpainting with DiffEdit's mask (`diffedit_mask` at that level)."""
 
     sampler: str = "ancestral"
     opts: StepOptions = StepOptions()
     guidance: float = 0.0
     guidance_interval: tuple[float, float] = NO_INTERVAL
+    guidance_rescale: float = 0.0
     level: int | None = None
     invert: bool = False
     inpaint: bool = False
@@ -698,7 +716,7 @@ def sample_shard(model, s: Schedule, kind: str, spec: SampleSpec, image_shape, p
         batch = augment_low_res(s, batch, jax.random.fold_in(key, AUG_NOISE_TAG))
     cond = batch["cond"] if conditional else None
     model_fn = unet_model_fn(model, params, cond, spec.guidance, batch.get("null_cond"), spec.guidance_interval,
-                             guide)
+                             guide, spec.guidance_rescale)
     count = spec.sampler == "ode"  # its state: the network evaluations it chose (it cannot inpaint)
     kw = dict(sampler=spec.sampler, opts=spec.opts, num_frames=spec.num_frames)
     source = batch.get("source_cond")

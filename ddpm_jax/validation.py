@@ -274,6 +274,8 @@ def validate_sampling(config: ConfigDict):
              and 0 <= sp.guidance_t_min <= sp.guidance_t_max,
              f"sampling.guidance_t_min={sp.guidance_t_min!r}, sampling.guidance_t_max={sp.guidance_t_max!r}: need "
              "0 <= guidance_t_min <= guidance_t_max (model timesteps; inf: no upper bound).")
+    _require(_is_number(sp.guidance_rescale) and 0 <= sp.guidance_rescale <= 1,
+             f"sampling.guidance_rescale={sp.guidance_rescale!r}: phi of guidance rescale, in [0, 1] (0: off).")
     _require(not sp.guidance or config.model.num_classes or config.model.text_encoder != "none" or sp.guide_workdir,
              f"sampling.guidance={sp.guidance} needs a class- or text-conditional model (classifier-free) or "
              "sampling.guide_workdir (autoguidance); this one has model.num_classes=0 and "

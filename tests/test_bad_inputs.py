@@ -176,6 +176,8 @@ CASES = [
     (sample, ["--workdir={cond}", "--guidance=-1"], "sampling.guidance=-1.0"),
     (sample, ["--workdir={cond}", "--guidance=2", "--guidance_t_min=500", "--guidance_t_max=100"],
      "need 0 <= guidance_t_min <= guidance_t_max"),
+    (sample, ["--workdir={cond}", "--guidance=2", "--guidance_rescale=1.5"],
+     "sampling.guidance_rescale=1.5: phi of guidance rescale, in [0, 1] (0: off)."),
     (sample, ["--workdir={uncond}", "--guidance=2"], "needs a class- or text-conditional model"),
     (sample, ["--workdir={cond}", "--label=3"], "--label=3"),
     (sample, ["--workdir={cond}", "--label=dog"], "--label=dog"),

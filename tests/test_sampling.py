@@ -361,6 +361,29 @@ def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
                                   S.guided_model_fn(apply_fn, cond, null, 2.0, interval=(0.0, 1e9))(x, t))
 
 
+def test_guidance_rescale_is_lin_et_al_eq_15_16_per_sample_on_the_mean_half():
+    """phi = 1: the guided output's std per sample is the conditional output's; phi in between mixes
+    linearly in phi (Eq. 16); 0 is plain guidance; the variance half is the conditional one's."""
+    rng = np.random.default_rng(0)
+    scale = lambda c: 0.6 * (c["label"] + 1.0)[:, None, None, None]  # a spread of its own per sample
+    apply_fn = lambda x, t, c: jnp.concatenate(
+        [jnp.where(c["drop"][:, None, None, None], 0.2 * x, scale(c) * x + 0.1), jnp.tanh(x)], -1)
+    x = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.float32)
+    t = jnp.array([1.0, 2.0, 3.0])
+    cond = {"label": jnp.array([0, 1, 2]), "drop": jnp.zeros(3, bool)}
+    null = S.null_condition(cond)
+    c_out, u_out = apply_fn(x, t, cond)[..., :2], apply_fn(x, t, null)[..., :2]
+    plain = np.asarray(4 * c_out - 3 * u_out, np.float64)
+    full = plain * (np.std(np.asarray(c_out, np.float64), axis=(1, 2, 3), keepdims=True)
+                    / np.std(plain, axis=(1, 2, 3), keepdims=True))
+    for phi in (0.0, 0.7, 1.0):
+        out = S.guided_model_fn(apply_fn, cond, null, 3.0, rescale=phi)(x, t)
+        np.testing.assert_allclose(out[..., :2], phi * full + (1 - phi) * plain, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out[..., 2:], jnp.tanh(x))
+    assert not np.allclose(full, plain, rtol=0.05)  # the rescale does something here
+    np.testing.assert_allclose(np.std(full, axis=(1, 2, 3)), np.std(c_out, axis=(1, 2, 3)), rtol=1e-6)
+
+
 def test_autoguidance_guides_by_another_network_also_without_a_condition():
     good = lambda x, t, c: x * 3.0 + t[:, None]
     bad = lambda x, t, c: jnp.tanh(x) - t[:, None]
