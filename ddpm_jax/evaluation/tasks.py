@@ -451,7 +451,8 @@ def cascade_command(workdirs: list[str] | None, given: dict | None = None,
 def sampler_fields(sp: ConfigDict) -> dict:
     """How a result's samples were drawn, for its JSON: sampler, steps (ode: its tolerance too), guidance."""
     ode = {"ode_tolerance": sp.ode_tolerance} if sp.sampler == "ode" else {}
-    return {"sampler": sp.sampler, "steps": sp.steps, **ode, "guidance": sp.guidance}
+    rescale = {"guidance_rescale": sp.guidance_rescale} if sp.guidance and sp.guidance_rescale else {}
+    return {"sampler": sp.sampler, "steps": sp.steps, **ode, "guidance": sp.guidance, **rescale}
 
 
 def sampling_name(config: ConfigDict) -> str:
