@@ -304,3 +304,24 @@ def test_embed_on_two_processes_splits_a_shared_folder_and_fills_folders_of_thei
         for i in range(len(captions)):
             with np.load(os.path.join(cwd, "mine", f"{i}.npz")) as f:
                 np.testing.assert_allclose(f["text_emb"], want[i][mask[i]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
+def test_captions_embedded_as_it_trains_on_two_processes_train_as_one_process(tmp_path):
+    """data.embed_captions with the frozen T5 split over pairs of devices, 2 steps per call: each
+    process embeds its own rows on its own devices, and the params are those of one process of 8."""
+    tiny = os.path.join(ROOT, "tests", "data", "t5_tiny")
+    args = [f"--config={ROOT}/configs/shapes_t2i.py", "--compilation_cache=", f"--config.data.data_dir={tmp_path}",
+            "--config.data.embed_captions=True", "--config.model.text_encoder=precomputed",
+            f"--config.model.text_encoder_path={tiny}", "--config.model.text_emb_dim=32",
+            "--config.model.text_encoder_shards=2", "--config.model.ch=16", "--config.model.ch_mult=(1,)",
+            "--config.model.attn_resolutions=(16,)", "--config.training.batch_size=16",
+            "--config.training.num_train_steps=4", "--config.training.steps_per_call=2",
+            "--config.training.checkpoint_every=4", "--config.training.sample_every=0",
+            "--config.training.profile_steps=0"]
+    _run("ddpm_jax.main", [*args, f"--workdir={tmp_path / 'two'}"], str(tmp_path / "log2"))
+    _run("ddpm_jax.main", [*args, f"--workdir={tmp_path / 'one'}"], str(tmp_path / "log1"), num_processes=1)
+    (two, two_ema, step), (one, one_ema, _) = _params(tmp_path / "two"), _params(tmp_path / "one")
+    assert step == 4
+    chex.assert_trees_all_close(two, one, atol=1e-7)  # 3.8e-11 measured
+    chex.assert_trees_all_close(two_ema, one_ema, atol=1e-7)
