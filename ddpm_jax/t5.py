@@ -303,6 +303,14 @@ def param_spec(path: tuple[str, ...]) -> jax.sharding.PartitionSpec:
     return P("model", None) if path[-2] in ("o", "wo") else P(None, "model")
 
 
+def check_shards(config: T5Config, shards: int) -> None:
+    """UserError unless `shards` divides the local devices and the units `param_spec` splits."""
+    split = {"attention (num_heads * d_kv)": config.num_heads * config.d_kv, "feed-forward (d_ff)": config.d_ff}
+    if jax.local_device_count() % shards or any(n % shards for n in split.values()):
+        raise UserError(f"model.text_encoder_shards={shards}: must divide this process's {jax.local_device_count()} "
+                        f"devices and the encoder's {' and '.join(f'{k}={v}' for k, v in split.items())}.")
+
+
 @functools.lru_cache(maxsize=2)
 def load(path: str, dtype: str = "", shards: int = 1) -> FrozenT5:
     """The encoder in the folder `path` (see the module doc), loaded once per process, its weights cast
@@ -321,13 +329,8 @@ def load(path: str, dtype: str = "", shards: int = 1) -> FrozenT5:
     if processor.eos_id() < 0 or processor.get_piece_size() > config.vocab_size:
         raise UserError(f"{FIELD}={path!r}: {VOCABULARY} ({processor.get_piece_size()} pieces, EOS id "
                         f"{processor.eos_id()}) does not fit config.json's vocab_size={config.vocab_size} with an EOS.")
-    devices = jax.local_devices()
-    split = {"attention (num_heads * d_kv)": config.num_heads * config.d_kv, "feed-forward (d_ff)": config.d_ff}
-    uneven = {name: n for name, n in split.items() if n % shards}
-    if len(devices) % shards or uneven:
-        raise UserError(f"model.text_encoder_shards={shards}: must divide this process's {len(devices)} devices and "
-                        f"the encoder's {' and '.join(f'{k}={v}' for k, v in split.items())}.")
-    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, shards), ("rows", "model"))
+    check_shards(config, shards)
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()).reshape(-1, shards), ("rows", "model"))
     # Once (not copied at every call), on this process's devices only: no other process takes part in a call.
     params = load_params(path, config)
     if dtype:

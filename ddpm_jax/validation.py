@@ -141,11 +141,14 @@ def validate_text(config: ConfigDict, reads_data: bool = True):
 
 
 def check_text_encoder(config: ConfigDict):
-    """UserError unless model.text_encoder_path is a T5 folder whose width is model.text_emb_dim."""
+    """UserError unless model.text_encoder_path is a T5 folder whose width is model.text_emb_dim and
+    which model.text_encoder_shards can split."""
     from ddpm_jax import t5  # imported here: t5 imports this module
 
     m = config.model
-    width = t5.read_config(m.text_encoder_path).d_model
+    t5_config = t5.read_config(m.text_encoder_path)
+    t5.check_shards(t5_config, m.text_encoder_shards)
+    width = t5_config.d_model
     _require(width == m.text_emb_dim, f"model.text_emb_dim={m.text_emb_dim}: the encoder in model.text_encoder_path="
                                       f"{m.text_encoder_path!r} makes {width}-wide embeddings; set "
                                       f"model.text_emb_dim={width}.")

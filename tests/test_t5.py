@@ -398,3 +398,13 @@ def test_an_encoder_split_over_devices_embeds_as_a_whole_copy(shards):
                                         r"the encoder's attention \(num_heads \* d_kv\)=32 and feed-forward "
                                         r"\(d_ff\)=64\.$"):
         t5.load(TINY, "", 3)
+
+
+def test_an_encoder_that_cannot_be_split_so_is_refused_before_training(tmp_path):
+    status, _, err = run_command(main, f"--config={ROOT}/configs/shapes_t2i.py", f"--workdir={tmp_path / 'run'}",
+                                 "--config.model.text_encoder=precomputed", f"--config.model.text_encoder_path={TINY}",
+                                 "--config.model.text_emb_dim=32", "--config.data.embed_captions=True",
+                                 "--config.model.text_encoder_shards=16", "--compilation_cache=")
+    assert status == 2 and err == "error: model.text_encoder_shards=16: must divide this process's 8 devices and the " \
+        "encoder's attention (num_heads * d_kv)=32 and feed-forward (d_ff)=64.\n", err
+    assert not (tmp_path / "run").exists()
