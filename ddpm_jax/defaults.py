@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Super-resolution: training noises the low-res image to a level ~ U[0, this] (superres.augment;
     # on the linear schedule 0.15 is abar 0.79, 0.5 is 0.08: docs/super_resolution.md).
     c.diffusion.low_res_aug_max = 0.15
+    # Rescale the schedule to zero terminal SNR (Lin et al. 2024): x_T is pure noise, as sampling
+    # starts. Needs model_output 'v' (x0 from eps divides by sqrt(abar_T) = 0) and the ancestral or
+    # ddim sampler (the others step in log sigma, infinite at T).
+    c.diffusion.zero_terminal_snr = False
     c.diffusion.clip_x0 = True  # clip x0 predictions to [-1, 1] (bits/dim; sampling unless sampling.threshold)
 
     c.optim = ml_collections.ConfigDict()

@@ -58,6 +58,21 @@ def get_betas(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end:
     raise ValueError(f"diffusion.beta_schedule={name!r}: must be one of {BETA_SCHEDULES}.")
 
 
+def zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, Sec. 3.1 (their Algorithm 1): sqrt(abar_t) shifted so that its last value is 0
+    (x_T is pure noise, SNR 0, as sampling assumes) and scaled so that its first stays; the betas of
+    that, the last one 1. float64 `[T]`."""
+    r = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    r = (r - r[-1]) * r[0] / (r[0] - r[-1])
+    abar = r * r
+    return 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
+
+
+# Samplers that step in finite log-SNR or sigma (DPM-Solver++, Heun, the probability-flow ODE) start
+# at sigma_T, infinite with zero terminal SNR; these step on the schedule's own levels.
+ZERO_SNR_SAMPLERS = ("ancestral", "ddim")
+
+
 class Schedule(NamedTuple):
     """All per-timestep constants, float32 `[T]` each (a pytree, so it can be passed through jit).
 
@@ -111,23 +126,24 @@ def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None,
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     # Eq. 7: beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-    q = dict(
-        timesteps=np.arange(len(betas)) if timesteps is None else np.asarray(timesteps),
-        betas=betas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        # beta_tilde_0 = 0, so its log is clipped to the value at t=1 (as in the official code).
-        posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        model_t=model_t,
-        model_log_sigma=0.5 * (np.log1p(-model_abar) - np.log(model_abar)),
-    )
+    with np.errstate(divide="ignore"):  # zero terminal SNR: 1/abar_T and log sigma_T are inf
+        q = dict(
+            timesteps=np.arange(len(betas)) if timesteps is None else np.asarray(timesteps),
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+            posterior_variance=posterior_variance,
+            # beta_tilde_0 = 0, so its log is clipped to the value at t=1 (as in the official code).
+            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+            model_t=model_t,
+            model_log_sigma=0.5 * (np.log1p(-model_abar) - np.log(model_abar)),
+        )
     return Schedule(**{
         k: jnp.asarray(v, jnp.int32 if k == "timesteps" else jnp.float32) for k, v in q.items()})
 
@@ -153,9 +169,12 @@ def even_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 
 def schedule_from_config(diffusion_config, num_steps: int | None = None) -> Schedule:
-    """The config's schedule; respaced to `num_steps` evenly spaced timesteps when given."""
+    """The config's schedule (with `zero_terminal_snr`, rescaled so); respaced to `num_steps` evenly
+    spaced timesteps when given (the first and the last always among them)."""
     c = diffusion_config
     betas = get_betas(c.beta_schedule, c.num_timesteps, c.beta_start, c.beta_end)
+    if c.get("zero_terminal_snr", False):
+        betas = zero_terminal_snr(betas)
     if num_steps is None or num_steps == c.num_timesteps:
         return make_schedule(betas)
     return make_schedule(*respace_betas(betas, even_timesteps(c.num_timesteps, num_steps)), model_betas=betas)
@@ -210,9 +229,9 @@ def predict_eps(s: Schedule, kind: str, out: jax.Array, x_t: jax.Array, t: jax.A
     _check_model_output(kind)
     if kind == "eps":
         return out
-    if kind == "x0":
-        return ((extract(s.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - out)
-                / extract(s.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+    if kind == "x0":  # (x_t - sqrt(abar) x0) / sqrt(1 - abar): finite at zero terminal SNR, where abar = 0
+        return ((x_t - extract(s.sqrt_alphas_cumprod, t, x_t.shape) * out)
+                / extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape))
     return (extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
             + extract(s.sqrt_alphas_cumprod, t, x_t.shape) * out)
 

@@ -181,6 +181,12 @@ def validate_diffusion(config: ConfigDict):
              f"diffusion.vlb_weight={c.vlb_weight!r}: must be a number >= 0 (lambda of L_hybrid = L_simple + "
              f"lambda L_vlb, used with diffusion.variance='learned_range'; 0.001 in Nichol & Dhariwal 2021).")
     _one_of(c.loss_weighting, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
+    _require(isinstance(c.zero_terminal_snr, bool),
+             f"diffusion.zero_terminal_snr={c.zero_terminal_snr!r}: True or False.")
+    _require(not c.zero_terminal_snr or c.model_output == "v",
+             f"diffusion.zero_terminal_snr=True with diffusion.model_output={c.model_output!r}: at the last step "
+             "x_t is pure noise, where x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0; predict 'v' "
+             "(as Lin et al. 2024).")
     _require(_is_number(c.min_snr_gamma) and c.min_snr_gamma > 0,
              f"diffusion.min_snr_gamma={c.min_snr_gamma!r}: must be a number > 0 (the cap on SNR_t of "
              f"diffusion.loss_weighting='min_snr'; 5 in Hang et al. 2023).")
@@ -257,6 +263,9 @@ def validate_sampling(config: ConfigDict):
              f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
     _require(not sp.eta or sp.sampler == "ddim",
              f"sampling.eta={sp.eta} applies to sampling.sampler='ddim' only (this is {sp.sampler!r}).")
+    _require(not config.diffusion.get("zero_terminal_snr", False) or sp.sampler in diffusion.ZERO_SNR_SAMPLERS,
+             f"sampling.sampler={sp.sampler!r} steps in log sigma, infinite at the last step of this run's zero "
+             f"terminal SNR schedule (diffusion.zero_terminal_snr=True); use one of {diffusion.ZERO_SNR_SAMPLERS}.")
     _require(sp.threshold in ("auto",) + diffusion.THRESHOLDS,
              f"sampling.threshold={sp.threshold!r}: must be one of {('auto',) + diffusion.THRESHOLDS} ('auto': "
              f"as diffusion.clip_x0 says, 'clip' or 'none').")
@@ -345,6 +354,9 @@ def validate_eval(config: ConfigDict, in_loop: bool = False):
              f"neither); got {e.inception_weights!r} and {e.reference_stats!r}.")
     _require(e.num_samples != 1, "eval.num_samples=1: need at least 2 for a covariance (or 0: none).")
     _one_of(e.bpd_method, "eval.bpd_method", BPD_METHODS)
+    _require(not (config.diffusion.get("zero_terminal_snr", False) and e.bpd_method == "ode"),
+             "eval.bpd_method='ode' solves the probability-flow ODE from sigma_T, infinite with "
+             "diffusion.zero_terminal_snr=True; use 'vlb'.")
     _require(0 < e.ode_tolerance < 1, f"eval.ode_tolerance={e.ode_tolerance}: the ODE solver's relative and absolute "
                                       "tolerance, in (0, 1) (e.g. 1e-5).")
     _require(0 <= e.ode_sigma_min < 1, f"eval.ode_sigma_min={e.ode_sigma_min}: the noise level (std) the ODE starts "

@@ -183,3 +183,19 @@ def heun64(sigma_max, sigma_min, n, rho=7.0, mu=GAUSS_MU, Sigma=GAUSS_SIGMA):
         M, c = Me, ce
     return M, c
 
+
+
+def gaussian_v_model(s: Schedule, mu: np.ndarray, Sigma: np.ndarray):
+    """model_fn(x_t `[B, d]`, t `[B]`) -> E[v | x_t] = a_t E[eps | x_t] - s_t E[x_0 | x_t], finite at every
+    level, pure noise (a_t = 0) included, where it is -mu. E[x_0 | x_t] = mu + a_t Sigma C_t^{-1} (x_t - a_t mu)."""
+    abar = np.asarray(s.alphas_cumprod, np.float64)
+    a, sd = np.sqrt(abar)[:, None, None], np.sqrt(1 - abar)[:, None, None]
+    mu, Sigma = np.asarray(mu, np.float64), np.asarray(Sigma, np.float64)
+    C_inv = np.linalg.inv(a ** 2 * Sigma + sd ** 2 * np.eye(len(mu)))
+    W = jnp.asarray(a * sd * (np.eye(len(mu)) - Sigma) @ C_inv, jnp.float32)
+    a32, sd32, mu32 = (jnp.asarray(v, jnp.float32) for v in (a[:, 0, 0], sd[:, 0, 0], mu))
+
+    def model_fn(x_t, t):
+        return jnp.einsum("bij,bj->bi", W[t], x_t - a32[t][:, None] * mu32) - sd32[t][:, None] * mu32
+
+    return model_fn

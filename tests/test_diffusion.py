@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples, gaussian_eps_model
+from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, check_gaussian_samples, gaussian_eps_model, gaussian_v_model
 
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
@@ -297,3 +297,68 @@ def test_hybrid_loss_gradients_stop_at_the_mean():
                                   D.l_simple(s, "eps", out[..., :1], x0, noise, t))
     with pytest.raises(ValueError, match="learned_range' needs a network with twice the image channels"):
         D.training_loss(s, "eps", out[..., :1] * jnp.ones((1, 1, 1, 3)), x0, x_t, noise, t, variance="learned_range")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_zero_terminal_snr_is_an_affine_map_of_sqrt_alphas_cumprod_to_zero(name):
+    """Lin et al. 2024, Sec. 3.1: sqrt(abar') = (sqrt(abar) - sqrt(abar_T)) sqrt(abar_0) / (sqrt(abar_0) -
+    sqrt(abar_T)): the first level kept, the last pure noise (beta_T = 1), the betas still in (0, 1]."""
+    betas = D.get_betas(name, 1000)
+    r = np.sqrt(_abar64(betas))
+    new = D.zero_terminal_snr(betas)
+    r_new = np.sqrt(_abar64(new))
+    np.testing.assert_allclose(r_new, (r - r[-1]) * r[0] / (r[0] - r[-1]), rtol=1e-12, atol=1e-15)
+    assert r_new[-1] == 0 and new[-1] == 1 and np.all((new > 0) & (new <= 1))
+    assert r_new[0] == pytest.approx(r[0], rel=1e-15)
+    s = D.make_schedule(new)
+    assert float(s.alphas_cumprod[-1]) == 0 and float(s.sqrt_one_minus_alphas_cumprod[-1]) == 1
+    for field in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped", "betas"):
+        assert np.isfinite(np.asarray(getattr(s, field))).all(), field
+    c = {"beta_schedule": name, "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+         "zero_terminal_snr": True}
+    np.testing.assert_allclose(D.schedule_from_config(_Config(c)).betas, new, rtol=1e-6)
+
+
+class _Config(dict):
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.parametrize("sampler,steps,bias", [("ancestral", 1000, 2e-4), ("ddim", 50, 1.5e-2)])
+def test_samplers_from_pure_noise_on_a_zero_terminal_snr_schedule_are_exact_for_gaussian_data(sampler, steps, bias):
+    """With zero terminal SNR x_T ~ N(0, I) is exactly q(x_T), and the exact v denoiser is finite there:
+    ancestral (T = 1000) and DDIM (50 respaced steps) draw N(mu, Sigma) within their discretisation."""
+    betas = D.zero_terminal_snr(D.linear_betas(1000))
+    full = D.make_schedule(betas)
+    s = full if steps == 1000 else D.make_schedule(*D.respace_betas(betas, D.even_timesteps(1000, steps)),
+                                                   model_betas=betas)
+    model_fn = gaussian_v_model(full, GAUSS_MU, GAUSS_SIGMA)
+    opts = S.StepOptions(clip_x0=False)
+    x = jax.jit(lambda key: S.generate(s, "v", model_fn, key, (20_000, 4), sampler=sampler, opts=opts))(
+        jax.random.key(2))
+    assert np.isfinite(np.asarray(x)).all()
+    check_gaussian_samples(x, bias=bias)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({}, r"^diffusion.zero_terminal_snr=True with diffusion.model_output='eps': at the last step x_t is pure noise"),
+    ({"diffusion.model_output": "v", "sampling.sampler": "heun"},
+     r"^sampling.sampler='heun' steps in log sigma, infinite at the last step"),
+    ({"diffusion.model_output": "v", "eval.bpd_method": "ode"}, r"^eval.bpd_method='ode' solves the probability-flow"),
+])
+def test_zero_terminal_snr_refuses_what_needs_a_finite_last_level(fields, message):
+    from ddpm_jax import defaults, validation
+
+    config = defaults.get_config()
+    config.diffusion.zero_terminal_snr = True
+    for path, value in fields.items():
+        section, name = path.split(".")
+        config[section][name] = value
+    with pytest.raises(validation.UserError, match=message):
+        validation.validate_diffusion(config)
+        validation.validate_sampling(config)
+        validation.validate_eval(config)
+    config = defaults.get_config()
+    config.diffusion.update(zero_terminal_snr=True, model_output="v")
+    validation.validate_diffusion(config)  # v with the ancestral sampler and the bound: fine
+    validation.validate_sampling(config)
+    validation.validate_eval(config)
