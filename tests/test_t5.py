@@ -298,6 +298,7 @@ def test_embedding_captions_needs_a_frozen_encoder(model):
         validate_text(config)
 
 
+@pytest.mark.slow  # 48 s; the pipeline tests below check embedding as it trains in the default suite
 def test_documented_commands_of_captions_embedded_as_it_trains_run(tmp_path, monkeypatch):
     """The docs' block as written (the tiny encoder under the docs' folder name, so
     `--config.model.text_emb_dim=32` is appended; a smaller model, 2 steps, fewer samples too)."""
