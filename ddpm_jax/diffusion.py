@@ -173,7 +173,7 @@ def schedule_from_config(diffusion_config, num_steps: int | None = None) -> Sche
     spaced timesteps when given (the first and the last always among them)."""
     c = diffusion_config
     betas = get_betas(c.beta_schedule, c.num_timesteps, c.beta_start, c.beta_end)
-    if c.get("zero_terminal_snr", False):
+    if c.zero_terminal_snr:
         betas = zero_terminal_snr(betas)
     if num_steps is None or num_steps == c.num_timesteps:
         return make_schedule(betas)

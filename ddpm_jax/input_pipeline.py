@@ -47,7 +47,7 @@ def text_input(data_config, model_config) -> str:
     """What the data gives a model: 'captions' (a trained encoder's, or a frozen T5's with
     `data.embed_captions`), 'embeddings' (stored ones, 'precomputed') or 'none'."""
     encoder = model_config.text_encoder if model_config is not None else "none"
-    if encoder == "trained" or (encoder == "precomputed" and data_config.get("embed_captions", False)):
+    if encoder == "trained" or (encoder == "precomputed" and data_config.embed_captions):
         return "captions"
     return "embeddings" if encoder == "precomputed" else "none"
 

@@ -273,8 +273,8 @@ class FrozenT5:
     def embed(self, texts: list[str], max_len: int, flag: str | None = None,
               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(text_emb float32 `[B, max_len, d_model]`, zero where padded; mask bool `[B, max_len]`), in
-        calls of `batch_size` texts (rounded up to a multiple of the local devices) split over this
-        process's devices. `flag`: as `tokenize`."""
+        calls of `batch_size` texts (rounded up to a multiple of the groups of local devices, `load`)
+        split over this process's devices. `flag`: as `tokenize`."""
         ids, mask = self.tokenize(texts, max_len, flag)
         n_dev = self.rows.mesh.shape["rows"]  # groups of devices, each with one copy
         per_call = -(-batch_size // n_dev) * n_dev

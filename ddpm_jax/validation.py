@@ -263,7 +263,7 @@ def validate_sampling(config: ConfigDict):
              f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
     _require(not sp.eta or sp.sampler == "ddim",
              f"sampling.eta={sp.eta} applies to sampling.sampler='ddim' only (this is {sp.sampler!r}).")
-    _require(not config.diffusion.get("zero_terminal_snr", False) or sp.sampler in diffusion.ZERO_SNR_SAMPLERS,
+    _require(not config.diffusion.zero_terminal_snr or sp.sampler in diffusion.ZERO_SNR_SAMPLERS,
              f"sampling.sampler={sp.sampler!r} steps in log sigma, infinite at the last step of this run's zero "
              f"terminal SNR schedule (diffusion.zero_terminal_snr=True); use one of {diffusion.ZERO_SNR_SAMPLERS}.")
     _require(sp.threshold in ("auto",) + diffusion.THRESHOLDS,
@@ -354,7 +354,7 @@ def validate_eval(config: ConfigDict, in_loop: bool = False):
              f"neither); got {e.inception_weights!r} and {e.reference_stats!r}.")
     _require(e.num_samples != 1, "eval.num_samples=1: need at least 2 for a covariance (or 0: none).")
     _one_of(e.bpd_method, "eval.bpd_method", BPD_METHODS)
-    _require(not (config.diffusion.get("zero_terminal_snr", False) and e.bpd_method == "ode"),
+    _require(not (config.diffusion.zero_terminal_snr and e.bpd_method == "ode"),
              "eval.bpd_method='ode' solves the probability-flow ODE from sigma_T, infinite with "
              "diffusion.zero_terminal_snr=True; use 'vlb'.")
     _require(0 < e.ode_tolerance < 1, f"eval.ode_tolerance={e.ode_tolerance}: the ODE solver's relative and absolute "

@@ -314,13 +314,11 @@ def test_zero_terminal_snr_is_an_affine_map_of_sqrt_alphas_cumprod_to_zero(name)
     assert float(s.alphas_cumprod[-1]) == 0 and float(s.sqrt_one_minus_alphas_cumprod[-1]) == 1
     for field in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped", "betas"):
         assert np.isfinite(np.asarray(getattr(s, field))).all(), field
-    c = {"beta_schedule": name, "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-         "zero_terminal_snr": True}
-    np.testing.assert_allclose(D.schedule_from_config(_Config(c)).betas, new, rtol=1e-6)
+    from ddpm_jax import defaults
 
-
-class _Config(dict):
-    __getattr__ = dict.__getitem__
+    c = defaults.get_config().diffusion
+    c.update(beta_schedule=name, zero_terminal_snr=True)
+    np.testing.assert_allclose(D.schedule_from_config(c).betas, new, rtol=1e-6)
 
 
 @pytest.mark.parametrize("sampler,steps,bias", [("ancestral", 1000, 2e-4), ("ddim", 50, 1.5e-2)])
