@@ -122,6 +122,7 @@ def test_documented_command_runs(cwd_with_runs, monkeypatch, command):
         assert "{" in out or "| setting |" in out  # the metrics as JSON, or the accuracy table
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_evaluations_of_other_settings_write_other_files(cwd_with_runs, monkeypatch):
     """A result is named by what changes its numbers, so evaluating again with another setting keeps
     the first result: digits by the sampling settings, bpd by split, examples, seed and method, --samples by file,
@@ -214,6 +215,7 @@ def test_a_stopped_evaluation_resumes_and_writes_the_result_of_an_uninterrupted_
         assert not os.path.exists(f"runs/digits/eval/{name}.partial")
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_a_cascade_stopped_in_its_last_stage_resumes_from_the_stages_before(cwd_with_runs, monkeypatch):
     """The cascade command, and `evaluate cascade`, stopped while the SR stage samples: the base
     stage's batches are read again, the SR stage is sampled, and the files (the result) equal an
@@ -265,6 +267,7 @@ def test_documented_python_runs(cwd_with_runs, monkeypatch, start, shapes):
     assert [np.shape(x) for x in (images if isinstance(images, list) else [images])] == shapes
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_checkpoint_step_chooses_the_checkpoint_of_a_workdir_command(cwd_with_runs, monkeypatch):
     """evaluate --checkpoint_step: the run's checkpoint of that step (cascade: of each stage), named in the
     result; a step the run lacks, --checkpoint_step with --samples, or with a command that has no run, is one

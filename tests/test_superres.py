@@ -242,6 +242,7 @@ def test_cascade_pairs_rows_with_their_prompts_and_writes_every_stage(tmp_path):
     assert stages[0].ode == {} and stages[1].ode["ode_sampling_evals"] > 7
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_cascade_checkpoint_step_chooses_each_stage_checkpoint(tmp_path):
     """--checkpoint_step=1,0: stage 0 reads its run's step 1 (bit for bit the cascade of a run holding
     those params), stage 1 its newest; a step a run lacks, or too many values, is one line naming the stage."""

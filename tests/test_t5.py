@@ -186,6 +186,7 @@ def _documented(command: str, marker: str = "python -m ddpm_jax.embed") -> list[
     return lines
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_documented_embed_train_and_sample_commands_run_on_a_folder(tmp_path, monkeypatch, caplog):
     """The docs' commands as written, in a folder with `mine/` (four captioned images) and the docs'
     encoder folder (here the tiny one; so `--config.model.text_emb_dim=32` is appended), a smaller
