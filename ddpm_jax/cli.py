@@ -1,6 +1,6 @@
-"""What the four commands share: running one, turning user errors into one line, and the friendly flags.
+"""What the commands share: running one, turning user errors into one line, and the friendly flags.
 
-A command module (`main`, `sample`, `evaluate`, `benchmark`) defines `define_flags(fv)` and
+A command module (`main`, `sample`, `evaluate`, `cascade`, `benchmark`, `embed`, `convert`) defines `define_flags(fv)` and
 `main(fv, argv)` and ends with `cli.run(define_flags, main)`. Every run gets a fresh
 `flags.FlagValues`, so tests can run any command in-process with `run(..., argv=[...])`.
 

@@ -100,3 +100,23 @@ def load_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.
         tensors[name] = np.array(data[start + begin:start + end].view(_SAFETENSORS_DTYPES[info["dtype"]])
                                  .reshape(info["shape"]))
     return tensors
+
+
+def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` as the safetensors file `path` (the layout `load_safetensors` reads; the header
+    padded with spaces to 8 bytes, so the data is aligned), through a temporary file renamed when complete."""
+    dtypes = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata} if metadata else {}, 0
+    for name, value in tensors.items():
+        header[name] = {"dtype": dtypes[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target = epath.Path(path)
+    temporary = target.parent / (target.name + ".tmp")
+    with temporary.open("wb") as f:
+        f.write(np.uint64(len(text)).astype("<u8").tobytes() + text)
+        for value in tensors.values():
+            f.write(np.ascontiguousarray(value).tobytes())
+    temporary.replace(target)

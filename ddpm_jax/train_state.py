@@ -73,11 +73,12 @@ def init_params(config: ConfigDict, key: jax.Array):
     return jax.jit(unet_from_config(config).init)({"params": key}, x, t, example_cond(config, 1))["params"]
 
 
-def create_train_state(config: ConfigDict, key_or_seed: int | jax.Array) -> TrainState:
-    """Fresh state: initial params (also the EMA), Adam state, step 0 and the base training key."""
+def create_train_state(config: ConfigDict, key_or_seed: int | jax.Array, params=None) -> TrainState:
+    """Fresh state: initial params (or `params`, e.g. released weights), also the EMA, Adam state, step 0
+    and the base training key."""
     key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
     init_key, train_key = jax.random.split(key)
-    params = init_params(config, init_key)
+    params = init_params(config, init_key) if params is None else params
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

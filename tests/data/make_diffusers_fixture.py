@@ -1,0 +1,77 @@
+"""Regenerate the tiny diffusers DDPM fixture in this folder (tests/data/).
+
+Run with a separate virtualenv that has the reference implementation (diffusers + PyTorch), never
+from the test suite:
+
+    python3 -m venv /tmp/t5ref
+    /tmp/t5ref/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu   # or any CPU-only torch wheel
+    /tmp/t5ref/bin/pip install diffusers safetensors numpy
+    /tmp/t5ref/bin/python tests/data/make_diffusers_fixture.py
+
+It writes `ddpm_tiny/`, a UNet2DModel in the layout of Ho et al.'s released DDPMs (google/ddpm-cifar10-32's
+config keys and values, smaller), with random float16 weights and its scheduler_config.json, the
+folder google/ddpm-* checkpoints come in; and `diffusers_reference.npz`, the model's output on fixed
+inputs computed by diffusers in float32. Nothing is downloaded.
+With a second argument, a folder written by `python -m ddpm_jax.convert to_diffusers`, it instead
+loads that folder in diffusers and prints its output beside ddpm_jax's (saved there as `check.npz`
+by the caller) for a by-hand check of the export.
+"""
+
+import os
+import sys
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL_DIR = os.path.join(HERE, "ddpm_tiny")
+NPZ = os.path.join(HERE, "diffusers_reference.npz")
+
+
+def make():
+    torch.manual_seed(0)
+    # ddpm_jax config: ch 32, ch_mult (1, 1), 1 block per level, attention at 8x8 (level 0), image 8x8.
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+                        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                        norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, downsample_padding=0,
+                        flip_sin_to_cos=False, freq_shift=1, dropout=0.0)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # GroupNorm scales away from 1 and biases away from 0: a swap or a miss shows
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            # weights float16-exact, so the float16 file holds exactly the model the reference ran
+            p.copy_(p.half().float())
+    model.eval()
+    x = torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 417, 999])
+    with torch.no_grad():
+        out = model(x, t).sample.numpy()
+    model.half().save_pretrained(MODEL_DIR, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  variance_type="fixed_small", clip_sample=True).save_pretrained(MODEL_DIR)
+    np.savez(NPZ, x=x.numpy().transpose(0, 2, 3, 1), t=t.numpy().astype(np.int32), eps=out.transpose(0, 2, 3, 1))
+    print(f"diffusers {diffusers.__version__}, torch {torch.__version__}: wrote {MODEL_DIR} and {NPZ}")
+
+
+def check(folder):
+    """diffusers' output of an exported folder on the inputs its `check.npz` holds, beside ddpm_jax's."""
+    data = np.load(os.path.join(folder, "check.npz"))
+    model = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    with torch.no_grad():
+        out = model(torch.from_numpy(data["x"].transpose(0, 3, 1, 2)), torch.from_numpy(data["t"])).sample
+    diff = np.abs(out.numpy().transpose(0, 2, 3, 1) - data["eps"]).max()
+    print(f"{folder}: max |diffusers - ddpm_jax| = {diff:.3g} (output scale {np.abs(data['eps']).mean():.3g}); "
+          f"params {sum(p.numel() for p in model.parameters()):,}; scheduler {scheduler.config.beta_schedule}, "
+          f"{scheduler.config.num_train_timesteps} steps, {scheduler.config.variance_type}, "
+          f"{scheduler.config.prediction_type}")
+
+
+if __name__ == "__main__":
+    check(sys.argv[1]) if len(sys.argv) > 1 else make()
