@@ -1,7 +1,7 @@
 """What the commands share: running one, turning user errors into one line, and the friendly flags.
 
-A command module (`main`, `sample`, `evaluate`, `cascade`, `benchmark`, `embed`, `convert`) defines `define_flags(fv)` and
-`main(fv, argv)` and ends with `cli.run(define_flags, main)`. Every run gets a fresh
+A command module (`main`, `sample`, `evaluate`, `cascade`, `benchmark`, `embed`, `convert`) defines
+`define_flags(fv)` and `main(fv, argv)` and ends with `cli.run(define_flags, main)`. Every run gets a fresh
 `flags.FlagValues`, so tests can run any command in-process with `run(..., argv=[...])`.
 
 User errors (`validation.UserError`, bad flags, a config file that does not load) print one line,

@@ -8,7 +8,8 @@ is this U-Net with other names (`down_blocks.1.resnets.0.conv1` for `down_1_bloc
 weight layouts, and the up path counted from the bottom. `load_params` reads such a folder (made
 by the user; nothing is downloaded) for a config whose U-Net it matches, `to_tensors` and
 `write_folder` make one from this U-Net's params; `import_run` and `export_run` do so for a run
-(`python -m ddpm_jax.convert`).
+(`python -m ddpm_jax.convert`). Class labels convert too: `num_classes` classes and the null class are
+`UNet2DModel`'s `num_class_embeds = num_classes + 1` class embeddings, added to the timestep embedding.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ UNET_DEFAULTS = {"sample_size": None, "in_channels": 3, "out_channels": 3, "cent
 # The config fields that decide each key of config.json that depends on the config, in the order checked.
 FIELDS = {"block_out_channels": "model.ch * model.ch_mult", "layers_per_block": "model.num_res_blocks",
           "down_block_types": "model.attn_resolutions", "up_block_types": "model.attn_resolutions",
-          "in_channels": "data.channels", "out_channels": "data.channels", "sample_size": "data.image_size"}
+          "in_channels": "data.channels", "out_channels": "data.channels", "sample_size": "data.image_size",
+          "num_class_embeds": "model.num_classes + 1 (the null class last)"}
 # Older diffusers wrote the attention's projections under these names.
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -46,19 +48,19 @@ _INNER = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut", "norm":
 _OUTER = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out",
           "temb_dense0": "time_embedding.linear_1", "temb_dense1": "time_embedding.linear_2",
           "mid_block_1": "mid_block.resnets.0", "mid_block_2": "mid_block.resnets.1",
-          "mid_attn_1": "mid_block.attentions.0"}
+          "mid_attn_1": "mid_block.attentions.0", "label_emb": "class_embedding"}
 
 
 def check_convertible(config: ConfigDict, flag: str) -> None:
     """A UserError naming the field when `config`'s U-Net has a part `UNet2DModel` lacks."""
     m = config.model
-    for field, value, plain in (("model.num_classes", m.num_classes, 0), ("model.text_encoder", m.text_encoder, "none"),
+    for field, value, plain in (("model.text_encoder", m.text_encoder, "none"),
                                 ("model.low_res_size", m.low_res_size, 0),
                                 ("model.coord_channels", m.coord_channels, False),
                                 ("model.attn_position", m.attn_position, False)):
         if value != plain:
-            raise UserError(f"{flag}: {field}={value!r}; diffusers' UNet2DModel layout is Ho et al.'s unconditional "
-                            f"U-Net ({field}={plain!r}).")
+            raise UserError(f"{flag}: {field}={value!r}; diffusers' UNet2DModel layout is Ho et al.'s U-Net, "
+                            f"unconditional or of class labels ({field}={plain!r}).")
     if config.diffusion.variance == "learned_range":
         raise UserError(f"{flag}: diffusion.variance='learned_range' (2C outputs); diffusers' DDPM layout has fixed "
                         "variances (fixedlarge or fixedsmall).")
@@ -81,7 +83,8 @@ def unet_config(config: ConfigDict) -> dict:
             "mid_block_scale_factor": 1, "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
             "dropout": m.dropout, "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": 32,
             "attn_norm_num_groups": None, "norm_eps": 1e-6, "resnet_time_scale_shift": "default",
-            "add_attention": True, "class_embed_type": None, "num_class_embeds": None}
+            "add_attention": True, "class_embed_type": None,
+            "num_class_embeds": m.num_classes + 1 if m.num_classes else None}  # the null class last
 
 
 def scheduler_config(config: ConfigDict) -> dict:

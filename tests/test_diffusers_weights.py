@@ -77,6 +77,20 @@ def test_the_released_layout_gives_diffusers_own_output():
     assert not np.allclose(ref["eps"][0], ref["eps"][1], atol=1e-2)  # the timestep matters
 
 
+def test_a_class_conditional_model_gives_diffusers_own_output():
+    """5 class embeddings are a model of 4 classes and the null one (classifier-free guidance's), last."""
+    ref = np.load(os.path.join(ROOT, "tests", "data", "diffusers_reference.npz"))
+    config = tiny_config()
+    config.model.ch_mult, config.model.num_classes = (1,), 4
+    params = diffusers_weights.load_params(FIXTURE + "_cond", config)
+    eps = unet_from_config(config).apply({"params": params}, ref["x"], ref["t"], {"label": ref["labels"]})
+    np.testing.assert_allclose(eps, ref["eps_cond"], atol=2e-5)
+    assert params["label_emb"]["embedding"].shape == (5, 128)
+    config.model.num_classes = 5
+    with pytest.raises(UserError, match=r"num_class_embeds=5, but model.num_classes \+ 1 \(the null class last\)"):
+        diffusers_weights.load_params(FIXTURE + "_cond", config)
+
+
 def test_older_files_load_the_same_params(tmp_path):
     """The hub's DDPM files: attention projections named query/key/value/proj_attn (older diffusers),
     some as [O, I, 1, 1], and a config.json without the keys added since (read with diffusers' defaults)."""
@@ -129,7 +143,8 @@ def test_the_paper_configs_are_the_released_networks(name, released):
      r"sample_size=8.*data.image_size"),
     (lambda c: setattr(c.diffusion, "model_output", "v"), r"diffusion.model_output='v' \('epsilon'"),
     (lambda c: setattr(c.diffusion, "num_timesteps", 100), r"diffusion.num_timesteps=100 \(1000"),
-    (lambda c: setattr(c.model, "num_classes", 10), r"--config: model.num_classes=10"),
+    (lambda c: setattr(c.model, "num_classes", 10), r"num_class_embeds=None, but model.num_classes \+ 1"),
+    (lambda c: setattr(c.model, "low_res_size", 4), r"--config: model.low_res_size=4"),
     (lambda c: setattr(c.diffusion, "variance", "learned_range"), r"--config: diffusion.variance='learned_range'"),
 ])
 def test_a_folder_of_another_network_or_schedule_is_one_line_naming_the_field(change, message):
@@ -198,7 +213,7 @@ def test_commands_import_sample_export_and_refuse_to_overwrite(tmp_path, monkeyp
     # Nothing is overwritten, and a mistake is one line.
     before = sorted(os.listdir("runs/released/checkpoints"))
     conditional = tiny_config()
-    conditional.model.num_classes = 10
+    conditional.model.text_encoder = "trained"
     checkpoints.write_config("runs/cond", conditional)
     for args, message in [
             (("from_diffusers", f"--diffusers={FIXTURE}", config, "--workdir=runs/released", *TINY),
@@ -208,7 +223,8 @@ def test_commands_import_sample_export_and_refuse_to_overwrite(tmp_path, monkeyp
             (("from_diffusers", f"--diffusers={FIXTURE}", config, "--workdir=runs/other"),
              "block_out_channels=[32, 32], but model.ch * model.ch_mult of the config makes [128, 256, 256, 256]"),
             (("to_diffusers", "--workdir=runs/released"), "--out is required for to_diffusers"),
-            (("to_diffusers", "--workdir=runs/cond", "--out=cond"), "--workdir=runs/cond: model.num_classes=10"),
+            (("to_diffusers", "--workdir=runs/cond", "--out=cond"),
+             "--workdir=runs/cond: model.text_encoder='trained'"),
             (("export",), "COMMAND is one of ('from_diffusers', 'to_diffusers')")]:
         status, _, err = run_command(convert, *args)
         assert status == 2 and err.strip().splitlines() == [f"error: {err.strip().split('error: ')[-1]}"], err
