@@ -10,6 +10,7 @@
 U-Net's widths, blocks and attention; the noise schedule and what the network predicts) before it
 writes anything. The logic is in `ddpm_jax.diffusers_weights`; docs/sampling.md has the recipe.
 """
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -38,6 +39,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(fv: flags.FlagValues, args: list[str]) -> None:
     if len(args) != 1 or args[0] not in COMMANDS:
         raise UserError(f"usage: python -m ddpm_jax.convert COMMAND [--flags]; COMMAND is one of {COMMANDS}.")
+    if jax.process_count() > 1:
+        raise UserError("convert runs as one process: on a pod slice or cluster, run it on one host with "
+                        "--num_processes=1 (the run it writes is then read by every host).")
     needs = ("diffusers", "config", "workdir") if args[0] == "from_diffusers" else ("workdir", "out")
     for name in needs:
         if fv[name].value is None:

@@ -184,6 +184,9 @@ def check_unet_config(stored: dict, config: ConfigDict, flag: str) -> None:
         stored["time_embedding_dim"] = None
     if stored["attn_norm_num_groups"] == 32:
         stored["attn_norm_num_groups"] = None
+    size = stored["sample_size"]
+    if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:  # [H, W] of a square model
+        stored["sample_size"] = size[0]
     for key in [*FIELDS, *(k for k in ours if k not in FIELDS)]:
         if key in ("_class_name", "dropout"):  # dropout only matters to training, and this config sets it
             continue
@@ -270,7 +273,8 @@ def import_run(folder: str, config: ConfigDict, workdir: str) -> int:
     """Makes `workdir` a run of `config` at step 0 whose params and EMA are the diffusers folder's
     weights (sampled, evaluated, or fine-tuned by training on, like any run); returns their count.
     Everything is checked before anything is written; a workdir that holds a run is refused."""
-    validation.validate_config(config, reads_data=False)
+    validation.validate_data_and_model(config, reads_data=False)  # what the weights are; training's
+    validation.validate_diffusion(config)  # fields are checked when it trains
     validation.check_output_dir(workdir, "--workdir")
     if checkpoints.steps(workdir) or (epath.Path(workdir) / checkpoints.CONFIG_FILE).exists():
         raise UserError(f"--workdir={workdir}: already holds a run; give a new folder (nothing is overwritten).")

@@ -231,6 +231,9 @@ def test_commands_import_sample_export_and_refuse_to_overwrite(tmp_path, monkeyp
         assert message in err, err
     assert sorted(os.listdir("runs/released/checkpoints")) == before and not os.path.exists("runs/other/config.json")
     assert not os.path.exists("cond")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # one of several processes: refused before any work
+    status, _, err = run_command(convert, "to_diffusers", "--workdir=runs/released", "--out=multi")
+    assert status == 2 and "convert runs as one process" in err and not os.path.exists("multi")
 
 
 def documented_commands() -> list[str]:
