@@ -71,6 +71,14 @@ def get_config() -> ml_collections.ConfigDict:
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
     c.model.low_res_size = 0
     c.model.low_res_resize = "bicubic"
+    # The U-Net's details: Ho et al.'s by default; Improved DDPM / ADM (Nichol & Dhariwal 2021, Dhariwal &
+    # Nichol 2021; configs/cifar10_improved.py) and diffusers' UNet2DModel defaults use the alternatives.
+    c.model.attn_head_dim = 0  # 0: one attention head of all channels; > 0: heads of this many channels (ADM: 64)
+    c.model.scale_shift_norm = False  # the timestep embedding scales and shifts the second GroupNorm (AdaGN)
+    c.model.resblock_updown = False  # BigGAN-style residual blocks that resample, instead of strided / upsampling convs
+    c.model.time_embedding = "ddpm"  # ddpm: [sin, cos], 10000^(-i/(d/2-1)) | adm: [cos, sin], 10000^(-i/(d/2))
+    c.model.norm_eps = 1e-6  # GroupNorm's epsilon: 1e-6 as TensorFlow's group_norm; PyTorch code uses 1e-5
+    c.model.downsample_padding = "same"  # the strided conv: same (TF: 0 before, 1 after) | symmetric (PyTorch's 1)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000

@@ -36,9 +36,15 @@ UNET_DEFAULTS = {"sample_size": None, "in_channels": 3, "out_channels": 3, "cent
                  "add_attention": True, "class_embed_type": None, "num_class_embeds": None}
 # The config fields that decide each key of config.json that depends on the config, in the order checked.
 FIELDS = {"block_out_channels": "model.ch * model.ch_mult", "layers_per_block": "model.num_res_blocks",
-          "down_block_types": "model.attn_resolutions", "up_block_types": "model.attn_resolutions",
+          "down_block_types": "model.attn_resolutions and model.resblock_updown",
+          "up_block_types": "model.attn_resolutions and model.resblock_updown",
           "in_channels": "data.channels", "out_channels": "data.channels", "sample_size": "data.image_size",
-          "num_class_embeds": "model.num_classes + 1 (the null class last)"}
+          "num_class_embeds": "model.num_classes + 1 (the null class last)",
+          "attention_head_dim": "model.attn_head_dim", "resnet_time_scale_shift": "model.scale_shift_norm",
+          "attn_norm_num_groups": "model.scale_shift_norm", "downsample_type": "model.resblock_updown",
+          "upsample_type": "model.resblock_updown", "flip_sin_to_cos": "model.time_embedding",
+          "freq_shift": "model.time_embedding", "norm_eps": "model.norm_eps",
+          "downsample_padding": "model.downsample_padding"}
 # Older diffusers wrote the attention's projections under these names.
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -69,20 +75,31 @@ def check_convertible(config: ConfigDict, flag: str) -> None:
         raise UserError(f"{flag}: model.ch * model.ch_mult = {widths}; UNet2DModel's GroupNorm needs multiples of 32.")
 
 
+def block_type(side: str, attends: bool, resblock: bool) -> str:
+    """UNet2DModel's name of a `side` ('Down' or 'Up') block: with attention, or (not) resampling by a resblock."""
+    return f"Attn{side}Block2D" if attends else f"Resnet{side}sampleBlock2D" if resblock else f"{side}Block2D"
+
+
 def unet_config(config: ConfigDict) -> dict:
     """The `UNet2DModel` config.json of `config`'s U-Net (Ho et al.'s, as google/ddpm-cifar10-32 has it)."""
     m, side = config.model, config.data.image_size
     attends = [side // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
+    ddpm, resampling = m.time_embedding == "ddpm", "resnet" if m.resblock_updown else "conv"
     return {"_class_name": "UNet2DModel", "sample_size": side, "in_channels": config.data.channels,
             "out_channels": config.data.channels, "center_input_sample": False, "time_embedding_type": "positional",
-            "time_embedding_dim": None, "freq_shift": 1, "flip_sin_to_cos": False,
-            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+            "time_embedding_dim": None, "freq_shift": 1 if ddpm else 0, "flip_sin_to_cos": not ddpm,
+            "down_block_types": [block_type("Down", a, m.resblock_updown and level < len(attends) - 1)
+                                 for level, a in enumerate(attends)],
             "mid_block_type": "UNetMidBlock2D",
-            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
+            "up_block_types": [block_type("Up", a, m.resblock_updown and level > 0)
+                               for level, a in reversed(list(enumerate(attends)))],
             "block_out_channels": [m.ch * mult for mult in m.ch_mult], "layers_per_block": m.num_res_blocks,
-            "mid_block_scale_factor": 1, "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
-            "dropout": m.dropout, "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": 32,
-            "attn_norm_num_groups": None, "norm_eps": 1e-6, "resnet_time_scale_shift": "default",
+            "mid_block_scale_factor": 1, "downsample_padding": 0 if m.downsample_padding == "same" else 1,
+            "downsample_type": resampling, "upsample_type": resampling, "dropout": m.dropout, "act_fn": "silu",
+            "attention_head_dim": m.attn_head_dim or None, "norm_num_groups": 32,
+            # diffusers leaves the middle attention without a GroupNorm under scale_shift unless this is set
+            "attn_norm_num_groups": 32 if m.scale_shift_norm else None, "norm_eps": m.norm_eps,
+            "resnet_time_scale_shift": "scale_shift" if m.scale_shift_norm else "default",
             "add_attention": True, "class_embed_type": None,
             "num_class_embeds": m.num_classes + 1 if m.num_classes else None}  # the null class last
 
@@ -107,8 +124,9 @@ def tensor_name(path: tuple[str, ...], levels: int, ndim: int) -> tuple[str, str
     if match:
         side, level, part, i = match.groups()
         block = f"down_blocks.{level}" if side == "down" else f"up_blocks.{levels - 1 - int(level)}"
-        outer = block + {"block": f".resnets.{i}", "attn": f".attentions.{i}", "downsample": ".downsamplers.0.conv",
-                         "upsample": ".upsamplers.0.conv"}[part]
+        outer = block + {"block": f".resnets.{i}", "attn": f".attentions.{i}", "downsample": ".downsamplers.0",
+                         "upsample": ".upsamplers.0"}[part]
+        outer += ".conv" if part in ("downsample", "upsample") and not inner else ""  # a conv, not a resblock
     else:
         outer = _OUTER[module]
     inner = [_INNER.get(n, n) for n in inner if n != "GroupNorm_0"]
@@ -177,13 +195,21 @@ def check_unet_config(stored: dict, config: ConfigDict, flag: str) -> None:
         raise UserError(f"{flag}: {CONFIG} is a {stored['_class_name']}'s; this reads UNet2DModel (the DDPM U-Net).")
     ours = unet_config(config)
     stored = {**UNET_DEFAULTS, **stored}
-    widths = {c for c, t in zip(ours["block_out_channels"], ours["down_block_types"]) if t.startswith("Attn")}
-    if {stored["attention_head_dim"]} == widths | {ours["block_out_channels"][-1]}:  # one head, as Ho et al.'s
-        stored["attention_head_dim"] = None
+    widths = [c for c, t in zip(ours["block_out_channels"], ours["down_block_types"]) if t.startswith("Attn")]
+    heads = lambda head_dim: [w // head_dim if head_dim else 1 for w in [*widths, ours["block_out_channels"][-1]]]
+    if heads(stored["attention_head_dim"]) == heads(ours["attention_head_dim"]):  # the same heads, however named
+        stored["attention_head_dim"] = ours["attention_head_dim"]
     if stored["time_embedding_dim"] == 4 * config.model.ch:
         stored["time_embedding_dim"] = None
-    if stored["attn_norm_num_groups"] == 32:
-        stored["attn_norm_num_groups"] = None
+    if stored["attn_norm_num_groups"] == 32 and stored["resnet_time_scale_shift"] == "default":
+        stored["attn_norm_num_groups"] = None  # the same GroupNorm of 32 groups
+    if config.model.resblock_updown:  # no strided conv to pad
+        stored["downsample_padding"] = ours["downsample_padding"]
+    for key, side, last in (("down_block_types", "Down", -1), ("up_block_types", "Up", -1)):
+        types = list(stored[key])  # the outermost block does not resample, so both names are the same block
+        if types and types[last] == f"Resnet{side}sampleBlock2D":
+            types[last] = f"{side}Block2D"
+        stored[key] = types
     size = stored["sample_size"]
     if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:  # [H, W] of a square model
         stored["sample_size"] = size[0]
@@ -196,7 +222,7 @@ def check_unet_config(stored: dict, config: ConfigDict, flag: str) -> None:
         if key == "sample_size" and got is None:
             continue
         if got != value:
-            where = f"{FIELDS[key]} of the config" if key in FIELDS else "Ho et al.'s U-Net"
+            where = f"{FIELDS[key]} of the config" if key in FIELDS else "this U-Net"
             raise UserError(f"{flag}: {CONFIG} has {key}={got!r}, but {where} makes {value!r}.")
 
 

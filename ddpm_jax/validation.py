@@ -13,7 +13,7 @@ import jax
 from ml_collections import ConfigDict
 
 from ddpm_jax import diffusion, sampling, superres
-from ddpm_jax.models.unet import TEXT_ATTENTION, TEXT_ENCODERS
+from ddpm_jax.models.unet import DOWNSAMPLE_PADDING, TEXT_ATTENTION, TEXT_ENCODERS, TIME_EMBEDDINGS
 from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +86,15 @@ def validate_data_and_model(config: ConfigDict, reads_data: bool = True):
              f"model.num_classes={m.num_classes!r}: must be 0 (unconditional) or the number of classes.")
     validate_text(config, reads_data)
     validate_low_res(config)
+    _non_negative_int(m.attn_head_dim, "model.attn_head_dim")
+    if m.attn_head_dim:  # every attention layer's channels: its level's, and the middle's (the last level's)
+        widths = sorted({m.ch * m.ch_mult[reached.index(r)] for r in m.attn_resolutions} | {m.ch * m.ch_mult[-1]})
+        _require(all(w % m.attn_head_dim == 0 for w in widths),
+                 f"model.attn_head_dim={m.attn_head_dim}: must divide the channels of every attention layer "
+                 f"{widths} (0: one head of all channels).")
+    _one_of(m.time_embedding, "model.time_embedding", TIME_EMBEDDINGS)
+    _one_of(m.downsample_padding, "model.downsample_padding", tuple(DOWNSAMPLE_PADDING))
+    _require(_is_number(m.norm_eps) and m.norm_eps > 0, f"model.norm_eps={m.norm_eps!r}: must be a positive number.")
     _one_of(m.dtype, "model.dtype", DTYPES)
     _one_of(m.attention, "model.attention", ATTENTION_KERNELS)
     if m.attention == "cudnn":

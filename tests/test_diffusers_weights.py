@@ -49,6 +49,15 @@ def tiny_config():
     return c
 
 
+def adm_config():
+    """tests/data/ddpm_tiny_adm's U-Net: Nichol & Dhariwal's options, 4 classes and the null one."""
+    c = tiny_config()
+    c.model.attn_resolutions, c.model.num_classes = (4,), 4
+    c.model.time_embedding, c.model.norm_eps, c.model.attn_head_dim = "adm", 1e-5, 16
+    c.model.scale_shift_norm = c.model.resblock_updown = True
+    return c
+
+
 def copy_fixture(dest, rename=None, config=None):
     """The fixture at `dest`, its tensors renamed by `rename` (name -> (new name, new value)) and its
     config.json replaced by `config`."""
@@ -63,8 +72,8 @@ def copy_fixture(dest, rename=None, config=None):
     return str(dest)
 
 
-def fixture_config():
-    with open(os.path.join(FIXTURE, "config.json")) as f:
+def fixture_config(suffix=""):
+    with open(os.path.join(FIXTURE + suffix, "config.json")) as f:
         return json.load(f)
 
 
@@ -77,18 +86,25 @@ def test_the_released_layout_gives_diffusers_own_output():
     assert not np.allclose(ref["eps"][0], ref["eps"][1], atol=1e-2)  # the timestep matters
 
 
-def test_a_class_conditional_model_gives_diffusers_own_output():
-    """5 class embeddings are a model of 4 classes and the null one (classifier-free guidance's), last."""
+def test_nichol_and_dhariwal_options_and_class_labels_give_diffusers_own_output():
+    """diffusers' default timestep embedding and GroupNorm epsilon, 2 heads of 16 channels, scale-shift
+    norm and residual up/downsampling; 5 class embeddings are 4 classes and the null one, last."""
     ref = np.load(os.path.join(ROOT, "tests", "data", "diffusers_reference.npz"))
-    config = tiny_config()
-    config.model.ch_mult, config.model.num_classes = (1,), 4
-    params = diffusers_weights.load_params(FIXTURE + "_cond", config)
+    config = adm_config()
+    params = diffusers_weights.load_params(FIXTURE + "_adm", config)
     eps = unet_from_config(config).apply({"params": params}, ref["x"], ref["t"], {"label": ref["labels"]})
     np.testing.assert_allclose(eps, ref["eps_cond"], atol=2e-5)
     assert params["label_emb"]["embedding"].shape == (5, 128)
-    config.model.num_classes = 5
-    with pytest.raises(UserError, match=r"num_class_embeds=5, but model.num_classes \+ 1 \(the null class last\)"):
-        diffusers_weights.load_params(FIXTURE + "_cond", config)
+    assert not np.allclose(eps, unet_from_config(config).apply({"params": params}, ref["x"], ref["t"],
+                                                               {"label": ref["labels"] * 0}), atol=1e-2)
+    for field, value, key in [("num_classes", 5, r"num_class_embeds=5, but model.num_classes \+ 1 \(the null class"),
+                              ("attn_head_dim", 0, "attention_head_dim=16, but model.attn_head_dim of the config"),
+                              ("scale_shift_norm", False, "time_scale_shift='scale_shift', but model.scale_shift"),
+                              ("norm_eps", 1e-6, "norm_eps=1e-05, but model.norm_eps of the config makes 1e-06")]:
+        wrong = adm_config()
+        setattr(wrong.model, field, value)
+        with pytest.raises(UserError, match=key):
+            diffusers_weights.load_params(FIXTURE + "_adm", wrong)
 
 
 def test_older_files_load_the_same_params(tmp_path):
@@ -111,16 +127,17 @@ def test_older_files_load_the_same_params(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, old, new)
 
 
-def test_exported_tensors_and_config_are_diffusers_own():
+@pytest.mark.parametrize("suffix", ["", "_adm"])
+def test_exported_tensors_and_config_are_diffusers_own(suffix):
     """Export is the exact inverse: the loaded params written back are the fixture's tensors (names,
     layouts, values) and its config.json's values, as diffusers saved them."""
-    config = tiny_config()
-    tensors = diffusers_weights.to_tensors(diffusers_weights.load_params(FIXTURE, config), config)
-    stored = files.load_safetensors(os.path.join(FIXTURE, diffusers_weights.WEIGHTS))
+    config = adm_config() if suffix else tiny_config()
+    tensors = diffusers_weights.to_tensors(diffusers_weights.load_params(FIXTURE + suffix, config), config)
+    stored = files.load_safetensors(os.path.join(FIXTURE + suffix, diffusers_weights.WEIGHTS))
     assert tensors.keys() == stored.keys()
     for name, value in stored.items():
         np.testing.assert_array_equal(tensors[name], value.astype(np.float32), err_msg=name)
-    released = fixture_config()
+    released = fixture_config(suffix)
     assert {k: v for k, v in diffusers_weights.unet_config(config).items() if k != "_class_name"} == \
         {k: released[k] for k in diffusers_weights.unet_config(config) if k != "_class_name"}
 
@@ -158,7 +175,7 @@ def test_a_folder_of_another_network_or_schedule_is_one_line_naming_the_field(ch
     ("bin", r"no diffusion_pytorch_model.safetensors .*PyTorch pickles are not read"),
     ("extra", r"1 tensors this U-Net has no place for, e.g. 'class_embedding.weight'"),
     ("missing", r"has no tensor 'conv_out.bias'"),
-    ("flip", r"config.json has flip_sin_to_cos=True, but Ho et al.'s U-Net makes False"),
+    ("flip", r"config.json has flip_sin_to_cos=True, but model.time_embedding of the config makes False"),
     ("heads", r"config.json has attention_head_dim=8"),
     ("vae", r"config.json is a AutoencoderKL's"),
     ("empty", r"no config.json \(nor unet/config.json\) there"),

@@ -218,3 +218,35 @@ def test_learned_range_doubles_the_output_channels():
     assert unet_from_config(cfg).out_ch == 3
     cfg.diffusion.variance = "learned_range"
     assert unet_from_config(cfg).out_ch == 6
+
+
+@pytest.mark.parametrize("padding, pads", [("same", ((0, 1), (0, 1))), ("symmetric", ((1, 1), (1, 1)))])
+def test_the_strided_conv_pads_as_its_field_says(padding, pads):
+    """'same' as TensorFlow (Ho et al.): 0 before, 1 after; 'symmetric' as PyTorch's padding=1 (ADM)."""
+    model = UNet(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 downsample_padding=padding)
+    x, t = jax.random.normal(jax.random.key(2), (1, 8, 8, 3)), jnp.array([5])
+    params = _perturbed(_init(model, (1, 8, 8, 3)))
+    _, state = model.apply({"params": params}, x, t, capture_intermediates=True)
+    seen = state["intermediates"]
+    conv = params["down_0_downsample"]
+    expected = jax.lax.conv_general_dilated(seen["down_0_block_0"]["__call__"][0], conv["kernel"], (2, 2), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+    np.testing.assert_allclose(seen["down_0_downsample"]["__call__"][0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nichol_and_dhariwal_options_keep_remat_equal_and_change_the_network():
+    """Scale-shift norm, residual resampling and 2 heads (tests/test_diffusers_weights.py checks them
+    against diffusers): remat changes nothing, and each option changes the network."""
+    options = dict(scale_shift_norm=True, resblock_updown=True, attn_head_dim=16, time_embedding="adm")
+    kwargs = dict(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    x, t = jax.random.normal(jax.random.key(2), (2, 8, 8, 3)), jnp.array([5, 50])
+    params = _perturbed(_init(UNet(**kwargs, **options), (2, 8, 8, 3)), scale=0.2)
+    assert params["down_0_block_0"]["temb_proj"]["kernel"].shape == (128, 64)  # a scale and a shift
+    assert "norm1" in params["down_0_downsample"] and "norm1" in params["up_1_upsample"]
+    out = UNet(**kwargs, **options).apply({"params": params}, x, t)
+    np.testing.assert_allclose(UNet(**kwargs, **options, remat=True).apply({"params": params}, x, t), out,
+                               rtol=1e-5, atol=1e-6)
+    for name, plain in [("attn_head_dim", 0), ("time_embedding", "ddpm")]:
+        other = UNet(**kwargs, **{**options, name: plain}).apply({"params": params}, x, t)
+        assert np.abs(other - out).max() > 1e-3, name

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configs import cifar10, digits, tiny
+from configs import cifar10, cifar10_improved, digits, tiny
 from ddpm_jax import training
 from ddpm_jax.validation import UserError, validate_config, validate_sampling
 
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_shipped_configs_are_valid():
-    for module in (cifar10, digits, tiny):
+    for module in (cifar10, cifar10_improved, digits, tiny):
         validate_config(module.get_config(), num_devices=8)
 
 
@@ -35,6 +35,12 @@ def test_shipped_configs_are_valid():
     ("training.sample_every", -1, r"training\.sample_every=-1: must be 0 \(no samples\) or a multiple of "
                                  r"training\.steps_per_call=1"),
     ("data.channels", 2, r"data\.channels=2: must be one of \(1, 3\)"),
+    ("model.attn_head_dim", 24, r"model\.attn_head_dim=24: must divide the channels of every attention layer "
+                                r"\[64\]"),
+    ("model.time_embedding", "edm", r"model\.time_embedding='edm': must be one of \('ddpm', 'adm'\)"),
+    ("model.downsample_padding", "valid", r"model\.downsample_padding='valid': must be one of \('same', "
+                                          r"'symmetric'\)"),
+    ("model.norm_eps", 0.0, r"model\.norm_eps=0\.0: must be a positive number"),
     ("data.random_crop", 16, r"data\.random_crop=16: .* must be 0 \(no crop\) or at least 32"),
     ("data.random_crop", -1, r"data\.random_crop=-1: must be a non-negative integer"),
     ("optim.ema_decay", 1.0, r"optim\.ema_decay=1\.0: must be in \[0, 1\)"),
@@ -70,7 +76,7 @@ def test_bad_values_name_the_field(field, value, message):
 ])
 def test_bad_sampling_values_name_the_field(field, value, message):
     config = tiny.get_config()
-    for module in (cifar10, digits, tiny):
+    for module in (cifar10, cifar10_improved, digits, tiny):
         validate_sampling(module.get_config())
     config.sampling.s_tmin = 0.05
     validate_sampling(config)

@@ -27,18 +27,23 @@ from ddpm_jax import superres, text
 Dtype = Any
 TEXT_ENCODERS = ("none", "trained", "precomputed")
 TEXT_ATTENTION = ("fused", "cross")
+TIME_EMBEDDINGS = ("ddpm", "adm")
+DOWNSAMPLE_PADDING = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}
 
 # The official code's default_init: variance scaling, fan_avg, uniform (biases zero).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zeros_init = nn.initializers.zeros
 
 
-def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal embedding of timesteps `[B]` -> `[B, dim]` float32 (sin half, then cos half)."""
+def timestep_embedding(t: jax.Array, dim: int, kind: str = "ddpm") -> jax.Array:
+    """Sinusoidal embedding of timesteps `[B]` -> `[B, dim]` float32. 'ddpm' (Ho et al.): the sin half,
+    then the cos half, frequencies 10000^(-i / (dim/2 - 1)); 'adm' (Nichol & Dhariwal's code, diffusers'
+    default): cos, then sin, frequencies 10000^(-i / (dim/2))."""
     half = dim // 2
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - (kind == "ddpm"))))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    halves = [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(halves if kind == "ddpm" else halves[::-1], axis=1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
@@ -58,18 +63,29 @@ def coordinate_channels(x: jax.Array) -> jax.Array:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with 32 groups and eps 1e-6 (tf.contrib's group_norm); statistics in float32."""
+    """GroupNorm with 32 groups and eps 1e-6 (tf.contrib's group_norm; PyTorch's is 1e-5); statistics in float32."""
 
     dtype: Dtype = jnp.float32
+    epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
-        return nn.GroupNorm(num_groups=min(32, x.shape[-1]), epsilon=1e-6, dtype=self.dtype)(x)
+        return nn.GroupNorm(num_groups=min(32, x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype)(x)
 
 
-def _conv(features, dtype, kernel=3, stride=1, zero=False, name=None):
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+def _conv(features, dtype, kernel=3, stride=1, zero=False, name=None, padding="SAME"):
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                    kernel_init=zeros_init if zero else default_init, dtype=dtype, name=name)
+
+
+def resample(x: jax.Array, how: str) -> jax.Array:
+    """x `[B, H, W, C]` at twice ('up': nearest) or half ('down': 2x2 average) the size; 'none': x."""
+    B, H, W, C = x.shape
+    if how == "up":
+        return jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+    if how == "down":
+        return x.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
+    return x
 
 
 def _dense(features, dtype, zero=False, name=None):
@@ -77,18 +93,32 @@ def _dense(features, dtype, zero=False, name=None):
 
 
 class ResnetBlock(nn.Module):
-    """GN-swish-conv, + Dense(temb), GN-swish-dropout-conv(zero init), 1x1 shortcut if C changes."""
+    """GN-swish-conv, + Dense(temb), GN-swish-dropout-conv(zero init), 1x1 shortcut if C changes.
+
+    `scale_shift` (Nichol & Dhariwal 2021's AdaGN): temb gives a scale and a shift of the second norm's
+    output, GN(h) * (1 + scale) + shift, instead of being added before it. `resample` 'up' or 'down'
+    (BigGAN's residual up/downsampling, as ADM): both paths resized after the first GN-swish.
+    """
 
     out_ch: int
     dropout: float
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
+    scale_shift: bool = False
+    resample: str = "none"
 
     @nn.compact
     def __call__(self, x, temb, train: bool):
-        h = nn.swish(GroupNorm(self.dtype, name="norm1")(x))
+        norm = functools.partial(GroupNorm, self.dtype, self.norm_eps)
+        h = nn.swish(norm(name="norm1")(x))
+        h, x = resample(h, self.resample), resample(x, self.resample)
         h = _conv(self.out_ch, self.dtype, name="conv1")(h)
-        h = h + _dense(self.out_ch, self.dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(GroupNorm(self.dtype, name="norm2")(h))
+        emb = _dense(self.out_ch * (2 if self.scale_shift else 1), self.dtype, name="temb_proj")(nn.swish(temb))
+        if self.scale_shift:
+            scale, shift = jnp.split(emb[:, None, None, :], 2, axis=-1)
+            h = nn.swish(norm(name="norm2")(h) * (1 + scale) + shift)
+        else:
+            h = nn.swish(norm(name="norm2")(h + emb[:, None, None, :]))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, self.dtype, zero=True, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -97,7 +127,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions with 1x1 q/k/v and a zero-init output.
+    """Self-attention over all H*W positions with 1x1 q/k/v and a zero-init output: one head of all C
+    channels (Ho et al.), or C / `head_dim` heads of `head_dim` channels each (ADM's 64).
 
     `attention` picks `jax.nn.dot_product_attention`'s kernel: 'xla' anywhere, 'cudnn' (fused flash
     attention) on NVIDIA GPUs with bf16/fp16 compute and head dim C <= 256 on Hopper (<= 128 before).
@@ -118,18 +149,22 @@ class AttnBlock(nn.Module):
     attention: str = "xla"
     position: bool = False
     text_attention: str = "fused"
+    head_dim: int = 0  # 0: one head
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, context=None):
         B, H, W, C = x.shape
         dt = self.dtype
+        heads = C // self.head_dim if self.head_dim else 1
+        split = lambda a: a.reshape(*a.shape[:2], heads, C // heads)  # [B, L, C] -> [B, L, heads, C / heads]
         pos = position_embedding(H, W, C).reshape(H, W, C).astype(dt) if self.position else 0.0
-        h = GroupNorm(dt, name="norm")(x)
-        q, k, v = (_dense(C, dt, name=n)(h + pos if n != "v" else h).reshape(B, H * W, 1, C) for n in "qkv")
+        h = GroupNorm(dt, self.norm_eps, name="norm")(x)
+        q, k, v = (split(_dense(C, dt, name=n)(h + pos if n != "v" else h).reshape(B, H * W, C)) for n in "qkv")
         mask = None
         if context is not None:
             ctx, ctx_mask = context
-            kt, vt = (_dense(C, dt, name=f"{n}_text")(ctx.astype(dt))[:, :, None, :] for n in "kv")
+            kt, vt = (split(_dense(C, dt, name=f"{n}_text")(ctx.astype(dt))) for n in "kv")
             if self.text_attention == "fused":
                 k, v = jnp.concatenate([k, kt], axis=1), jnp.concatenate([v, vt], axis=1)
                 mask = jnp.concatenate([jnp.ones((B, H * W), bool), ctx_mask], axis=1)[:, None, None, :]
@@ -137,8 +172,8 @@ class AttnBlock(nn.Module):
         x = x + _dense(C, dt, zero=True, name="proj_out")(h)
         if context is None or self.text_attention == "fused":
             return x
-        h = GroupNorm(dt, name="norm_cross")(x)
-        qc = _dense(C, dt, name="q_cross")(h + pos).reshape(B, H * W, 1, C)
+        h = GroupNorm(dt, self.norm_eps, name="norm_cross")(x)
+        qc = split(_dense(C, dt, name="q_cross")(h + pos).reshape(B, H * W, C))
         h = jax.nn.dot_product_attention(qc, kt, vt, mask=ctx_mask[:, None, None, :], implementation=self.attention)
         return x + _dense(C, dt, zero=True, name="proj_cross")(h.reshape(B, H, W, C))
 
@@ -178,6 +213,13 @@ class UNet(nn.Module):
     max_text_len: int = 64  # trained encoder: most tokens per text (BOS included)
     low_res_size: int = 0  # > 0: a super-resolution model conditioned on cond['low_res'] of this size
     low_res_resize: str = "bicubic"  # how the low-res image is resized to x's size: superres.RESIZE_METHODS
+    # Ho et al.'s choices by default; the alternatives are Nichol & Dhariwal's (Improved DDPM, ADM):
+    attn_head_dim: int = 0  # AttnBlock.head_dim: 0 one head; > 0 heads of this many channels
+    scale_shift_norm: bool = False  # ResnetBlock.scale_shift: the timestep scales and shifts the norm
+    resblock_updown: bool = False  # resample in residual blocks (avg-pool / nearest) instead of by conv
+    time_embedding: str = "ddpm"  # timestep_embedding's kind: ddpm | adm
+    norm_eps: float = 1e-6  # GroupNorm's epsilon (PyTorch code: 1e-5)
+    downsample_padding: str = "same"  # stride-2 conv: same (TF: 0 before, 1 after) | symmetric (1 each side)
 
     def label_embedding(self, cond) -> jax.Array:
         """`[B, 4 ch]`: the embedding of cond['label'], the null class where cond['drop']."""
@@ -220,10 +262,12 @@ class UNet(nn.Module):
             if cond is None:
                 raise ValueError(f"text_encoder={self.text_encoder!r}: the model needs cond (text and 'drop').")
             context = self.text_context(cond)
-        block = lambda out_ch, name: resnet_cls(out_ch, self.dropout, dt, name=name)
+        block = lambda out_ch, name, how="none": resnet_cls(out_ch, self.dropout, dt, self.norm_eps,
+                                                            self.scale_shift_norm, how, name=name)
         attn = lambda name: functools.partial(
-            attn_cls(dt, self.attention, self.attn_position, self.text_attention, name=name), context=context)
-        temb = timestep_embedding(t, self.ch)
+            attn_cls(dt, self.attention, self.attn_position, self.text_attention, self.attn_head_dim, self.norm_eps,
+                     name=name), context=context)
+        temb = timestep_embedding(t, self.ch, self.time_embedding)
         temb = _dense(self.ch * 4, dt, name="temb_dense0")(temb)
         temb = _dense(self.ch * 4, dt, name="temb_dense1")(nn.swish(temb))
         if self.num_classes:
@@ -252,7 +296,9 @@ class UNet(nn.Module):
                     h = attn(f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
-                hs.append(_conv(h.shape[-1], dt, stride=2, name=f"down_{level}_downsample")(hs[-1]))
+                name, padding = f"down_{level}_downsample", DOWNSAMPLE_PADDING[self.downsample_padding]
+                hs.append(block(h.shape[-1], name, "down")(hs[-1], temb, train) if self.resblock_updown else
+                          _conv(h.shape[-1], dt, stride=2, name=name, padding=padding)(hs[-1]))
 
         h = hs[-1]
         h = block(h.shape[-1], "mid_block_1")(h, temb, train)
@@ -266,12 +312,12 @@ class UNet(nn.Module):
                 if attends(level):
                     h = attn(f"up_{level}_attn_{i}")(h)
             if level != 0:
-                B, H, W, C = h.shape
-                h = jnp.broadcast_to(h[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
-                h = _conv(C, dt, name=f"up_{level}_upsample")(h)
+                name = f"up_{level}_upsample"
+                h = block(h.shape[-1], name, "up")(h, temb, train) if self.resblock_updown else \
+                    _conv(h.shape[-1], dt, name=name)(resample(h, "up"))
         assert not hs
 
-        h = nn.swish(GroupNorm(dt, name="norm_out")(h))
+        h = nn.swish(GroupNorm(dt, self.norm_eps, name="norm_out")(h))
         return _conv(self.out_ch, dt, zero=True, name="conv_out")(h).astype(jnp.float32)
 
 
@@ -288,4 +334,6 @@ def unet_from_config(config: ConfigDict) -> UNet:
                 text_attention=m.text_attention,
                 text_encoder=m.text_encoder, text_width=m.text_width,
                 text_depth=m.text_depth, text_heads=m.text_heads, max_text_len=config.data.max_text_len,
-                low_res_size=m.low_res_size, low_res_resize=m.low_res_resize)
+                low_res_size=m.low_res_size, low_res_resize=m.low_res_resize, attn_head_dim=m.attn_head_dim,
+                scale_shift_norm=m.scale_shift_norm, resblock_updown=m.resblock_updown,
+                time_embedding=m.time_embedding, norm_eps=m.norm_eps, downsample_padding=m.downsample_padding)

@@ -10,7 +10,9 @@ from the test suite:
 
 It writes `ddpm_tiny/`, a UNet2DModel in the layout of Ho et al.'s released DDPMs (google/ddpm-cifar10-32's
 config keys and values, smaller), with random float16 weights and its scheduler_config.json, the
-folder google/ddpm-* checkpoints come in; `ddpm_tiny_cond/`, one level of it with 5 class embeddings;
+folder google/ddpm-* checkpoints come in; `ddpm_tiny_adm/`, one with Improved DDPM / ADM's options
+(diffusers' default timestep embedding and GroupNorm epsilon, 2 attention heads, scale-shift norm,
+residual up/downsampling) and 5 class embeddings;
 and `diffusers_reference.npz`, their outputs on fixed inputs computed by diffusers in float32.
 Nothing is downloaded.
 With a second argument, a folder written by `python -m ddpm_jax.convert to_diffusers`, it instead
@@ -28,7 +30,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_DIR = os.path.join(HERE, "ddpm_tiny")
-COND_DIR = os.path.join(HERE, "ddpm_tiny_cond")
+COND_DIR = os.path.join(HERE, "ddpm_tiny_adm")
 NPZ = os.path.join(HERE, "diffusers_reference.npz")
 
 
@@ -52,9 +54,15 @@ def make():
     # ddpm_jax config: ch 32, ch_mult (1, 1), 1 block per level, attention at 8x8 (level 0), image 8x8.
     model = UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("AttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "AttnUpBlock2D"), **ho)
-    # ddpm_jax config: the same with ch_mult (1,) and 4 classes (5 embeddings: the null class last).
-    cond = UNet2DModel(sample_size=8, block_out_channels=(32,), down_block_types=("AttnDownBlock2D",),
-                       up_block_types=("AttnUpBlock2D",), num_class_embeds=5, **ho)
+    # ddpm_jax config: the same U-Net with Nichol & Dhariwal's options (model.time_embedding='adm', norm_eps
+    # 1e-5, attn_head_dim 16, scale_shift_norm, resblock_updown) and 4 classes (5 embeddings: the null class
+    # last); attention at 4x4 (level 1). The mid attention's GroupNorm needs attn_norm_num_groups=32 here.
+    adm = dict(ho, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, attention_head_dim=16)
+    cond = UNet2DModel(sample_size=8, block_out_channels=(32, 32),
+                       down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=5,
+                       resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32, downsample_type="resnet",
+                       upsample_type="resnet", **adm)
     g = torch.Generator().manual_seed(1234)
     randomized(model, g)
     randomized(cond, g)
