@@ -116,6 +116,7 @@ def test_evaluate_clip_scores_a_samples_file_against_its_prompts(tmp_path):
     assert status == 2 and "--samples applies to fid, digits and clip; shapes needs the model" in err, err
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_in_loop_clip_score_of_a_text_model(tmp_path, monkeypatch):
     """`eval.clip_model` in training: eval/clip_score, the score of one sample per held-out caption,
     the same as `tasks.clip_score` draws (the same noise, `eval.seed`)."""

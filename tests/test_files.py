@@ -43,6 +43,7 @@ def test_images_samples_and_prompts_in_a_bucket(bucket, tmp_path):
     assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_a_sample_command_edits_inputs_in_a_bucket_into_the_bucket(bucket, tmp_path):
     """`sample --init_images=gs://... --mask=gs://... --out=gs://...` writes what the same command
     with the files on local disk writes."""

@@ -48,6 +48,7 @@ def test_bfloat16_loss_curve_matches_float32():
     np.testing.assert_allclose(bf16[:50].mean(), f32[:50].mean(), rtol=0.1)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_the_ode_sampler_runs_a_bfloat16_model_in_float32():
     """An adaptive solver's error estimate would measure bfloat16's rounding, so the ode sampler builds
     the network in float32: a bfloat16 config samples exactly what its float32 twin samples."""

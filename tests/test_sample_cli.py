@@ -126,6 +126,7 @@ def test_editing_keeps_what_it_must(cond_run, images_dir):
     assert req.spec.guidance_interval == (100.0, 600.0)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_unconditional_model_rejects_labels_and_guidance(tmp_path):
     config = _config(num_classes=0)
     with pytest.raises(UserError, match=r"guidance=2.0 needs a class- or text-conditional model.*num_classes=0"):

@@ -233,6 +233,7 @@ def test_second_order_samplers_converge_faster():
     assert err["dpm_solver++", 20] < 0.6 * err["ddim", 20]
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_network_evaluations_are_counted():
     # Each model call on the host during the run: heun makes 2n - 1 of them for n = (S + 1) // 2 levels
     # (no second evaluation at the last step, to sigma = 0); DPM-Solver++ one per level.

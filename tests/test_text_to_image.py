@@ -363,6 +363,7 @@ def test_diffedit_command_keeps_the_pixels_outside_its_mask(text_run, tmp_path):
     assert (out / "masks.png").exists()
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_fid_of_a_text_model_samples_one_image_per_held_out_caption(tmp_path, monkeypatch):
     """`evaluate fid` and the in-loop FID of a text-to-image run draw one sample per held-out caption
     (or --prompts line), as papers compute it (Inception stubbed: the samples are what is checked); the

@@ -235,6 +235,7 @@ def test_the_strided_conv_pads_as_its_field_says(padding, pads):
     np.testing.assert_allclose(seen["down_0_downsample"]["__call__"][0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
 def test_nichol_and_dhariwal_options_keep_remat_equal_and_change_the_network():
     """Scale-shift norm, residual resampling and 2 heads (tests/test_diffusers_weights.py checks them
     against diffusers): remat changes nothing, and each option changes the network."""

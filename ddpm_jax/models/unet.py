@@ -63,7 +63,8 @@ def coordinate_channels(x: jax.Array) -> jax.Array:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with 32 groups and eps 1e-6 (tf.contrib's group_norm; PyTorch's is 1e-5); statistics in float32."""
+    """GroupNorm of 32 groups (one per channel below 32) and `epsilon` (tf.contrib's group_norm: 1e-6, PyTorch's:
+    1e-5); statistics in float32."""
 
     dtype: Dtype = jnp.float32
     epsilon: float = 1e-6
