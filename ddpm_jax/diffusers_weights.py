@@ -10,6 +10,9 @@ by the user; nothing is downloaded) for a config whose U-Net it matches, `to_ten
 `write_folder` make one from this U-Net's params; `import_run` and `export_run` do so for a run
 (`python -m ddpm_jax.convert`). Class labels convert too: `num_classes` classes and the null class are
 `UNet2DModel`'s `num_class_embeds = num_classes + 1` class embeddings, added to the timestep embedding.
+So do `UNet2DModel`s with Nichol & Dhariwal's choices (diffusers' own defaults among them): multi-head
+attention, scale-shift norm, residual resampling, their timestep embedding, epsilon and padding are the
+U-Net's `model.*` fields, which `unet_config` writes and `check_unet_config` names.
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def block_type(side: str, attends: bool, resblock: bool) -> str:
 
 
 def unet_config(config: ConfigDict) -> dict:
-    """The `UNet2DModel` config.json of `config`'s U-Net (Ho et al.'s, as google/ddpm-cifar10-32 has it)."""
+    """The `UNet2DModel` config.json of `config`'s U-Net (with Ho et al.'s choices, google/ddpm-cifar10-32's)."""
     m, side = config.model, config.data.image_size
     attends = [side // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
     ddpm, resampling = m.time_embedding == "ddpm", "resnet" if m.resblock_updown else "conv"
@@ -205,10 +208,10 @@ def check_unet_config(stored: dict, config: ConfigDict, flag: str) -> None:
         stored["attn_norm_num_groups"] = None  # the same GroupNorm of 32 groups
     if config.model.resblock_updown:  # no strided conv to pad
         stored["downsample_padding"] = ours["downsample_padding"]
-    for key, side, last in (("down_block_types", "Down", -1), ("up_block_types", "Up", -1)):
-        types = list(stored[key])  # the outermost block does not resample, so both names are the same block
-        if types and types[last] == f"Resnet{side}sampleBlock2D":
-            types[last] = f"{side}Block2D"
+    for key, side in (("down_block_types", "Down"), ("up_block_types", "Up")):
+        types = list(stored[key])  # each path's last block does not resample: both names are the same block
+        if types and types[-1] == f"Resnet{side}sampleBlock2D":
+            types[-1] = f"{side}Block2D"
         stored[key] = types
     size = stored["sample_size"]
     if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:  # [H, W] of a square model

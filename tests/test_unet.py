@@ -227,7 +227,7 @@ def test_the_strided_conv_pads_as_its_field_says(padding, pads):
                  downsample_padding=padding)
     x, t = jax.random.normal(jax.random.key(2), (1, 8, 8, 3)), jnp.array([5])
     params = _perturbed(_init(model, (1, 8, 8, 3)))
-    _, state = model.apply({"params": params}, x, t, capture_intermediates=True)
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))({"params": params}, x, t)
     seen = state["intermediates"]
     conv = params["down_0_downsample"]
     expected = jax.lax.conv_general_dilated(seen["down_0_block_0"]["__call__"][0], conv["kernel"], (2, 2), pads,
