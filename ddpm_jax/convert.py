@@ -8,7 +8,7 @@
 
 `from_diffusers` checks the folder's config.json and scheduler_config.json against the config (the
 U-Net's widths, blocks and attention; the noise schedule and what the network predicts) before it
-writes anything. The logic is in `ddpm_jax.diffusers_weights`; docs/sampling.md has the recipe.
+writes anything. The logic is in `ddpm_jax.diffusers_weights`; docs/diffusers.md has the recipes.
 """
 import jax
 from absl import flags, logging
