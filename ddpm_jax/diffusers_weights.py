@@ -242,11 +242,13 @@ def check_scheduler_config(stored: dict, config: ConfigDict, flag: str) -> None:
     if schedule == "linear":
         checks += [("beta_start", stored.get("beta_start", 1e-4), d.beta_start),
                    ("beta_end", stored.get("beta_end", 0.02), d.beta_end)]
+    if stored.get("trained_betas") is not None:
+        raise UserError(f"{flag}: {SCHEDULER} lists its own betas (trained_betas); the config's schedule is "
+                        f"diffusion.beta_schedule, one of {tuple(BETA_SCHEDULES)}.")
     for field, got, value in checks:
-        same = np.isclose(got, value, rtol=1e-6) if isinstance(value, float) else got == value
-        if not same or stored.get("trained_betas") is not None:
-            raise UserError(f"{flag}: {SCHEDULER} has another noise schedule or target than diffusion.{field}="
-                            f"{getattr(d, field)!r} ({got!r}; trained_betas {stored.get('trained_betas')!r}).")
+        if not (np.isclose(got, value, rtol=1e-6) if isinstance(value, float) else got == value):
+            raise UserError(f"{flag}: {SCHEDULER} has {got!r} where the config has diffusion.{field}="
+                            f"{getattr(d, field)!r}.")
 
 
 def load_params(folder: str, config: ConfigDict, flag: str = "--diffusers") -> dict:

@@ -1,6 +1,8 @@
-"""Running a command module in-process, as `python -m ddpm_jax.X ARGS` would, for fast tests."""
+"""Running a command module in-process, as `python -m ddpm_jax.X ARGS` would, for fast tests; the
+command lines the docs show."""
 import contextlib
 import io
+import re
 
 from ddpm_jax import cli
 
@@ -15,3 +17,14 @@ def run_command(module, *args: str) -> tuple[int, str, str]:
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
     return status, out.getvalue(), err.getvalue()
+
+
+def bash_lines(paths: list[str]) -> list[str]:
+    """The lines of the ```bash blocks of the files `paths`, continuations joined, comments cut."""
+    lines = []
+    for path in paths:
+        with open(path) as f:
+            text = re.sub(r"\\\n\s*", " ", f.read())
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            lines += [line.split("  #")[0].strip() for line in block.splitlines()]
+    return lines

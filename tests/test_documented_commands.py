@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_helpers import run_command
+from cli_helpers import bash_lines, run_command
 
 from ddpm_jax import cascade, evaluate, main, sample
 
@@ -34,15 +34,9 @@ OFFLINE = ("runs/digits", "runs/digits_cond", "runs/shapes_t2i", "runs/shapes_sr
 
 def documented_commands() -> list[str]:
     """`python -m ddpm_jax.sample/evaluate/cascade ...` lines of the README and docs/, continuations joined."""
-    commands = []
-    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
-        with open(path) as f:
-            text = re.sub(r"\\\n\s*", " ", f.read())
-        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-            for line in block.splitlines():
-                line = line.split("  #")[0].strip()
-                if re.match(r"python -m ddpm_jax\.(sample|evaluate|cascade)\b", line):
-                    commands.append(line)
+    paths = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    ours = r"python -m ddpm_jax\.(sample|evaluate|cascade)\b"
+    commands = [line for line in bash_lines(paths) if re.match(ours, line)]
     return list(dict.fromkeys(commands))  # README and docs repeat some
 
 
