@@ -252,8 +252,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _changes_meaning(field: str) -> bool:
     """Whether a change of `field` changes what the checkpoints are: the model, the diffusion
-    process, the data (wherever it is read from) and the seed (the data order and the RNG)."""
-    return field == "seed" or (field.startswith(("model.", "diffusion.", "data.")) and field != "data.data_dir")
+    process, the data (wherever it is read from), the seed (the data order and the RNG) and a
+    distilled run's teacher."""
+    return field == "seed" or (field.startswith(("model.", "diffusion.", "data.", "distill."))
+                               and field != "data.data_dir")
 
 
 def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tuple[str, object, object]]:
@@ -261,7 +263,8 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
 
     Call it on resuming from checkpoint `saved_step`, before `write_config(workdir, config,
     resumed_from=saved_step)` records them. UserError if a field that changes what the checkpoints
-    are differs (`model.*`, `diffusion.*`, `data.*` but `data.data_dir`, `seed`) and
+    are differs (`model.*`, `diffusion.*`, `data.*` but `data.data_dir`, `seed`, `distill.*`, and a
+    distilled run's `sampling.steps`) and
     `training.allow_config_change` is False, or if `training.num_train_steps` <= `saved_step`.
     Other changes (`optim.*`, `training.*`, `sampling.*`, `eval.*`) are logged and returned.
     """
@@ -276,7 +279,9 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
     def show(chosen):
         return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in chosen)
 
-    refused = [c for c in changes if _changes_meaning(c[0])]
+    # A student's steps are what it learns (the sampler's other fields are fixed: validation.validate_distill).
+    learned = ("sampling.steps",) if config.distill.teacher else ()
+    refused = [c for c in changes if _changes_meaning(c[0]) or c[0] in learned]
     if refused and not config.training.allow_config_change:
         raise UserError(f"--workdir={workdir}: the config differs from the run's {CONFIG_FILE} in fields that "
                         f"change what its checkpoints are ({show(refused)}). Resume with the run's config, "

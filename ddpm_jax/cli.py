@@ -40,6 +40,9 @@ SAMPLE_FLAGS = {
     "sampler": ("sampling.sampler", "A name in sampling.SAMPLERS."),
     "steps": ("sampling.steps", "Sampler steps; fewer than diffusion.num_timesteps respaces."),
     "eta": ("sampling.eta", "DDIM noise: 0 deterministic, 1 as ancestral (ddim only)."),
+    "timestep_spacing": ("sampling.timestep_spacing", "The timesteps of fewer steps than T: 'even' (0 and T-1 "
+                                                      "among them) or 'trailing' (Lin et al. 2024: T/steps - 1 "
+                                                      "up to T-1)."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w >= 0 (conditional models)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide only at model timesteps t >= this (below: w = 0)."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide only at model timesteps t <= this (above: w = 0)."),
@@ -76,6 +79,8 @@ EVAL_FLAGS = {
     "steps": ("eval.steps", "Sampler steps (0: sampling.steps)."),
     "sampler": ("sampling.sampler", "The sampler of the samples (a name in sampling.SAMPLERS)."),
     "eta": ("sampling.eta", "DDIM noise of the samples: 0 deterministic, 1 as ancestral (ddim only)."),
+    "timestep_spacing": ("sampling.timestep_spacing", "The timesteps of the samples' respaced chain: 'even' or "
+                                                      "'trailing'."),
     "guidance": ("sampling.guidance", "Classifier-free guidance weight w of the samples (shapes, digits, fid)."),
     "guidance_t_min": ("sampling.guidance_t_min", "Guide the samples only at model timesteps t >= this."),
     "guidance_t_max": ("sampling.guidance_t_max", "Guide the samples only at model timesteps t <= this."),

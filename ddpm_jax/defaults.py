@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     # a name in ddpm_jax.sampling.SAMPLERS: ancestral | ddim | dpm_solver++ | heun | ode
     c.sampling.sampler = "ancestral"
     c.sampling.steps = 1000  # fewer than diffusion.num_timesteps: respaced (Nichol & Dhariwal 2021); heun: evaluations
+    # the timesteps of a respaced chain: even (both ends, 0 and T-1) | trailing (Lin et al. 2024: T/steps - 1
+    # up to T-1; steps as long near the clean image as elsewhere; what distilled students sample with)
+    c.sampling.timestep_spacing = "even"
     c.sampling.eta = 0.0  # ddim: 0 deterministic, 1 the ancestral (posterior) variance
     c.sampling.threshold = "auto"  # x0 predictions: none | clip | dynamic (Imagen); auto: as diffusion.clip_x0
     c.sampling.threshold_percentile = 0.995  # dynamic: s = max(1, this quantile of |x0| per sample)
@@ -174,6 +177,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.num_samples = 64  # images per `python -m ddpm_jax.sample`
     c.sampling.batch_size = 256  # images per device call, over all local devices
     c.sampling.seed = 0  # the noise: the same seed gives the same images
+
+    # Progressive distillation (Salimans & Ho 2022; ddpm_jax.distillation, docs/samplers.md): with a teacher,
+    # training starts from the teacher's EMA params and teaches the student to take in one deterministic DDIM
+    # step (sampling.sampler='ddim', eta 0, 'trailing' spacing) what the teacher takes in two: the student
+    # samples in sampling.steps steps where the teacher took twice as many.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # a training run's --workdir (a DDPM, or a student of twice sampling.steps); '': none
+    c.distill.teacher_checkpoint_step = 0  # the teacher's checkpoint of this step (0: its newest, recorded)
 
     c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate` (its flags set these)
     c.eval.eval_every = 0  # 0: no in-loop evaluation

@@ -32,6 +32,7 @@ VARIANCES = ("fixedlarge", "fixedsmall", "learned_range")
 BETA_SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 THRESHOLDS = ("none", "clip", "dynamic")  # and "auto": as clip_x0 says (`x0_method`)
+TIMESTEP_SPACINGS = ("even", "trailing")  # `respaced_timesteps`
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +138,10 @@ def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None,
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
             posterior_variance=posterior_variance,
-            # beta_tilde_0 = 0, so its log is clipped to the value at t=1 (as in the official code).
-            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            # beta_tilde_0 = 0, so its log is clipped to the value at t=1 (as in the official code); a
+            # chain of one step has none: beta_0 then.
+            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1] if len(betas) > 1 else betas[0],
+                                                            posterior_variance[1:])),
             posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
             model_t=model_t,
@@ -168,16 +171,35 @@ def even_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64))
 
 
-def schedule_from_config(diffusion_config, num_steps: int | None = None) -> Schedule:
-    """The config's schedule (with `zero_terminal_snr`, rescaled so); respaced to `num_steps` evenly
-    spaced timesteps when given (the first and the last always among them)."""
+def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """'Trailing' spacing (Lin et al. 2024, Sec. 3.3): round(j T / N) - 1 for j = 1..N
+    (halves rounded up), so the last step starts at T - 1 and the first at T/N - 1; the steps between
+    0 and the clean image are as long as the others. The timesteps of N steps are every other one of
+    2N's (j T / N = 2j T / 2N), the nested grids of progressive distillation (`distillation`)."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"steps={num_steps}: must be between 1 and num_timesteps={num_timesteps}.")
+    j = np.arange(1, num_steps + 1, dtype=np.int64)
+    return (2 * j * num_timesteps + num_steps) // (2 * num_steps) - 1
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -> np.ndarray:
+    """The timesteps a chain of `num_steps` steps visits: `even_timesteps` or `trailing_timesteps`."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep spacing {spacing!r}: must be one of {TIMESTEP_SPACINGS}.")
+    return (even_timesteps if spacing == "even" else trailing_timesteps)(num_timesteps, num_steps)
+
+
+def schedule_from_config(diffusion_config, num_steps: int | None = None, spacing: str = "even") -> Schedule:
+    """The config's schedule (with `zero_terminal_snr`, rescaled so); respaced to `num_steps` timesteps
+    when given, spaced as `spacing` says (`respaced_timesteps`)."""
     c = diffusion_config
     betas = get_betas(c.beta_schedule, c.num_timesteps, c.beta_start, c.beta_end)
     if c.zero_terminal_snr:
         betas = zero_terminal_snr(betas)
     if num_steps is None or num_steps == c.num_timesteps:
         return make_schedule(betas)
-    return make_schedule(*respace_betas(betas, even_timesteps(c.num_timesteps, num_steps)), model_betas=betas)
+    use = respaced_timesteps(c.num_timesteps, num_steps, spacing)
+    return make_schedule(*respace_betas(betas, use), model_betas=betas)
 
 
 def extract(a: jax.Array, t: jax.Array, x_shape) -> jax.Array:

@@ -337,7 +337,7 @@ def _build_sampler(config: ConfigDict, spec: S.SampleSpec, side: int):
     if config.sampling.sampler == "ode":  # in bfloat16 the solver's error estimate would measure rounding
         model = model.clone(dtype=jnp.float32)
         guide_model = guide_model and guide_model.clone(dtype=jnp.float32)
-    s = D.schedule_from_config(config.diffusion, config.sampling.steps)
+    s = D.schedule_from_config(config.diffusion, config.sampling.steps, config.sampling.timestep_spacing)
     kind, shape = config.diffusion.model_output, (side, side, config.data.channels)
 
     def device_fn(params, key, shard):

@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 from ml_collections import ConfigDict
 
-from ddpm_jax import checkpoints, diffusion, generation, image_utils, locking, parallel, superres
+from ddpm_jax import checkpoints, diffusion, distillation, generation, image_utils, locking, parallel, superres
 from ddpm_jax.models import unet_from_config
 from ddpm_jax.parallel import AXIS_NAME
 from ddpm_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
@@ -115,15 +115,18 @@ def accumulated_grads(loss_fn: Callable, params, inputs, dropout_key: jax.Array,
     return losses.reshape(-1), jax.tree.map(lambda g: g / k, grad_sum)
 
 
-def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, teacher_params=None, *,
+               config: ConfigDict) -> tuple[TrainState, dict]:
     """One Adam step on this device's share of the batch, under pmap with axis `AXIS_NAME`.
 
     batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], and what `config.model` is conditioned
     on: 'label' int32 `[B_dev]`, or the text: 'tokens' int32 + 'mask' bool `[B_dev, L]`, or
     'text_emb' `[B_dev, L, D]` + 'mask'}; `conditioning` drops each example's condition with the
-    configured probability. With `training.grad_accum_steps=k` the gradient is accumulated over k
-    microbatches of B_dev / k (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the
-    EMA of the params is updated here. A step whose loss or gradient norm is not finite changes
+    configured probability. With `distill.teacher` (progressive distillation), t is a student step's
+    timestep and the loss's x_0 and eps are `distillation.training_targets` of `teacher_params`. With
+    `training.grad_accum_steps=k` the gradient is accumulated over k microbatches of B_dev / k
+    (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the EMA of the
+    params is updated here. A step whose loss or gradient norm is not finite changes
     nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
     'learning_rate', 'loss_q0', ..., 'loss_q3' (`loss_by_quarter`)}).
     """
@@ -137,11 +140,16 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     t_key, noise_key, label_key, dropout_key = jax.random.split(jax.random.fold_in(base, state.step), 4)
     first = device * n  # global index of this device's first example
 
-    t = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, schedule.num_timesteps)[0])(
-        _example_keys(t_key, first, n))
+    distilling = bool(config.distill.teacher)
+    # Distillation draws a student step i and takes its timestep.
+    levels = config.sampling.steps if distilling else schedule.num_timesteps
+    i = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, levels)[0])(_example_keys(t_key, first, n))
+    t = jnp.asarray(diffusion.trailing_timesteps(schedule.num_timesteps, levels))[i] if distilling else i
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
     cond = conditioning(config, batch, _example_keys(label_key, first, n), schedule)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
+    if distilling:
+        x0, noise = distillation.training_targets(config, model, teacher_params, x_t, i, cond)
     dropout_key = jax.random.fold_in(dropout_key, device)
 
     def loss_fn(params, inputs, dropout_key):
@@ -172,19 +180,20 @@ def train_step(state: TrainState, batch: dict, *, config: ConfigDict) -> tuple[T
     return state, metrics
 
 
-def train_steps(state: TrainState, batches: dict, *, config: ConfigDict) -> tuple[TrainState, dict]:
+def train_steps(state: TrainState, batches: dict, teacher_params=None, *,
+                config: ConfigDict) -> tuple[TrainState, dict]:
     """k train steps in one call: `lax.scan` of `train_step` over batches `[k, B_dev, ...]`.
 
     Metrics are the means over the k steps ('nonfinite': the count).
     """
-    state, metrics = jax.lax.scan(functools.partial(train_step, config=config), state, batches,
+    state, metrics = jax.lax.scan(lambda st, b: train_step(st, b, teacher_params, config=config), state, batches,
                                   unroll=unrolled_loops())
     return state, {k: v.sum() if k == "nonfinite" else v.mean() for k, v in metrics.items()}
 
 
 def pmap_train_step(config: ConfigDict):
     """`train_steps` (or `train_step` when `training.steps_per_call` is 1) pmapped over the local
-    devices, with the replicated state donated: `(state, batch) -> (state, metrics)`."""
+    devices, with the replicated state donated: `(state, batch[, teacher_params]) -> (state, metrics)`."""
     fn = train_steps if config.training.steps_per_call > 1 else train_step
     return jax.pmap(functools.partial(fn, config=config), axis_name=AXIS_NAME, donate_argnums=0)
 
@@ -271,6 +280,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     """
     validate_config(config)
     check_output_dir(workdir, "--workdir")
+    teacher = None
+    if config.distill.teacher:  # its step, resolved, goes into config.json: a resume reads the same teacher
+        config, teacher = distillation.load_teacher(config)
     from ddpm_jax import input_pipeline  # TensorFlow comes in here, only for the training loop
 
     input_pipeline.check_dataset(config)
@@ -289,14 +301,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
                 multihost_utils.sync_global_devices("ddpm_jax: resume config checked")
             if jax.process_index() == 0:
                 checkpoints.write_config(workdir, config, resumed_from=resumed_from)
-            return _train(config, workdir, manager, restored, evaluator)
+            return _train(config, workdir, manager, restored, evaluator, teacher)
         finally:
             manager.wait_until_finished()
             manager.close()
 
 
-def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainState:
-    """The loop of `train_and_evaluate`, from the restored (or a fresh) state."""
+def _train(config: ConfigDict, workdir, manager, restored, evaluator, teacher=None) -> TrainState:
+    """The loop of `train_and_evaluate`, from the restored (or a fresh) state; a fresh state of a distilled
+    run starts from the `teacher`'s params."""
     from clu import metric_writers, periodic_actions
 
     from ddpm_jax import input_pipeline
@@ -308,7 +321,7 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if restored is None:
-        state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(config.seed))
+        state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(config.seed), teacher)
         position = 0  # examples consumed from the global data stream (by all processes)
     else:
         state, data_state = restored
@@ -318,6 +331,7 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
     train_iter = input_pipeline.create_train_iterator(config, start_example=position)
     state = parallel.replicate(state)
     p_train = pmap_train_step(config)
+    teacher = () if teacher is None else (parallel.replicate(teacher),)
 
     report = periodic_actions.ReportProgress(num_train_steps=t.num_train_steps, writer=writer, every_secs=60)
     profile = None
@@ -374,7 +388,7 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator) -> TrainSt
         with _StopOnSignal() as stop:
             while step < t.num_train_steps:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = p_train(state, next(train_iter))
+                    state, metrics = p_train(state, next(train_iter), *teacher)
                 # The host runs at most this call ahead of the devices: a stop saves the step the devices
                 # are at, not one many queued calls later (still overlapping host and device work).
                 if previous is not None:

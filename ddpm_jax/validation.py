@@ -20,9 +20,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("xla", "cudnn")
 # What autoguidance's guide run (sampling.guide_workdir) shares with the run it guides: the same input,
 # condition and output meaning, so the two outputs combine linearly. Its size and training may differ.
+_DIFFUSION_FIELDS = ("diffusion.num_timesteps", "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end",
+                     "diffusion.model_output", "diffusion.variance")
 GUIDE_FIELDS = ("data.image_size", "data.channels", "data.max_text_len", "model.num_classes", "model.text_encoder",
-                "model.text_emb_dim", "model.low_res_size", "diffusion.num_timesteps", "diffusion.beta_schedule",
-                "diffusion.beta_start", "diffusion.beta_end", "diffusion.model_output", "diffusion.variance")
+                "model.text_emb_dim", "model.low_res_size") + _DIFFUSION_FIELDS
 
 
 class UserError(ValueError):
@@ -268,6 +269,7 @@ def validate_sampling(config: ConfigDict):
     _require(isinstance(sp.steps, int) and not isinstance(sp.steps, bool) and 1 <= sp.steps <= T,
              f"sampling.steps={sp.steps!r}: must be an integer from 1 to diffusion.num_timesteps={T} (network "
              f"evaluations; fewer than {T} respaces the chain).")
+    _one_of(sp.timestep_spacing, "sampling.timestep_spacing", diffusion.TIMESTEP_SPACINGS)
     _require(_is_number(sp.eta) and 0.0 <= sp.eta <= 1.0,
              f"sampling.eta={sp.eta!r}: must be in [0, 1] (ddim: 0 deterministic, 1 the ancestral variance).")
     _require(not sp.eta or sp.sampler == "ddim",
@@ -328,27 +330,80 @@ def validate_sampling(config: ConfigDict):
     _non_negative_int(sp.seed, "sampling.seed")
 
 
+def _other_run(config: ConfigDict, field: str, fields, hint: str, why: str) -> ConfigDict:
+    """The config of the run whose --workdir is config field `field`, or a UserError: no config.json
+    there (`hint` says what to give), or it differs from `config` in one of `fields` (`why` it must not)."""
+    from ddpm_jax import checkpoints, files  # they import this module
+
+    section, name = field.split(".")
+    path = config[section][name]
+    _require(files.is_file(os.path.join(path, checkpoints.CONFIG_FILE)),
+             f"{field}={path!r}: no {checkpoints.CONFIG_FILE} there; {hint}")
+    other = checkpoints.load_config(path)
+    for f in fields:
+        section, name = f.split(".")
+        ours, theirs = config[section][name], other[section][name]
+        _require(ours == theirs, f"{field}={path}: its {f}={theirs!r} differs from this run's {ours!r}; {why}")
+    return other
+
+
+def _has_checkpoint(path: str, step: int, step_field: str, field: str):
+    from ddpm_jax import checkpoints
+
+    _require(not step or step in checkpoints.steps(path),
+             f"{step_field}={step}: {field}={path} has no checkpoint of that step (see its "
+             f"{checkpoints.CHECKPOINT_DIR}/ folder).")
+
+
 def check_guide(config: ConfigDict) -> ConfigDict:
     """The config of `sampling.guide_workdir`'s run, or a UserError naming the first of `GUIDE_FIELDS`
     in which it differs from `config` (the run it guides)."""
-    from ddpm_jax import checkpoints, files  # they import this module
-
-    path = config.sampling.guide_workdir
-    _require(files.is_file(os.path.join(path, checkpoints.CONFIG_FILE)),
-             f"sampling.guide_workdir={path!r}: no {checkpoints.CONFIG_FILE} there; give the --workdir of a training "
-             "run of the same model, e.g. the same config trained for fewer steps.")
-    guide = checkpoints.load_config(path)
-    for field in GUIDE_FIELDS:
-        section, name = field.split(".")
-        ours, theirs = config[section][name], guide[section][name]
-        _require(ours == theirs, f"sampling.guide_workdir={path}: its {field}={theirs!r} differs from this run's "
-                                 f"{ours!r}; the guide must be a version of the same model (the same data, "
-                                 "conditioning and diffusion; only its size and training may differ).")
-    step = config.sampling.guide_checkpoint_step
-    _require(not step or step in checkpoints.steps(path),
-             f"sampling.guide_checkpoint_step={step}: sampling.guide_workdir={path} has no checkpoint of that step "
-             f"(see its {checkpoints.CHECKPOINT_DIR}/ folder).")
+    guide = _other_run(config, "sampling.guide_workdir", GUIDE_FIELDS,
+                       "give the --workdir of a training run of the same model, e.g. the same config trained for "
+                       "fewer steps.",
+                       "the guide must be a version of the same model (the same data, conditioning and diffusion; "
+                       "only its size and training may differ).")
+    _has_checkpoint(config.sampling.guide_workdir, config.sampling.guide_checkpoint_step,
+                    "sampling.guide_checkpoint_step", "sampling.guide_workdir")
     return guide
+
+
+def teacher_fields(config: ConfigDict) -> tuple[str, ...]:
+    """What a distilled student shares with its teacher (`distill.teacher`): every `model.*` field that
+    shapes or changes the params' meaning (not how they are computed: dtype, kernels, remat, dropout,
+    where a frozen T5 is read), the images, and the diffusion process and its parameterisation."""
+    compute_only = ("dtype", "attention", "remat", "dropout", "text_encoder_path", "text_encoder_dtype",
+                    "text_encoder_shards")
+    return (tuple(f"model.{name}" for name in config.model if name not in compute_only)
+            + ("data.image_size", "data.channels", "data.max_text_len") + _DIFFUSION_FIELDS
+            + ("diffusion.zero_terminal_snr",))
+
+
+def validate_distill(config: ConfigDict):
+    """The `distill` section: the student's sampler, and the teacher run against it (`teacher_fields`; a
+    teacher that is itself a student took twice `sampling.steps`)."""
+    d, sp, T = config.distill, config.sampling, config.diffusion.num_timesteps
+    _non_negative_int(d.teacher_checkpoint_step, "distill.teacher_checkpoint_step")
+    if not d.teacher:
+        _require(not d.teacher_checkpoint_step, f"distill.teacher_checkpoint_step={d.teacher_checkpoint_step}: a "
+                                                "checkpoint of distill.teacher, which is not set.")
+        return
+    _require(sp.sampler == "ddim" and sp.eta == 0 and sp.timestep_spacing == "trailing",
+             f"distill.teacher is set, so the run learns deterministic DDIM steps on trailing timesteps; this config "
+             f"samples with sampling.sampler={sp.sampler!r}, eta={sp.eta}, timestep_spacing={sp.timestep_spacing!r}: "
+             "set 'ddim', 0 and 'trailing' (configs/digits_distill.py does).")
+    _require(2 * sp.steps <= T, f"sampling.steps={sp.steps}: the student's steps; its teacher takes twice as many, "
+                                f"at most diffusion.num_timesteps={T}.")
+    _require(config.diffusion.variance != "learned_range",
+             "diffusion.variance='learned_range': distillation trains the deterministic DDIM step, which does not use "
+             "a learned variance; distill a teacher with 'fixedlarge' or 'fixedsmall'.")
+    teacher = _other_run(config, "distill.teacher", teacher_fields(config),
+                         "give the --workdir of the training run to distill (a DDPM, or the last round's student).",
+                         "the student starts from the teacher's params and keeps its model and diffusion process.")
+    _require(not teacher.distill.teacher or teacher.sampling.steps == 2 * sp.steps,
+             f"sampling.steps={sp.steps}: distill.teacher={d.teacher} is a student of {teacher.sampling.steps} steps, "
+             f"so this round's student takes {teacher.sampling.steps // 2} (half as many).")
+    _has_checkpoint(d.teacher, d.teacher_checkpoint_step, "distill.teacher_checkpoint_step", "distill.teacher")
 
 
 def validate_eval(config: ConfigDict, in_loop: bool = False):
@@ -380,6 +435,7 @@ def validate_config(config: ConfigDict, num_devices: int | None = None, reads_da
     validate_diffusion(config)
     validate_training(config, num_devices)
     validate_sampling(config)
+    validate_distill(config)
     validate_eval(config, in_loop=True)
 
 

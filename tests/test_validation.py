@@ -27,6 +27,8 @@ def test_shipped_configs_are_valid():
     ("diffusion.beta_schedule", "quadratic", r"diffusion\.beta_schedule='quadratic': must be one of \('linear', "
                                              r"'cosine'\)"),
     ("diffusion.model_output", "score", r"diffusion\.model_output='score': must be one of \('eps', 'x0', 'v'\)"),
+    ("sampling.timestep_spacing", "leading", r"sampling\.timestep_spacing='leading': must be one of \('even', "
+                                              r"'trailing'\)"),
     ("diffusion.variance", "learned", r"diffusion\.variance='learned': must be one of"),
     ("training.grad_accum_steps", 3, r"training\.grad_accum_steps=3 does not divide the 2 examples per device "
                                      r"\(training\.batch_size=16 over 8 devices\): use one of \[1, 2\]"),

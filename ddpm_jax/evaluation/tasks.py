@@ -452,16 +452,17 @@ def sampler_fields(sp: ConfigDict) -> dict:
     """How a result's samples were drawn, for its JSON: sampler, steps (ode: its tolerance too), guidance."""
     ode = {"ode_tolerance": sp.ode_tolerance} if sp.sampler == "ode" else {}
     rescale = {"guidance_rescale": sp.guidance_rescale} if sp.guidance and sp.guidance_rescale else {}
-    return {"sampler": sp.sampler, "steps": sp.steps, **ode, "guidance": sp.guidance, **rescale}
+    spacing = {"timestep_spacing": sp.timestep_spacing} if sp.timestep_spacing != "even" else {}
+    return {"sampler": sp.sampler, "steps": sp.steps, **spacing, **ode, "guidance": sp.guidance, **rescale}
 
 
 def sampling_name(config: ConfigDict) -> str:
     """How the samples of a result were drawn from the model, for its file name: sampler and steps
-    (ode: its tolerance), eta, guidance w, its rescale phi (when guided and not 0) and (when guided, but
-    not at every t) its interval,
-    autoguidance's guide run (the last part of its path, and `sampling.guide_checkpoint_step` when
-    given), the noise seed when not 0, and how many captions or scenes (`eval.num_samples`); e.g.
-    'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500',
+    (ode: its tolerance), the timestep spacing when not 'even', eta, guidance w, its rescale phi (when
+    guided and not 0) and (when guided, but not at every t) its interval, autoguidance's guide run
+    (the last part of its path, and `sampling.guide_checkpoint_step` when given), the noise seed when
+    not 0, and how many captions or scenes (`eval.num_samples`); e.g.
+    'ddim50_eta1_w3_t150-inf_seed1_n1000', 'ddim4_trailing_w0_n1000', 'ddim50_eta1_w2_guide-t2i_2k_n500',
     'ddim50_eta1_w2_guide-t2i_steps_step2000_n500', 'ode_tol1e-05_w0_n1000'.
     Results of other settings get other files."""
     sp = sampling_config(config).sampling
@@ -470,6 +471,7 @@ def sampling_name(config: ConfigDict) -> str:
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
     guide += f"_step{sp.guide_checkpoint_step}" if guide and sp.guide_checkpoint_step else ""
     how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance)
+    how += f"_{sp.timestep_spacing}" if sp.timestep_spacing != "even" else ""
     rescale = f"_rescale{sp.guidance_rescale:g}" if sp.guidance and sp.guidance_rescale else ""
     return (f"{how}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}{rescale}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
