@@ -103,21 +103,23 @@ def synthetic_batch(config: ConfigDict, rng: np.random.Generator) -> dict:
 
 
 def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profile_calls: int = 3) -> dict:
-    """Times `num_calls` calls of the pmapped, donating train step on a fixed synthetic batch."""
+    """Times `num_calls` calls of the pmapped, donating train step on a fixed synthetic batch (a distilled
+    run's: with its initial params as the teacher's, which costs the same)."""
     k, batch_size = config.training.steps_per_call, config.training.batch_size
     state = parallel.replicate(jax.jit(functools.partial(training.create_train_state, config))(jax.random.key(0)))
     batch = synthetic_batch(config, np.random.default_rng(0))
+    teacher = (jax.tree.map(jnp.copy, state.ema_params),) if config.distill.teacher else ()  # state is donated
     p_train = training.pmap_train_step(config)
-    lowered, lower_s = _seconds(lambda: p_train.lower(state, batch))
+    lowered, lower_s = _seconds(lambda: p_train.lower(state, batch, *teacher))
     compiled, compile_s = _seconds(lowered.compile)
     for _ in range(2):  # warm-up: first-run allocations, autotuning
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *teacher)
     jax.block_until_ready(metrics)
     dispatch = []  # host time to enqueue each call; near step_s means the host is the bottleneck
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(num_calls):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *teacher)
         dispatch.append(time.perf_counter() - t0)
     jax.block_until_ready((state, metrics))
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -125,10 +127,10 @@ def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profi
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for i in range(profile_calls):
                 with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = compiled(state, batch)
+                    state, metrics = compiled(state, batch, *teacher)
             jax.block_until_ready((state, metrics))
     steps = num_calls * k
-    flops, bytes_accessed = _step_cost(config, compiled, state, batch)
+    flops, bytes_accessed = _step_cost(config, compiled, state, batch, teacher)
     n_dev = jax.local_device_count()
     return dict(batch=batch_size, steps_per_call=k, timed_steps=steps, step_s=elapsed / steps,
                 images_per_s=steps * batch_size / elapsed, dispatch_s=float(np.median(dispatch)),
@@ -140,7 +142,7 @@ def bench_train(config: ConfigDict, num_calls: int, profile_dir: str = "", profi
                 final_loss=float(parallel.to_host(metrics)["loss"]))
 
 
-def _step_cost(config: ConfigDict, compiled, state, batch) -> tuple[float | None, float | None]:
+def _step_cost(config: ConfigDict, compiled, state, batch, teacher=()) -> tuple[float | None, float | None]:
     """(FLOPs, bytes accessed) of one train step on one device, from XLA's cost analysis of the
     compiled call. That analysis counts a loop's body once whatever its trip count (checked on
     XLA:CPU), so where the call loops over steps or microbatches (`training.unrolled_loops` is False)
@@ -154,7 +156,7 @@ def _step_cost(config: ConfigDict, compiled, state, batch) -> tuple[float | None
     plain = config.copy_and_resolve_references()
     plain.training.steps_per_call = plain.training.grad_accum_steps = 1
     one_step = jax.tree.map(lambda x: x[:, 0], batch) if t.steps_per_call > 1 else batch
-    return _cost(training.pmap_train_step(plain).lower(state, one_step)), None
+    return _cost(training.pmap_train_step(plain).lower(state, one_step, *teacher)), None
 
 
 def _median_seconds(fn, args, calls: int) -> float:

@@ -6,6 +6,12 @@ import re
 
 from ddpm_jax import cli
 
+# Appended to a documented train command: its model made small and 2 steps, one checkpoint, no extras.
+SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+               "--config.training.num_train_steps=2", "--config.training.checkpoint_every=2",
+               "--config.training.log_every=1", "--config.training.sample_every=0",
+               "--config.training.profile_steps=0", "--compilation_cache="]
+
 
 def run_command(module, *args: str) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `module` (e.g. `ddpm_jax.sample`) run with `args`."""

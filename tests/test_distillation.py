@@ -2,14 +2,17 @@
 the analytic Gaussian denoiser, the train step's wiring, and the checks of a distilled run's config."""
 import json
 import os
+import shlex
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import SMALL_MODEL, bash_lines, run_command
 from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, eps_model64, gaussian_eps_model, step64
 from train_helpers import small_cifar10_config, small_digits_config
 
-from ddpm_jax import checkpoints, defaults, distillation, parallel, train_state, training
+from ddpm_jax import checkpoints, defaults, distillation, evaluate, main, parallel, sample, train_state, training
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
 from ddpm_jax.validation import UserError, validate_distill
@@ -221,13 +224,44 @@ def test_resume_refuses_another_teacher_or_step_count(tmp_path):
 
 
 def test_main_refuses_a_missing_teacher_in_one_line(tmp_path):
-    from cli_helpers import run_command
-
-    from ddpm_jax import main
-
     workdir = tmp_path / "student"
     status, _, err = run_command(main, f"--config={ROOT}/configs/digits_distill.py", f"--workdir={workdir}",
                                  f"--config.distill.teacher={tmp_path / 'nothing'}")
     assert status == 2 and err.strip().count("\n") == 0, err
     assert err.startswith("error: distill.teacher=") and "no config.json there" in err
     assert not workdir.exists()
+
+
+def documented_commands() -> list[str]:
+    """The command lines of docs/samplers.md's distillation example, continuations joined."""
+    return [line for line in bash_lines([os.path.join(ROOT, "docs", "samplers.md")])
+            if line.startswith("python -m ddpm_jax.") and ("runs/digits_v" in line or "runs/digits_d" in line)]
+
+
+@pytest.mark.slow  # five small runs trained, two evaluations: about four minutes on a busy 2-core CPU
+def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypatch):
+    """docs/samplers.md's teacher, four rounds, sample and evaluations as written, with a small model and 2
+    steps a run appended (sample and evaluate: fewer samples). The first student starts from its
+    teacher's EMA params (2 Adam steps of at most ~2e-4 from them), its config.json records the teacher's
+    step, and its command run again with more steps resumes from the same teacher."""
+    monkeypatch.chdir(tmp_path)
+    commands = documented_commands()
+    assert len(commands) == 8, commands
+    train = [f"--config.data.data_dir={tmp_path / 'tfds'}", *SMALL_MODEL]
+    modules = {"main": (main, train), "sample": (sample, ["--num_samples=4", "--batch_size=8"]),
+               "evaluate": (evaluate, ["--num_samples=10"])}
+    for command in commands:
+        name, *args = shlex.split(command)[2:]
+        module, extra = modules[name.removeprefix("ddpm_jax.")]
+        status, _, err = run_command(module, *[a.replace("configs/", f"{ROOT}/configs/") for a in args], *extra)
+        assert status == 0, f"{command}: {err[-2000:]}"
+    teacher, _ = checkpoints.load_params("runs/digits_v")
+    student, _ = checkpoints.load_params("runs/digits_d8", use_ema=False)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)))
+    assert 0 < moved < 1e-3, moved
+    config = json.loads((tmp_path / "runs" / "digits_d8" / "config.json").read_text())
+    assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2}
+    assert config["sampling"]["steps"] == 8 and os.path.exists("runs/digits_d4/samples/samples.npz")
+    resume = [a.replace("configs/", f"{ROOT}/configs/") for a in shlex.split(commands[1])[3:]]
+    status, _, err = run_command(main, *resume, *train, "--config.training.num_train_steps=4")
+    assert status == 0 and checkpoints.steps("runs/digits_d8") == [2, 4], err[-2000:]

@@ -12,15 +12,11 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_helpers import bash_lines, run_command
+from cli_helpers import SMALL_MODEL, bash_lines, run_command
 
 from ddpm_jax import cascade, evaluate, main, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_MODEL = ["--config.model.ch=16", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
-               "--config.training.num_train_steps=2", "--config.training.checkpoint_every=2",
-               "--config.training.log_every=1", "--config.training.sample_every=0",
-               "--config.training.profile_steps=0", "--compilation_cache="]
 SMALLER = {sample: ["--num_samples=4", "--batch_size=8"],
            evaluate: ["--num_samples=10", "--num_per_class=1", "--num_examples=8"],
            cascade: ["--num_samples=2"]}
