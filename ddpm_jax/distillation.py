@@ -67,7 +67,6 @@ def training_targets(config: ConfigDict, model, teacher_params, z_t: jax.Array, 
     return x0, (z_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
 
 
-
 def load_teacher(config: ConfigDict) -> tuple[ConfigDict, dict]:
     """(a copy of `config` with `distill.teacher_checkpoint_step` set to the step read, the teacher's EMA
     params on the host) of `distill.teacher`'s checkpoint of that step (0: its newest readable one)."""

@@ -144,7 +144,7 @@ def train_step(state: TrainState, batch: dict, teacher_params=None, *,
     # Distillation draws a student step i and takes its timestep.
     levels = config.sampling.steps if distilling else schedule.num_timesteps
     i = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, levels)[0])(_example_keys(t_key, first, n))
-    t = jnp.asarray(diffusion.trailing_timesteps(schedule.num_timesteps, levels))[i] if distilling else i
+    t = distillation.schedules(config.diffusion, levels)[0].timesteps[i] if distilling else i
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
     cond = conditioning(config, batch, _example_keys(label_key, first, n), schedule)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
