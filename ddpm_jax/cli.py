@@ -147,16 +147,19 @@ def _check_config_file(argv: list[str]) -> None:
     """A --config file that is missing or does not load is one line, not config_flags' traceback."""
     for arg in argv[1:]:
         if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
+            value = arg.split("=", 1)[1]
+            path = value.partition(":")[0]  # FILE.py:ARG passes ARG to get_config
             if not os.path.isfile(path):
                 raise UserError(f"--config={path}: no such file (configs live in configs/, e.g. "
                                 "configs/digits.py).")
             try:
-                config = defaults.load_config_file(path)
+                config = defaults.load_config_file(value)
+            except UserError as e:  # the config's own check of its argument
+                raise UserError(f"--config={value}: {e}") from None
             except Exception as e:  # a user's file: any failure to load it is theirs to fix
-                raise UserError(f"--config={path}: cannot load it ({type(e).__name__}: {e}).") from None
+                raise UserError(f"--config={value}: cannot load it ({type(e).__name__}: {e}).") from None
             if not hasattr(config, "to_dict"):
-                raise UserError(f"--config={path}: get_config() must return an ml_collections.ConfigDict.")
+                raise UserError(f"--config={value}: get_config() must return an ml_collections.ConfigDict.")
             for override in argv[1:]:
                 if override.startswith("--config."):
                     field = override[len("--config."):].split("=", 1)[0]

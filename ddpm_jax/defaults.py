@@ -185,6 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # a training run's --workdir (a DDPM, or a student of twice sampling.steps); '': none
     c.distill.teacher_checkpoint_step = 0  # the teacher's checkpoint of this step (0: its newest, recorded)
+    # Class- or text-conditional teachers: their classifier-free guidance weight w. The student learns the
+    # guided teacher's steps under its own condition, so it samples guided with sampling.guidance = 0.
+    c.distill.guidance = 0.0
 
     c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate` (its flags set these)
     c.eval.eval_every = 0  # 0: no in-loop evaluation
@@ -211,10 +214,12 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config()` of the config file at `path` (relative to the folder of the file `relative_to`)."""
+    """`get_config()` of the config file at `path` (relative to the folder of the file `relative_to`);
+    `FILE.py:ARG` calls `get_config(ARG)`, as ml_collections' --config flag does."""
+    path, colon, arg = path.partition(":")
     if relative_to:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*([arg] if colon else []))

@@ -58,9 +58,10 @@ def training_targets(config: ConfigDict, model, teacher_params, z_t: jax.Array, 
                      cond: dict) -> tuple[jax.Array, jax.Array]:
     """(x_0, eps) the student is trained on at z_t `[B, ...]`, its schedule indices i `[B]`: `target`
     of the teacher `model` with `teacher_params` under `cond` (as the student gets it, dropped rows
-    included), and eps = (z_t - alpha x_0) / sigma, so that the run's loss applies unchanged."""
+    included), guided with weight `distill.guidance` (a dropped row's guided output is its
+    unconditional one), and eps = (z_t - alpha x_0) / sigma, so that the run's loss applies unchanged."""
     student, teacher = schedules(config.diffusion, config.sampling.steps)
-    teacher_fn = S.unet_model_fn(model, teacher_params, cond)
+    teacher_fn = S.unet_model_fn(model, teacher_params, cond, guidance=config.distill.guidance)
     x0 = target(student, teacher, config.diffusion.model_output, teacher_fn, z_t, i, S.step_options(config))
     x0 = jax.lax.stop_gradient(x0)
     abar = D.extract(student.alphas_cumprod, i, z_t.shape)

@@ -384,14 +384,21 @@ def validate_distill(config: ConfigDict):
     teacher that is itself a student took twice `sampling.steps`)."""
     d, sp, T = config.distill, config.sampling, config.diffusion.num_timesteps
     _non_negative_int(d.teacher_checkpoint_step, "distill.teacher_checkpoint_step")
+    _require(_is_number(d.guidance) and d.guidance >= 0, f"distill.guidance={d.guidance!r}: must be >= 0.")
     if not d.teacher:
-        _require(not d.teacher_checkpoint_step, f"distill.teacher_checkpoint_step={d.teacher_checkpoint_step}: a "
-                                                "checkpoint of distill.teacher, which is not set.")
+        for name in ("teacher_checkpoint_step", "guidance"):
+            _require(not d[name], f"distill.{name}={d[name]}: applies to distill.teacher, which is not set.")
         return
+    _require(not d.guidance or config.model.num_classes or config.model.text_encoder != "none",
+             f"distill.guidance={d.guidance}: classifier-free guidance of the teacher needs a class- or "
+             "text-conditional model; this one has model.num_classes=0 and model.text_encoder='none'.")
+    _require(not (d.guidance and sp.guidance),
+             f"sampling.guidance={sp.guidance}: the student learns its teacher guided with distill.guidance="
+             f"{d.guidance}, so it samples guided with sampling.guidance=0; set that.")
     _require(sp.sampler == "ddim" and sp.eta == 0 and sp.timestep_spacing == "trailing",
              f"distill.teacher is set, so the run learns deterministic DDIM steps on trailing timesteps; this config "
              f"samples with sampling.sampler={sp.sampler!r}, eta={sp.eta}, timestep_spacing={sp.timestep_spacing!r}: "
-             "set 'ddim', 0 and 'trailing' (configs/digits_distill.py does).")
+             "set 'ddim', 0 and 'trailing' (configs/distill.py does).")
     _require(2 * sp.steps <= T, f"sampling.steps={sp.steps}: the student's steps; its teacher takes twice as many, "
                                 f"at most diffusion.num_timesteps={T}.")
     _require(config.diffusion.variance != "learned_range",
@@ -400,6 +407,9 @@ def validate_distill(config: ConfigDict):
     teacher = _other_run(config, "distill.teacher", teacher_fields(config),
                          "give the --workdir of the training run to distill (a DDPM, or the last round's student).",
                          "the student starts from the teacher's params and keeps its model and diffusion process.")
+    _require(not (d.guidance and teacher.distill.guidance),
+             f"distill.guidance={d.guidance}: distill.teacher={d.teacher} learnt its own teacher guided with "
+             f"w={teacher.distill.guidance} already; set distill.guidance=0.")
     _require(not teacher.distill.teacher or teacher.sampling.steps == 2 * sp.steps,
              f"sampling.steps={sp.steps}: distill.teacher={d.teacher} is a student of {teacher.sampling.steps} steps, "
              f"so this round's student takes {teacher.sampling.steps // 2} (half as many).")

@@ -112,6 +112,37 @@ def test_training_targets_noise_is_the_one_of_z_t():
     np.testing.assert_allclose(D.q_sample(D.make_schedule(D.linear_betas(T)), x0, t, eps), z, atol=2e-5)
 
 
+class _ClassGaussianUNet(_GaussianUNet):
+    """The exact denoiser of a Gaussian whose mean moves with the label (the null class: not at all)."""
+
+    def apply(self, variables, x, t, cond=None):
+        shift = jnp.where(cond["drop"], 0.0, 0.05 * cond["label"].astype(jnp.float32))[:, None]
+        return self.fn(x - shift, t)
+
+
+def test_a_guided_teacher_takes_the_guided_steps():
+    """With distill.guidance w the target is that of (1 + w) eps(cond) - w eps(null), each row under its
+    own condition: a dropped row's is the unconditional teacher's."""
+    config = defaults.get_config()
+    config.model.num_classes = 10
+    config.sampling.steps = 4
+    config.distill.guidance = 2.0
+    student, teacher = distillation.schedules(config.diffusion, 4)
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.standard_normal((64, 4)), jnp.float32)
+    i = jnp.asarray(rng.integers(0, 4, 64), jnp.int32)
+    cond = {"label": jnp.asarray(rng.integers(0, 10, 64), jnp.int32), "drop": jnp.asarray(np.arange(64) % 4 == 0)}
+    model = _ClassGaussianUNet()
+    x0, _ = distillation.training_targets(config, model, None, z, i, cond)
+    null = {**cond, "drop": jnp.ones(64, bool)}
+    guided = lambda x, t: 3.0 * model.apply(None, x, t, cond) - 2.0 * model.apply(None, x, t, null)
+    opts = S.step_options(config)
+    np.testing.assert_allclose(x0, distillation.target(student, teacher, "eps", guided, z, i, opts), atol=1e-5)
+    unguided = distillation.target(student, teacher, "eps", lambda x, t: model.apply(None, x, t, cond), z, i, opts)
+    assert float(jnp.abs(x0 - unguided)[~cond["drop"]].max()) > 1e-2
+    np.testing.assert_allclose(x0[cond["drop"]], unguided[cond["drop"]], atol=1e-5)
+
+
 def _constant(params, bias):
     """The U-Net's params changed so that it outputs `bias` (per channel) whatever its input: conv_out's
     kernel zeroed (as initialised: Ho et al.'s zero init) and its bias set."""
@@ -164,8 +195,13 @@ def test_validate_distill(tmp_path):
     validate_distill(_student(tmp_path))
     config = small_cifar10_config()
     config.distill.teacher_checkpoint_step = 5
-    with pytest.raises(UserError, match="distill.teacher_checkpoint_step=5: a checkpoint of distill.teacher, which "
-                                        "is not set"):
+    with pytest.raises(UserError, match="distill.teacher_checkpoint_step=5: applies to distill.teacher, which is "
+                                        "not set"):
+        validate_distill(config)
+    config = _student(tmp_path)
+    config.distill.guidance = 2.0
+    with pytest.raises(UserError, match="distill.guidance=2.0: classifier-free guidance of the teacher needs a class- "
+                                        "or text-conditional model"):
         validate_distill(config)
     config = _student(tmp_path)
     config.sampling.timestep_spacing = "even"
@@ -193,6 +229,26 @@ def test_validate_distill(tmp_path):
     config.diffusion.variance = "learned_range"
     with pytest.raises(UserError, match="diffusion.variance='learned_range': distillation trains"):
         validate_distill(config)
+
+
+def test_guidance_is_distilled_once(tmp_path):
+    first = _student(tmp_path, **{"model.num_classes": 10})
+    first.model.num_classes = 10
+    first.distill.guidance = 2.0
+    validate_distill(first)
+    first.sampling.guidance = 1.0
+    with pytest.raises(UserError, match="sampling.guidance=1.0: the student learns its teacher guided with "
+                                        "distill.guidance=2.0, so it samples guided with sampling.guidance=0"):
+        validate_distill(first)
+    first.sampling.guidance = 0.0
+    second = first.copy_and_resolve_references()
+    second.distill.teacher = _run_config(tmp_path / "round1", first)
+    second.sampling.steps = 2
+    with pytest.raises(UserError, match=r"distill.guidance=2.0: distill.teacher=.*round1 learnt its own teacher "
+                                        r"guided with w=2.0 already; set distill.guidance=0"):
+        validate_distill(second)
+    second.distill.guidance = 0.0
+    validate_distill(second)
 
 
 def test_a_round_halves_its_teachers_steps(tmp_path):
@@ -225,10 +281,11 @@ def test_resume_refuses_another_teacher_or_step_count(tmp_path):
 
 def test_main_refuses_a_missing_teacher_in_one_line(tmp_path):
     workdir = tmp_path / "student"
-    status, _, err = run_command(main, f"--config={ROOT}/configs/digits_distill.py", f"--workdir={workdir}",
-                                 f"--config.distill.teacher={tmp_path / 'nothing'}")
-    assert status == 2 and err.strip().count("\n") == 0, err
-    assert err.startswith("error: distill.teacher=") and "no config.json there" in err
+    for config, message in [("distill.py", "name the run to distill after a colon"),
+                            (f"distill.py:{tmp_path / 'nothing'}", "no config.json there")]:
+        status, _, err = run_command(main, f"--config={ROOT}/configs/{config}", f"--workdir={workdir}")
+        assert status == 2 and err.strip().count("\n") == 0 and message in err, err
+        assert err.startswith(f"error: --config={ROOT}/configs/{config}: ")
     assert not workdir.exists()
 
 
@@ -260,7 +317,7 @@ def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypat
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)))
     assert 0 < moved < 1e-3, moved
     config = json.loads((tmp_path / "runs" / "digits_d8" / "config.json").read_text())
-    assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2}
+    assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2, "guidance": 0.0}
     assert config["sampling"]["steps"] == 8 and os.path.exists("runs/digits_d4/samples/samples.npz")
     resume = [a.replace("configs/", f"{ROOT}/configs/") for a in shlex.split(commands[1])[3:]]
     status, _, err = run_command(main, *resume, *train, "--config.training.num_train_steps=4")
