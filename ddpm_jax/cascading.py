@@ -197,9 +197,9 @@ def cascade_command(workdirs: list[str], overrides: dict, *, out: str, prompts: 
     for k, (stage, images) in enumerate(zip(stages, outputs)):
         sp = stage.config.sampling
         evals = f", {stage.ode['ode_sampling_evals']:.1f} network evaluations per image" if stage.ode else ""
+        how = sampling.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance, sp.timestep_spacing)
         print(f"stage {k}: {stage.workdir} (step {stage.step}), {images.shape[1]}x{images.shape[2]}, "
-              f"{sampling.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance)}{evals}, guidance {sp.guidance:g}",
-              file=sys.stderr)
+              f"{how}{evals}, guidance {sp.guidance:g}", file=sys.stderr)
         paths += generation.write_outputs(os.path.join(out, f"stage_{k}"), images,
                                           first, stages[0].config.model.num_classes,
                                           individual=individual and k == len(stages) - 1)

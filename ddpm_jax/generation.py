@@ -499,7 +499,7 @@ def sample_workdir(workdir: str, config: ConfigDict, *, out: str | None = None, 
     is_main = jax.process_index() == 0  # every process samples on its devices; process 0 alone writes
     if is_main:
         guide = f" (autoguidance by {sp.guide_workdir} step {guide_params(config)[1]})" if autoguided(config) else ""
-        how = S.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance)
+        how = S.sampler_text(sp.sampler, sp.steps, sp.ode_tolerance, sp.timestep_spacing)
         print(f"step {step} ({'EMA' if ema else 'raw'} params), {how}, guidance "
               f"{sp.guidance}{guide}, {jax.device_count()} device(s) -> {out}", file=sys.stderr)
     partial = os.path.join(out, PARTIAL_DIR)

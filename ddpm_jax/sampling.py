@@ -307,14 +307,18 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def sampler_name(sampler: str, steps: int, ode_tolerance: float) -> str:
-    """A sampler and what sets its evaluations, for names of files: 'ddim50', 'heun19', 'ode_tol1e-05'."""
-    return f"ode_tol{ode_tolerance:g}" if sampler == "ode" else f"{sampler}{steps}"
+def sampler_name(sampler: str, steps: int, ode_tolerance: float, spacing: str = "even") -> str:
+    """A sampler and what sets its evaluations, for names of files: 'ddim50', 'heun19', 'ode_tol1e-05';
+    a timestep spacing other than 'even' is added: 'ddim4_trailing'."""
+    name = f"ode_tol{ode_tolerance:g}" if sampler == "ode" else f"{sampler}{steps}"
+    return name + (f"_{spacing}" if spacing != "even" else "")
 
 
-def sampler_text(sampler: str, steps: int, ode_tolerance: float) -> str:
-    """The same for people: 'ddim, 50 steps', 'ode, tolerance 1e-05'."""
-    return f"ode, tolerance {ode_tolerance:g}" if sampler == "ode" else f"{sampler}, {steps} steps"
+def sampler_text(sampler: str, steps: int, ode_tolerance: float, spacing: str = "even") -> str:
+    """The same for people: 'ddim, 50 steps', 'ode, tolerance 1e-05', 'ddim, 4 trailing steps'."""
+    if sampler == "ode":
+        return f"ode, tolerance {ode_tolerance:g}"
+    return f"{sampler}, {steps} {'' if spacing == 'even' else spacing + ' '}steps"
 
 
 def get_sampler(name: str) -> Sampler:

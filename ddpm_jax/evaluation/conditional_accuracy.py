@@ -43,7 +43,8 @@ def parse_settings(config: ConfigDict, settings) -> list[tuple[str, object]]:
         c.sampling.eta = 0.0
         c.sampling.ode_tolerance = c.eval.ode_tolerance  # --ode_tolerance, as for evaluate's other commands
         validate_sampling(c)
-        how = f"ode tol {c.sampling.ode_tolerance:g}" if sampler == "ode" else f"{sampler} {steps} steps"
+        spacing = "" if c.sampling.timestep_spacing == "even" else f" {c.sampling.timestep_spacing}"
+        how = f"ode tol {c.sampling.ode_tolerance:g}" if sampler == "ode" else f"{sampler} {steps}{spacing} steps"
         plans.append((f"{how}, w={c.sampling.guidance:g}", c))
     return plans
 
@@ -96,7 +97,7 @@ def run(config: ConfigDict, params, plans, *, num_per_class: int, out: str) -> s
         sp = c.sampling
         if not jax.process_index():  # every process sampled; process 0 alone writes
             grid = image_utils.make_grid(r["images"], nrow=num_per_class)
-            how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance)
+            how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance, sp.timestep_spacing)
             image_utils.save_png(os.path.join(out, f"{how}_w{sp.guidance:g}.png"), grid, scale=4)
             print(f"{name}: {100 * r['accuracy']:.1f}% in {r['seconds']:.0f}s", file=sys.stderr)
         rows.append((name, r))

@@ -470,8 +470,7 @@ def sampling_name(config: ConfigDict) -> str:
     unguided_or_every_t = not sp.guidance or interval == sampling.NO_INTERVAL
     guide = os.path.basename(os.path.normpath(sp.guide_workdir)) if generation.autoguided(config) else ""
     guide += f"_step{sp.guide_checkpoint_step}" if guide and sp.guide_checkpoint_step else ""
-    how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance)
-    how += f"_{sp.timestep_spacing}" if sp.timestep_spacing != "even" else ""
+    how = sampling.sampler_name(sp.sampler, sp.steps, sp.ode_tolerance, sp.timestep_spacing)
     rescale = f"_rescale{sp.guidance_rescale:g}" if sp.guidance and sp.guidance_rescale else ""
     return (f"{how}{f'_eta{sp.eta:g}' if sp.eta else ''}_w{sp.guidance:g}{rescale}"
             f"{'' if unguided_or_every_t else '_t{:g}-{:g}'.format(*interval)}{f'_guide-{guide}' if guide else ''}"
