@@ -15,6 +15,7 @@ from train_helpers import small_cifar10_config, small_digits_config
 from ddpm_jax import checkpoints, defaults, distillation, evaluate, main, parallel, sample, train_state, training
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
+from ddpm_jax.evaluation import tasks
 from ddpm_jax.validation import UserError, validate_distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,12 @@ def test_trailing_schedule_keeps_alpha_bar():
     np.testing.assert_allclose(s.alphas_cumprod, ABAR[use], rtol=1e-6)
     np.testing.assert_allclose(s.alphas_cumprod_prev, np.append(1.0, ABAR[use[:-1]]), rtol=1e-6)
     np.testing.assert_array_equal(D.schedule_from_config(config.diffusion, 8).timesteps, D.even_timesteps(T, 8))
+    # results and messages name the spacing, so results of the two spacings never share a file
+    config.sampling.update(sampler="ddim", steps=8, timestep_spacing="trailing")
+    assert tasks.sampling_name(config).startswith("ddim8_trailing_w0")
+    assert S.sampler_text("ddim", 8, 1e-5, "trailing") == "ddim, 8 trailing steps"
+    config.sampling.timestep_spacing = "even"
+    assert tasks.sampling_name(config).startswith("ddim8_w0")
 
 
 def _target64(z, i, n):
