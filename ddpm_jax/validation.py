@@ -18,10 +18,11 @@ from ddpm_jax.train_state import init_params
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("xla", "cudnn")
-# What autoguidance's guide run (sampling.guide_workdir) shares with the run it guides: the same input,
-# condition and output meaning, so the two outputs combine linearly. Its size and training may differ.
+# The diffusion process and what the network's output means.
 _DIFFUSION_FIELDS = ("diffusion.num_timesteps", "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end",
                      "diffusion.model_output", "diffusion.variance")
+# What autoguidance's guide run (sampling.guide_workdir) shares with the run it guides: the same input,
+# condition and output meaning, so the two outputs combine linearly. Its size and training may differ.
 GUIDE_FIELDS = ("data.image_size", "data.channels", "data.max_text_len", "model.num_classes", "model.text_encoder",
                 "model.text_emb_dim", "model.low_res_size") + _DIFFUSION_FIELDS
 
