@@ -273,10 +273,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
 
     Writes `workdir/config.json` (the previous one kept as `config.<step>.json` when a resume changes
     it), checkpoints, TensorBoard events and `samples/step_*.png` (process 0 only for logs and
-    images). Bad config values, a resume that would change what the checkpoints mean, or a second
-    trainer on the workdir raise UserError before anything is compiled or written; a loss or gradient
-    that stops being finite raises `Diverged` (with `training.nonfinite='stop'`) after saving nothing
-    non-finite. Returns the final state on the host.
+    images). A distilled run (`distill.teacher`) reads its teacher's EMA params first and records the
+    teacher's step in config.json. Bad config values, a resume that would change what the checkpoints
+    mean, or a second trainer on the workdir raise UserError before anything is compiled or written; a
+    loss or gradient that stops being finite raises `Diverged` (with `training.nonfinite='stop'`) after
+    saving nothing non-finite. Returns the final state on the host.
     """
     validate_config(config)
     check_output_dir(workdir, "--workdir")
