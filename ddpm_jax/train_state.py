@@ -31,6 +31,8 @@ def learning_rate_schedule(optim_config) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then constant (Ho et al.) or, with
     `decay_steps` > 0, a cosine from `learning_rate` down to 0 at step `decay_steps` (and 0 after)."""
     o = optim_config
+    if o.decay_steps and o.warmup_steps == 0:  # the same values; optax warns of a warmup of 0 steps
+        return optax.cosine_decay_schedule(o.learning_rate, o.decay_steps)
     if o.decay_steps:
         return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, o.decay_steps, 0.0)
     if o.warmup_steps == 0:
