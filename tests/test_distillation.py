@@ -297,23 +297,24 @@ def test_main_refuses_a_missing_teacher_in_one_line(tmp_path):
 
 
 def documented_commands() -> list[str]:
-    """The command lines of docs/samplers.md's distillation example, continuations joined."""
+    """The command lines of docs/samplers.md's distillation examples, continuations joined."""
+    runs = ("runs/digits_v", "runs/digits_d", "runs/digits_cond_v", "runs/digits_cond_d")
     return [line for line in bash_lines([os.path.join(ROOT, "docs", "samplers.md")])
-            if line.startswith("python -m ddpm_jax.") and ("runs/digits_v" in line or "runs/digits_d" in line)]
+            if line.startswith("python -m ddpm_jax.") and any(run in line for run in runs)]
 
 
-@pytest.mark.slow  # five small runs trained, two evaluations: about four minutes on a busy 2-core CPU
+@pytest.mark.slow  # eight small runs trained, three evaluations: about five minutes on a busy 2-core CPU
 def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypatch):
-    """docs/samplers.md's teacher, four rounds, sample and evaluations as written, with a small model and 2
-    steps a run appended (sample and evaluate: fewer samples). The first student starts from its
-    teacher's EMA params (2 Adam steps of at most ~2e-4 from them), its config.json records the teacher's
-    step, and its command run again with more steps resumes from the same teacher."""
+    """docs/samplers.md's teachers, rounds (guided too), sample and evaluations as written, with a small
+    model and 2 steps a run appended (sample and evaluate: fewer samples). The first student starts
+    from its teacher's EMA params (2 Adam steps of at most ~2e-4 from them), its config.json records the
+    teacher's step, and its command run again with more steps resumes from the same teacher."""
     monkeypatch.chdir(tmp_path)
     commands = documented_commands()
-    assert len(commands) == 8, commands
+    assert len(commands) == 12, commands
     train = [f"--config.data.data_dir={tmp_path / 'tfds'}", *SMALL_MODEL]
     modules = {"main": (main, train), "sample": (sample, ["--num_samples=4", "--batch_size=8"]),
-               "evaluate": (evaluate, ["--num_samples=10"])}
+               "evaluate": (evaluate, ["--num_samples=10", "--num_per_class=1"])}
     for command in commands:
         name, *args = shlex.split(command)[2:]
         module, extra = modules[name.removeprefix("ddpm_jax.")]
@@ -326,6 +327,8 @@ def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypat
     config = json.loads((tmp_path / "runs" / "digits_d8" / "config.json").read_text())
     assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2, "guidance": 0.0}
     assert config["sampling"]["steps"] == 8 and os.path.exists("runs/digits_d4/samples/samples.npz")
+    guided = json.loads((tmp_path / "runs" / "digits_cond_d8" / "config.json").read_text())
+    assert guided["distill"]["guidance"] == 1.0 and guided["sampling"]["guidance"] == 0.0
     resume = [a.replace("configs/", f"{ROOT}/configs/") for a in shlex.split(commands[1])[3:]]
     status, _, err = run_command(main, *resume, *train, "--config.training.num_train_steps=4")
     assert status == 0 and checkpoints.steps("runs/digits_d8") == [2, 4], err[-2000:]

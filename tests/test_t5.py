@@ -255,6 +255,7 @@ def _embedding_captions_config(data_dir, **data):
     return config
 
 
+@pytest.mark.slow  # keeps the default suite near 10 min on 2 cores (the distillation tests took its place)
 def test_captions_are_embedded_on_the_devices_as_the_byte_pipeline_draws_them(tmp_path):
     """data.embed_captions: each batch's embeddings are `FrozenT5.embed` of the captions that a trained
     encoder's pipeline (same seed, same positions) gets as bytes, in pmap's `[D, k, B_dev]` layout."""
