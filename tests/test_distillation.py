@@ -200,42 +200,50 @@ def _student(tmp_path, **teacher_changes):
 
 def test_validate_distill(tmp_path):
     validate_distill(_student(tmp_path))
+    validate_distill(_student(tmp_path, **{"model.dtype": "bfloat16", "model.dropout": 0.3}))  # compute only
     config = small_cifar10_config()
     config.distill.teacher_checkpoint_step = 5
     with pytest.raises(UserError, match="distill.teacher_checkpoint_step=5: applies to distill.teacher, which is "
                                         "not set"):
         validate_distill(config)
-    config = _student(tmp_path)
-    config.distill.guidance = 2.0
-    with pytest.raises(UserError, match="distill.guidance=2.0: classifier-free guidance of the teacher needs a class- "
-                                        "or text-conditional model"):
-        validate_distill(config)
-    config = _student(tmp_path)
-    config.sampling.timestep_spacing = "even"
-    with pytest.raises(UserError, match="set 'ddim', 0 and 'trailing'"):
-        validate_distill(config)
-    config = _student(tmp_path)
-    config.sampling.steps = 11
-    with pytest.raises(UserError, match="sampling.steps=11: the student's steps; its teacher takes twice as many, "
-                                        "at most diffusion.num_timesteps=20"):
-        validate_distill(config)
     with pytest.raises(UserError, match=r"distill.teacher=.*teacher: its model.ch=32 differs from this run's 16"):
         validate_distill(_student(tmp_path, **{"model.ch": 32}))
     with pytest.raises(UserError, match=r"its diffusion.model_output='v' differs from this run's 'eps'"):
         validate_distill(_student(tmp_path, **{"diffusion.model_output": "v"}))
-    validate_distill(_student(tmp_path, **{"model.dtype": "bfloat16", "model.dropout": 0.3}))  # compute only
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("distill.guidance", 2.0, "distill.guidance=2.0: classifier-free guidance of the teacher needs a class- or "
+                              "text-conditional model"),
+    ("sampling.timestep_spacing", "even", "set 'ddim', 0 and 'trailing'"),
+    ("sampling.steps", 11, "sampling.steps=11: the student's steps; its teacher takes twice as many, at most "
+                           "diffusion.num_timesteps=20"),
+    ("distill.teacher", "nothing", "distill.teacher='nothing': no config.json there"),
+    ("distill.teacher_checkpoint_step", 3, "distill.teacher_checkpoint_step=3: distill.teacher=.* has no checkpoint"),
+    ("diffusion.variance", "learned_range", "diffusion.variance='learned_range': distillation trains"),
+])
+def test_a_students_bad_field_is_one_line(tmp_path, monkeypatch, field, value, message):
     config = _student(tmp_path)
-    config.distill.teacher = str(tmp_path / "nothing")
-    with pytest.raises(UserError, match="distill.teacher=.*nothing': no config.json there"):
+    monkeypatch.chdir(tmp_path)  # 'nothing' is a folder that is not there
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(UserError, match=message):
         validate_distill(config)
-    config = _student(tmp_path)
-    config.distill.teacher_checkpoint_step = 3
-    with pytest.raises(UserError, match="distill.teacher_checkpoint_step=3: distill.teacher=.* has no checkpoint"):
-        validate_distill(config)
-    config = _student(tmp_path)
-    config.diffusion.variance = "learned_range"
-    with pytest.raises(UserError, match="diffusion.variance='learned_range': distillation trains"):
-        validate_distill(config)
+
+
+def _next_round(tmp_path, first, steps):
+    """A student of the run `first` (written to tmp_path/round1) in `steps` steps."""
+    second = first.copy_and_resolve_references()
+    second.distill.update(teacher=_run_config(tmp_path / "round1", first), guidance=0.0)
+    second.sampling.steps = steps
+    return second
+
+
+def test_a_round_halves_its_teachers_steps(tmp_path):
+    with pytest.raises(UserError, match="sampling.steps=4: distill.teacher=.*round1 is a student of 4 steps, so this "
+                                        r"round's student takes 2 \(half as many\)"):
+        validate_distill(_next_round(tmp_path, _student(tmp_path), 4))
+    validate_distill(_next_round(tmp_path, _student(tmp_path), 2))
 
 
 def test_guidance_is_distilled_once(tmp_path):
@@ -248,26 +256,12 @@ def test_guidance_is_distilled_once(tmp_path):
                                         "distill.guidance=2.0, so it samples guided with sampling.guidance=0"):
         validate_distill(first)
     first.sampling.guidance = 0.0
-    second = first.copy_and_resolve_references()
-    second.distill.teacher = _run_config(tmp_path / "round1", first)
-    second.sampling.steps = 2
+    second = _next_round(tmp_path, first, 2)
+    validate_distill(second)
+    second.distill.guidance = 2.0
     with pytest.raises(UserError, match=r"distill.guidance=2.0: distill.teacher=.*round1 learnt its own teacher "
                                         r"guided with w=2.0 already; set distill.guidance=0"):
         validate_distill(second)
-    second.distill.guidance = 0.0
-    validate_distill(second)
-
-
-def test_a_round_halves_its_teachers_steps(tmp_path):
-    first = _student(tmp_path)
-    second = small_cifar10_config()
-    second.distill.teacher = _run_config(tmp_path / "round1", first)
-    second.sampling.update(sampler="ddim", timestep_spacing="trailing", steps=4)
-    with pytest.raises(UserError, match="sampling.steps=4: distill.teacher=.*round1 is a student of 4 steps, so this "
-                                        r"round's student takes 2 \(half as many\)"):
-        validate_distill(second)
-    second.sampling.steps = 2
-    validate_distill(second)
 
 
 def test_resume_refuses_another_teacher_or_step_count(tmp_path):
