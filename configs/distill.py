@@ -6,7 +6,7 @@ deterministic DDIM steps on trailing timesteps, half the teacher's (8, from 16, 
 docs/samplers.md has the rounds on the digits and what they measured):
     python -m ddpm_jax.main --config=configs/distill.py:runs/digits_v --workdir=runs/digits_d8
     python -m ddpm_jax.main --config=configs/distill.py:runs/digits_d8 --workdir=runs/digits_d4
-A conditional teacher guided with weight w (the student then samples guided, unguided):
+A conditional teacher guided with weight w (the student samples with it learnt, at sampling.guidance 0):
     python -m ddpm_jax.main --config=configs/distill.py:runs/digits_cond_v --workdir=runs/digits_cond_d8 \
         --config.distill.guidance=1
 The training settings are those measured on the digits (1,000 steps a round); a larger model wants more
@@ -26,5 +26,6 @@ def get_config(teacher: str = ""):
                       steps=c.sampling.steps // 2 if student_of_a_student else 8)
     c.optim.update(learning_rate=2e-4, warmup_steps=0, ema_decay=0.995)  # 0.999: 37% teacher after 1,000 steps
     c.training.num_train_steps = 1000
+    c.training.allow_config_change = False  # a resume must read the same teacher, whatever the teacher's run allowed
     c.optim.decay_steps = c.training.get_ref("num_train_steps")  # each round's learning rate decays to 0
     return c
