@@ -332,7 +332,7 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator, teacher=No
     train_iter = input_pipeline.create_train_iterator(config, start_example=position)
     state = parallel.replicate(state)
     p_train = pmap_train_step(config)
-    teacher = () if teacher is None else (parallel.replicate(teacher),)
+    teacher_args = () if teacher is None else (parallel.replicate(teacher),)  # p_train's last argument
 
     report = periodic_actions.ReportProgress(num_train_steps=t.num_train_steps, writer=writer, every_secs=60)
     profile = None
@@ -389,7 +389,7 @@ def _train(config: ConfigDict, workdir, manager, restored, evaluator, teacher=No
         with _StopOnSignal() as stop:
             while step < t.num_train_steps:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = p_train(state, next(train_iter), *teacher)
+                    state, metrics = p_train(state, next(train_iter), *teacher_args)
                 # The host runs at most this call ahead of the devices: a stop saves the step the devices
                 # are at, not one many queued calls later (still overlapping host and device work).
                 if previous is not None:
