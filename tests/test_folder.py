@@ -12,7 +12,7 @@ from PIL import Image
 
 from ddpm_jax import input_pipeline, training
 from ddpm_jax.datasets import folder as folder_dataset
-from tests.train_helpers import compilation_cache, first_examples, small_digits_config
+from tests.train_helpers import first_examples, small_digits_config
 
 SIZE = 8
 RED, TEAL, WHITE = (255, 0, 0), (10, 200, 30), (255, 255, 255)
@@ -258,14 +258,8 @@ def test_pod_slice_process_0_prepares_before_the_others(tmp_path, monkeypatch):
         assert input_pipeline.get_builder(config.data).is_prepared()
 
 
-@pytest.fixture(scope="module")
-def _compile_once(tmp_path_factory):
-    with compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-        yield
-
-
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
-def test_training_on_a_folder_resumes_exactly(mixed, tmp_path, _compile_once):
+def test_training_on_a_folder_resumes_exactly(mixed, tmp_path):
     root, _, config = mixed
     config = config.copy_and_resolve_references()
     config.data.random_flip = True
@@ -411,7 +405,7 @@ def test_missing_and_bad_text_files_are_one_line_errors_naming_the_file(tmp_path
 
 
 @pytest.mark.slow  # keeps the default suite near 10 min on 2 cores; `-m slow` runs it
-def test_training_on_precomputed_embeddings_in_a_folder(tmp_path, _compile_once):
+def test_training_on_precomputed_embeddings_in_a_folder(tmp_path):
     write_text_folder(str(tmp_path / "images"))
     config = text_folder_config(tmp_path / "images", "precomputed")
     config.training.num_train_steps = 2

@@ -20,19 +20,11 @@ from ml_collections import ConfigDict
 from ddpm_jax import checkpoints, generation, input_pipeline, parallel, sampling, training
 from ddpm_jax.train_state import learning_rate_schedule, make_optimizer
 from tests.train_helpers import (
-    compilation_cache,
     prepare_digits,
     read_events,
     small_cifar10_config,
     small_digits_config,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_once(tmp_path_factory):
-    with compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-        yield
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,9 +1,7 @@
 """Small configs and readers shared by the training tests."""
-import contextlib
 import glob
 import os
 
-import jax
 import numpy as np
 import tensorflow as tf
 
@@ -56,21 +54,6 @@ def read_events(workdir: str) -> dict:
                 value = tf.make_ndarray(v.tensor)
                 out.setdefault(v.tag, []).append((event.step, value if value.ndim else float(value)))
     return out
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str):
-    """JAX's persistent compilation cache in `path`: runs of one config compile once per test session."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = [getattr(jax.config, name) for name in names]
-    for name, value in zip(names, (path, 0, 0)):
-        jax.config.update(name, value)
-    try:
-        yield
-    finally:
-        for name, value in zip(names, before):
-            jax.config.update(name, value)
 
 
 def prepare_digits(data_dir: str) -> str:
