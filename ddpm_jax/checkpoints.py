@@ -264,7 +264,7 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
     Call it on resuming from checkpoint `saved_step`, before `write_config(workdir, config,
     resumed_from=saved_step)` records them. UserError if a field that changes what the checkpoints
     are differs (`model.*`, `diffusion.*`, `data.*` but `data.data_dir`, `seed`, `distill.*`, and a
-    distilled run's `sampling.steps`) and
+    progressive student's `sampling.steps`) and
     `training.allow_config_change` is False, or if `training.num_train_steps` <= `saved_step`.
     Other changes (`optim.*`, `training.*`, `sampling.*`, `eval.*`) are logged and returned.
     """
@@ -280,7 +280,7 @@ def check_resume_config(workdir, config: ConfigDict, saved_step: int) -> list[tu
         return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in chosen)
 
     # A student's steps are what it learns (the sampler's other fields are fixed: validation.validate_distill).
-    learned = ("sampling.steps",) if config.distill.teacher else ()
+    learned = ("sampling.steps",) if config.distill.teacher and config.distill.mode == "progressive" else ()
     refused = [c for c in changes if _changes_meaning(c[0]) or c[0] in learned]
     if refused and not config.training.allow_config_change:
         raise UserError(f"--workdir={workdir}: the config differs from the run's {CONFIG_FILE} in fields that "

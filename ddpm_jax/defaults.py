@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     # resized back with low_res_resize (bicubic | nearest | bilinear) and concatenated on channels.
     c.model.low_res_size = 0
     c.model.low_res_resize = "bicubic"
+    # The guidance weight w as an input, cond['guidance'] (Meng et al. 2023): a student that learnt its
+    # teacher's classifier-free guidance for every w in [distill.guidance_min, distill.guidance_max] and
+    # samples guided in one network evaluation a step (configs/distill_guidance.py).
+    c.model.guidance_embedding = False
     # The U-Net's details: Ho et al.'s by default; Improved DDPM / ADM (Nichol & Dhariwal 2021, Dhariwal &
     # Nichol 2021; configs/cifar10_improved.py) and diffusers' UNet2DModel defaults use the alternatives.
     c.model.attn_head_dim = 0  # 0: one attention head of all channels; > 0: heads of this many channels (ADM: 64)
@@ -185,9 +189,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # a training run's --workdir (a DDPM, or a student of twice sampling.steps); '': none
     c.distill.teacher_checkpoint_step = 0  # the teacher's checkpoint of this step (0: its newest, recorded)
+    # progressive: halve the teacher's steps (above) | guidance: Meng et al. 2023's first stage, the guided
+    # teacher's output at every timestep (one network evaluation where guidance takes two; any sampler)
+    c.distill.mode = "progressive"
     # Class- or text-conditional teachers: their classifier-free guidance weight w. The student learns the
     # guided teacher's steps under its own condition, so it samples guided with sampling.guidance = 0.
     c.distill.guidance = 0.0
+    # A student with model.guidance_embedding learns every w in [guidance_min, guidance_max] instead (drawn
+    # per example) and samples guided with sampling.guidance = w; later rounds keep the range.
+    c.distill.guidance_min = 0.0
+    c.distill.guidance_max = 4.0
 
     c.eval = ml_collections.ConfigDict()  # in-loop evaluation and `python -m ddpm_jax.evaluate` (its flags set these)
     c.eval.eval_every = 0  # 0: no in-loop evaluation

@@ -66,7 +66,8 @@ def check_convertible(config: ConfigDict, flag: str) -> None:
     for field, value, plain in (("model.text_encoder", m.text_encoder, "none"),
                                 ("model.low_res_size", m.low_res_size, 0),
                                 ("model.coord_channels", m.coord_channels, False),
-                                ("model.attn_position", m.attn_position, False)):
+                                ("model.attn_position", m.attn_position, False),
+                                ("model.guidance_embedding", m.guidance_embedding, False)):
         if value != plain:
             raise UserError(f"{flag}: {field}={value!r}; diffusers' UNet2DModel layout is Ho et al.'s U-Net, "
                             f"unconditional or of class labels ({field}={plain!r}).")

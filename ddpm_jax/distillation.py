@@ -14,6 +14,13 @@ One training run is one halving: its config names the teacher run (`distill.teac
 steps (`sampling.steps`); the student starts from the teacher's EMA params and is the next run's
 teacher (docs/samplers.md). Pure functions; the train step (`training.train_step`) calls
 `training_targets`.
+
+Guided distillation (Meng et al. 2023): a first stage (`distill.mode='guidance'`, configs/distill_guidance.py)
+trains a student with the guidance weight w as an input (`model.guidance_embedding`) on its
+classifier-free guided teacher's output at every timestep, w ~ U[distill.guidance_min,
+distill.guidance_max] per example; progressive rounds of that student then keep w as an input, teacher
+and student alike, so the last student samples guided with any w in the range, in a few steps of one
+network evaluation.
 """
 from __future__ import annotations
 
@@ -54,16 +61,37 @@ def target(student: Schedule, teacher: Schedule, kind: str, teacher_fn: ModelFn,
     return (z_end - ratio * z_t) / (jnp.sqrt(abar_end) - ratio * jnp.sqrt(abar))
 
 
+def teacher_model_fn(config: ConfigDict, model, teacher_params, cond: dict) -> ModelFn:
+    """The teacher's model_fn under `cond` (as the student gets it, dropped rows included; a dropped
+    row's guided output is its unconditional one). Guided with weight `distill.guidance`; a
+    student with `model.guidance_embedding` has each example's w in cond['guidance']: its teacher in
+    the first stage (`distill.mode='guidance'`) is the same U-Net without that input, guided with w
+    by two passes, and in later rounds a student of the same kind, which takes w as its input."""
+    if config.model.guidance_embedding and config.distill.mode == "guidance":
+        teacher = model.clone(guidance_embedding=False)
+        apply_fn = lambda x, t, c: teacher.apply({"params": teacher_params}, x, t, c)
+        plain = {k: v for k, v in cond.items() if k != "guidance"}
+        w = cond["guidance"].reshape((-1, 1, 1, 1))
+        return S.guided_model_fn(apply_fn, plain, S.null_condition(plain), w)
+    return S.unet_model_fn(model, teacher_params, cond, guidance=config.distill.guidance)
+
+
 def training_targets(config: ConfigDict, model, teacher_params, z_t: jax.Array, i: jax.Array,
                      cond: dict) -> tuple[jax.Array, jax.Array]:
-    """(x_0, eps) the student is trained on at z_t `[B, ...]`, its schedule indices i `[B]`: `target`
-    of the teacher `model` with `teacher_params` under `cond` (as the student gets it, dropped rows
-    included), guided with weight `distill.guidance` (a dropped row's guided output is its
-    unconditional one), and eps = (z_t - alpha x_0) / sigma, so that the run's loss applies unchanged."""
+    """(x_0, eps) the student is trained on at z_t `[B, ...]` under `cond`, where eps = (z_t - alpha
+    x_0) / sigma, so that the run's loss applies unchanged. Progressive distillation
+    (`distill.mode='progressive'`): `target` of the teacher (`teacher_model_fn`) at the student's
+    schedule indices i `[B]`. Meng et al.'s first stage ('guidance'): the x_0 of the guided teacher's
+    output at timesteps i `[B]`, and its eps (unclipped: the student learns the output itself, which
+    its sampler then treats as any model's)."""
+    teacher_fn = teacher_model_fn(config, model, teacher_params, cond)
+    kind = config.diffusion.model_output
+    if config.distill.mode == "guidance":
+        s = D.schedule_from_config(config.diffusion)
+        out = jax.lax.stop_gradient(teacher_fn(z_t, i))
+        return D.predict_x0(s, kind, out, z_t, i), D.predict_eps(s, kind, out, z_t, i)
     student, teacher = schedules(config.diffusion, config.sampling.steps)
-    teacher_fn = S.unet_model_fn(model, teacher_params, cond, guidance=config.distill.guidance)
-    x0 = target(student, teacher, config.diffusion.model_output, teacher_fn, z_t, i, S.step_options(config))
-    x0 = jax.lax.stop_gradient(x0)
+    x0 = jax.lax.stop_gradient(target(student, teacher, kind, teacher_fn, z_t, i, S.step_options(config)))
     abar = D.extract(student.alphas_cumprod, i, z_t.shape)
     return x0, (z_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
 
@@ -72,8 +100,11 @@ def load_teacher(config: ConfigDict) -> tuple[ConfigDict, dict]:
     """(a copy of `config` with `distill.teacher_checkpoint_step` set to the step read, the teacher's EMA
     params on the host) of `distill.teacher`'s checkpoint of that step (0: its newest readable one)."""
     path, step = config.distill.teacher, config.distill.teacher_checkpoint_step
+    teacher = config.copy_and_resolve_references()
+    if config.distill.mode == "guidance":  # the first stage's teacher has no w input
+        teacher.model.guidance_embedding = False
     try:
-        params, step = checkpoints.load_params(path, config, step=step or None, flag="distill.teacher_checkpoint_step")
+        params, step = checkpoints.load_params(path, teacher, step=step or None, flag="distill.teacher_checkpoint_step")
     except UserError as e:  # its message says --workdir: name the field it came from
         raise UserError(f"distill.teacher: {e}") from None
     config = config.copy_and_resolve_references()

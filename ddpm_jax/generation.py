@@ -166,6 +166,9 @@ def conditioning(config: ConfigDict, *, label=None, prompts=None, prompt_embeddi
                         "give --prompt.")
     if negative_prompt is not None and not config.sampling.guidance:
         raise UserError("--negative_prompt replaces the null text in classifier-free guidance; set --guidance > 0.")
+    if negative_prompt is not None and m.guidance_embedding:
+        raise UserError("--negative_prompt: this model learnt guidance against the null text "
+                        "(model.guidance_embedding) and takes w as an input; it cannot guide away from another prompt.")
     cond = text_cond(config, list(prompts or [""]), prompt_flag)
     if prompts is None:
         cond["drop"][:] = True

@@ -406,6 +406,19 @@ def guided_model_fn(apply_fn: Callable, cond: dict | None, null_cond: dict | Non
     return model_fn
 
 
+def learnt_guidance_model_fn(apply_fn: Callable, cond: dict, guidance,
+                             interval: tuple[float, float] = NO_INTERVAL) -> ModelFn:
+    """Guidance by a network that learnt it (`UNet.guidance_embedding`, Meng et al. 2023): w is its input
+    cond['guidance'], one pass a step; w = 0 outside `interval`, as in `guided_model_fn`."""
+    def model_fn(x, t):
+        w = jnp.full(t.shape, guidance, jnp.float32)
+        if interval != NO_INTERVAL:
+            w = jnp.where((t >= interval[0]) & (t <= interval[1]), w, 0.0)
+        return apply_fn(x, t, {**cond, "guidance": w})
+
+    return model_fn
+
+
 def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0,
                   null_cond: dict | None = None, interval: tuple[float, float] = NO_INTERVAL,
                   guide: tuple | None = None, rescale: float = 0.0) -> ModelFn:
@@ -413,10 +426,15 @@ def unet_model_fn(model, params, cond: dict | None = None, guidance: float = 0.0
     unconditional models). guidance w != 0 uses `guided_model_fn` against `null_cond` (default
     `null_condition(cond)`) in `interval`, rescaled by `rescale`; with `guide` = (guide UNet, its
     params), autoguidance: against the guide network under `null_cond` (default `cond`, the same
-    condition)."""
+    condition). A U-Net that learnt guidance takes w as its input (`learnt_guidance_model_fn`)."""
     apply_fn = lambda x, t, c=None: model.apply({"params": params}, x, t, c)
     if not guidance or (cond is None and guide is None):
         return apply_fn if cond is None else lambda x, t: apply_fn(x, t, cond)
+    if model.guidance_embedding:
+        if guide is not None or null_cond is not None or rescale:
+            raise ValueError("a model that learnt guidance (guidance_embedding) takes w as an input: no "
+                             "autoguidance, negative prompt or guidance rescale.")
+        return learnt_guidance_model_fn(apply_fn, cond, guidance, interval)
     if guide is not None:
         guide_model, guide_params = guide
         guide_apply = lambda x, t, c: guide_model.apply({"params": guide_params}, x, t, c)

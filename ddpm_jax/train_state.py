@@ -63,6 +63,8 @@ def example_cond(config: ConfigDict, n: int) -> dict:
     if m.low_res_size:
         cond["low_res"] = jnp.zeros((n, m.low_res_size, m.low_res_size, config.data.channels), jnp.float32)
         cond["aug_level"] = jnp.zeros((n,), jnp.float32)
+    if m.guidance_embedding:
+        cond["guidance"] = jnp.zeros((n,), jnp.float32)
     return cond
 
 
@@ -76,11 +78,13 @@ def init_params(config: ConfigDict, key: jax.Array):
 
 
 def create_train_state(config: ConfigDict, key_or_seed: int | jax.Array, params=None) -> TrainState:
-    """Fresh state: initial params (or `params`, e.g. released weights), also the EMA, Adam state, step 0
-    and the base training key."""
+    """Fresh state: initial params (or `params`, e.g. released weights or a teacher's, whose missing
+    layers, a student's `guidance_input`, are initialised), also the EMA, Adam state, step 0 and the
+    base training key."""
     key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
     init_key, train_key = jax.random.split(key)
-    params = init_params(config, init_key) if params is None else params
+    if params is None or config.model.guidance_embedding:
+        params = {**init_params(config, init_key), **(params or {})}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

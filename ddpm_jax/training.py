@@ -56,7 +56,8 @@ def conditioning(config: ConfigDict, batch: dict, keys: jax.Array, schedule=None
     `training.text_dropout` (text); unconditional models get 'drop' too and ignore it.
     Super-resolution models get 'low_res' (the image area-downsampled, then noised to a level
     'aug_level' ~ U[0, diffusion.low_res_aug_max] by `superres.augment` on `schedule`, default
-    the config's; never dropped)."""
+    the config's; never dropped). Students that learn guidance (`model.guidance_embedding`) get
+    'guidance', w ~ U[distill.guidance_min, distill.guidance_max]."""
     m, t = config.model, config.training
     rate = t.label_dropout if m.num_classes else t.text_dropout if m.text_encoder != "none" else 0.0
     cond = {"drop": jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)}
@@ -73,6 +74,9 @@ def conditioning(config: ConfigDict, batch: dict, keys: jax.Array, schedule=None
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), low_res.shape[1:]))(keys)
         schedule = schedule or diffusion.schedule_from_config(config.diffusion)
         cond.update(low_res=superres.augment(schedule, low_res, level, noise), aug_level=level)
+    if m.guidance_embedding:
+        lo, hi = config.distill.guidance_min, config.distill.guidance_max
+        cond["guidance"] = lo + (hi - lo) * jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)))(keys)
     return cond
 
 
@@ -122,8 +126,9 @@ def train_step(state: TrainState, batch: dict, teacher_params=None, *,
     batch: {'image': float32 `[B_dev, H, W, C]` in [-1, 1], and what `config.model` is conditioned
     on: 'label' int32 `[B_dev]`, or the text: 'tokens' int32 + 'mask' bool `[B_dev, L]`, or
     'text_emb' `[B_dev, L, D]` + 'mask'}; `conditioning` drops each example's condition with the
-    configured probability. With `distill.teacher` (progressive distillation), t is a student step's
-    timestep and the loss's x_0 and eps are `distillation.training_targets` of `teacher_params`. With
+    configured probability. With `distill.teacher`, the loss's x_0 and eps are
+    `distillation.training_targets` of `teacher_params`, and in progressive distillation t is a student
+    step's timestep. With
     `training.grad_accum_steps=k` the gradient is accumulated over k microbatches of B_dev / k
     (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the EMA of the
     params is updated here. A step whose loss or gradient norm is not finite changes
@@ -141,10 +146,11 @@ def train_step(state: TrainState, batch: dict, teacher_params=None, *,
     first = device * n  # global index of this device's first example
 
     distilling = bool(config.distill.teacher)
-    # Distillation draws a student step i and takes its timestep.
-    levels = config.sampling.steps if distilling else schedule.num_timesteps
+    # Progressive distillation draws a student step i and takes its timestep.
+    halving = distilling and config.distill.mode == "progressive"
+    levels = config.sampling.steps if halving else schedule.num_timesteps
     i = jax.vmap(lambda k: diffusion.sample_timesteps(k, 1, levels)[0])(_example_keys(t_key, first, n))
-    t = distillation.schedules(config.diffusion, levels)[0].timesteps[i] if distilling else i
+    t = distillation.schedules(config.diffusion, levels)[0].timesteps[i] if halving else i
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(_example_keys(noise_key, first, n))
     cond = conditioning(config, batch, _example_keys(label_key, first, n), schedule)
     x_t = diffusion.q_sample(schedule, x0, t, noise)

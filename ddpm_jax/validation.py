@@ -32,6 +32,7 @@ class UserError(ValueError):
 
 
 BPD_METHODS = ("vlb", "ode")  # `evaluation.likelihood.bpd`, `ode_bpd`
+DISTILL_MODES = ("progressive", "guidance")  # `distillation.training_targets`
 
 
 def _require(ok: bool, message: str):
@@ -88,6 +89,11 @@ def validate_data_and_model(config: ConfigDict, reads_data: bool = True):
              f"model.num_classes={m.num_classes!r}: must be 0 (unconditional) or the number of classes.")
     validate_text(config, reads_data)
     validate_low_res(config)
+    _require(isinstance(m.guidance_embedding, bool),
+             f"model.guidance_embedding={m.guidance_embedding!r}: must be True or False.")
+    _require(not m.guidance_embedding or m.num_classes or m.text_encoder != "none",
+             "model.guidance_embedding=True: the guidance weight is an input of class- or text-conditional models; "
+             "this one has model.num_classes=0 and model.text_encoder='none'.")
     _non_negative_int(m.attn_head_dim, "model.attn_head_dim")
     if m.attn_head_dim:  # every attention layer's channels: its level's, and the middle's (the last level's)
         widths = sorted({m.ch * m.ch_mult[reached.index(r)] for r in m.attn_resolutions} | {m.ch * m.ch_mult[-1]})
@@ -304,6 +310,10 @@ def validate_sampling(config: ConfigDict):
              f"sampling.guidance={sp.guidance} needs a class- or text-conditional model (classifier-free) or "
              "sampling.guide_workdir (autoguidance); this one has model.num_classes=0 and "
              "model.text_encoder='none' (train one with e.g. configs/digits_cond.py).")
+    for name, off in (("guidance_rescale", 0.0), ("guide_workdir", "")):
+        _require(not (sp.guidance and config.model.guidance_embedding and sp[name] != off),
+                 f"sampling.{name}={sp[name]!r}: this model learnt guidance (model.guidance_embedding) and takes w "
+                 f"as an input, so there is no conditional output apart from the guided one; set {off!r}.")
     _non_negative_int(sp.guide_checkpoint_step, "sampling.guide_checkpoint_step")
     _require(not sp.guide_checkpoint_step or sp.guide_workdir,
              f"sampling.guide_checkpoint_step={sp.guide_checkpoint_step}: a checkpoint of sampling.guide_workdir, "
@@ -381,37 +391,57 @@ def teacher_fields(config: ConfigDict) -> tuple[str, ...]:
 
 
 def validate_distill(config: ConfigDict):
-    """The `distill` section: the student's sampler, and the teacher run against it (`teacher_fields`; a
-    teacher that is itself a student took twice `sampling.steps`)."""
-    d, sp, T = config.distill, config.sampling, config.diffusion.num_timesteps
+    """The `distill` section: the mode, the guidance weights, the student's sampler (progressive
+    rounds), and the teacher run against it (`teacher_fields`; a teacher that is itself a student of
+    progressive distillation took twice `sampling.steps`)."""
+    d, sp, m, T = config.distill, config.sampling, config.model, config.diffusion.num_timesteps
     _non_negative_int(d.teacher_checkpoint_step, "distill.teacher_checkpoint_step")
+    _one_of(d.mode, "distill.mode", DISTILL_MODES)
     _require(_is_number(d.guidance) and d.guidance >= 0, f"distill.guidance={d.guidance!r}: must be >= 0.")
+    _require(_is_number(d.guidance_min) and _is_number(d.guidance_max) and 0 <= d.guidance_min <= d.guidance_max,
+             f"distill.guidance_min={d.guidance_min!r}, distill.guidance_max={d.guidance_max!r}: need 0 <= "
+             "guidance_min <= guidance_max (the range of w a student with model.guidance_embedding learns).")
     if not d.teacher:
         for name in ("teacher_checkpoint_step", "guidance"):
             _require(not d[name], f"distill.{name}={d[name]}: applies to distill.teacher, which is not set.")
+        _require(d.mode == "progressive", f"distill.mode={d.mode!r}: applies to distill.teacher, which is not set.")
+        _require(not m.guidance_embedding, "model.guidance_embedding=True: the student learns w from a guided "
+                                           "teacher; set distill.teacher (configs/distill_guidance.py does).")
         return
-    _require(not d.guidance or config.model.num_classes or config.model.text_encoder != "none",
+    _require(not d.guidance or m.num_classes or m.text_encoder != "none",
              f"distill.guidance={d.guidance}: classifier-free guidance of the teacher needs a class- or "
              "text-conditional model; this one has model.num_classes=0 and model.text_encoder='none'.")
+    _require(not (d.guidance and m.guidance_embedding),
+             f"distill.guidance={d.guidance}: a student with model.guidance_embedding learns every w in "
+             "[distill.guidance_min, distill.guidance_max] instead; set distill.guidance=0.")
     _require(not (d.guidance and sp.guidance),
              f"sampling.guidance={sp.guidance}: the student learns its teacher guided with distill.guidance="
              f"{d.guidance}, so it samples guided with sampling.guidance=0; set that.")
-    _require(sp.sampler == "ddim" and sp.eta == 0 and sp.timestep_spacing == "trailing",
-             f"distill.teacher is set, so the run learns deterministic DDIM steps on trailing timesteps; this config "
-             f"samples with sampling.sampler={sp.sampler!r}, eta={sp.eta}, timestep_spacing={sp.timestep_spacing!r}: "
-             "set 'ddim', 0 and 'trailing' (configs/distill.py does).")
-    _require(2 * sp.steps <= T, f"sampling.steps={sp.steps}: the student's steps; its teacher takes twice as many, "
-                                f"at most diffusion.num_timesteps={T}.")
     _require(config.diffusion.variance != "learned_range",
-             "diffusion.variance='learned_range': distillation trains the deterministic DDIM step, which does not use "
-             "a learned variance; distill a teacher with 'fixedlarge' or 'fixedsmall'.")
-    teacher = _other_run(config, "distill.teacher", teacher_fields(config),
+             "diffusion.variance='learned_range': distillation trains the model's mean output, not a learned "
+             "variance; distill a teacher with 'fixedlarge' or 'fixedsmall'.")
+    fields = teacher_fields(config)
+    if d.mode == "guidance":
+        _require(d.guidance or m.guidance_embedding,
+                 "distill.mode='guidance': the student learns its teacher's guided output; set distill.guidance=w, "
+                 "or model.guidance_embedding=True to learn every w in a range (configs/distill_guidance.py).")
+        fields = tuple(f for f in fields if f != "model.guidance_embedding")
+    else:
+        _require(sp.sampler == "ddim" and sp.eta == 0 and sp.timestep_spacing == "trailing",
+                 f"distill.teacher is set, so the run learns deterministic DDIM steps on trailing timesteps; this "
+                 f"config samples with sampling.sampler={sp.sampler!r}, eta={sp.eta}, timestep_spacing="
+                 f"{sp.timestep_spacing!r}: set 'ddim', 0 and 'trailing' (configs/distill.py does).")
+        _require(2 * sp.steps <= T, f"sampling.steps={sp.steps}: the student's steps; its teacher takes twice as "
+                                    f"many, at most diffusion.num_timesteps={T}.")
+    teacher = _other_run(config, "distill.teacher", fields,
                          "give the --workdir of the training run to distill (a DDPM, or the last round's student).",
                          "the student starts from the teacher's params and keeps its model and diffusion process.")
-    _require(not (d.guidance and teacher.distill.guidance),
-             f"distill.guidance={d.guidance}: distill.teacher={d.teacher} learnt its own teacher guided with "
-             f"w={teacher.distill.guidance} already; set distill.guidance=0.")
-    _require(not teacher.distill.teacher or teacher.sampling.steps == 2 * sp.steps,
+    learnt = teacher.distill.guidance or teacher.model.guidance_embedding
+    _require(not (d.guidance or d.mode == "guidance") or not learnt,
+             f"distill.teacher={d.teacher} learnt its own teacher's guidance already; distil it with "
+             "distill.mode='progressive' and distill.guidance=0 (configs/distill.py).")
+    _require(not (teacher.distill.teacher and teacher.distill.mode == "progressive" and d.mode == "progressive")
+             or teacher.sampling.steps == 2 * sp.steps,
              f"sampling.steps={sp.steps}: distill.teacher={d.teacher} is a student of {teacher.sampling.steps} steps, "
              f"so this round's student takes {teacher.sampling.steps // 2} (half as many).")
     _has_checkpoint(d.teacher, d.teacher_checkpoint_step, "distill.teacher_checkpoint_step", "distill.teacher")

@@ -12,11 +12,23 @@ from cli_helpers import SMALL_MODEL, bash_lines, run_command
 from gaussian_helpers import GAUSS_MU, GAUSS_SIGMA, eps_model64, gaussian_eps_model, step64
 from train_helpers import small_cifar10_config, small_digits_config
 
-from ddpm_jax import checkpoints, defaults, distillation, evaluate, main, parallel, sample, train_state, training
+from ddpm_jax import (
+    checkpoints,
+    defaults,
+    distillation,
+    evaluate,
+    generation,
+    main,
+    parallel,
+    sample,
+    train_state,
+    training,
+)
 from ddpm_jax import diffusion as D
 from ddpm_jax import sampling as S
 from ddpm_jax.evaluation import tasks
-from ddpm_jax.validation import UserError, validate_distill
+from ddpm_jax.models import unet_from_config
+from ddpm_jax.validation import UserError, validate_distill, validate_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 1000
@@ -94,6 +106,8 @@ def test_target_matches_float64_two_teacher_steps(n):
 
 class _GaussianUNet:
     """Stands in for a U-Net in `training_targets`: the exact denoiser, whatever the params."""
+
+    guidance_embedding = False
 
     def __init__(self):
         self.fn = gaussian_eps_model(D.make_schedule(D.linear_betas(T)), GAUSS_MU, GAUSS_SIGMA)
@@ -259,9 +273,180 @@ def test_guidance_is_distilled_once(tmp_path):
     second = _next_round(tmp_path, first, 2)
     validate_distill(second)
     second.distill.guidance = 2.0
-    with pytest.raises(UserError, match=r"distill.guidance=2.0: distill.teacher=.*round1 learnt its own teacher "
-                                        r"guided with w=2.0 already; set distill.guidance=0"):
+    with pytest.raises(UserError, match=r"distill.teacher=.*round1 learnt its own teacher's guidance already; "
+                                        r"distil it with distill.mode='progressive' and distill.guidance=0"):
         validate_distill(second)
+
+
+# Guided distillation (Meng et al. 2023): a student that takes w as an input.
+
+
+def _cond_config(**changes):
+    """The small digits config, class-conditional, without dropout (training and inference agree), its
+    timestep embedding scaling and shifting the norms: in Ho et al.'s blocks a per-channel shift is undone
+    by a GroupNorm of one channel a group, as at ch = 16."""
+    config = small_digits_config("unused")
+    config.model.update(num_classes=10, dropout=0.0, scale_shift_norm=True)
+    config.diffusion.clip_x0 = False
+    config.update_from_flattened_dict(changes)
+    return config
+
+
+def _cond(n, rng, w=None):
+    cond = {"label": jnp.asarray(rng.integers(0, 10, n), jnp.int32), "drop": jnp.asarray(np.arange(n) % 4 == 0)}
+    return cond if w is None else {**cond, "guidance": jnp.asarray(w, jnp.float32)}
+
+
+def _teacher_and_student(**changes):
+    """(teacher UNet, its params, student UNet with model.guidance_embedding, its params made from the
+    teacher's by `create_train_state`), the teacher's params perturbed so its outputs are not all zero."""
+    teacher_config, student_config = _cond_config(**changes), _cond_config(**changes)
+    student_config.model.guidance_embedding = True
+    leaves, tree = jax.tree.flatten(train_state.init_params(teacher_config, jax.random.key(0)))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    student_params = train_state.create_train_state(student_config, 0, params).params
+    return (unet_from_config(teacher_config), params, unet_from_config(student_config), student_params,
+            student_config)
+
+
+def test_a_student_that_takes_w_starts_as_its_teachers_conditional_model():
+    """The teacher's params are kept, the embedding of w is added and its last layer starts at zero:
+    whatever w, the student's output is the teacher's conditional one until it learns otherwise."""
+    teacher, params, student, student_params, _ = _teacher_and_student()
+    assert set(student_params) - set(params) == {"guidance_dense0", "guidance_dense1"}
+    assert all(student_params[k] is params[k] for k in params)
+    rng = np.random.default_rng(0)
+    x, t, cond = jnp.asarray(rng.standard_normal((8, 8, 8, 1)), jnp.float32), jnp.arange(8) * 12, _cond(8, rng)
+    np.testing.assert_allclose(student.apply({"params": student_params}, x, t, {**cond, "guidance": jnp.full(8, 3.0)}),
+                               teacher.apply({"params": params}, x, t, cond), atol=1e-6)
+    # once the embedding is trained, w is an input: the samplers pass it, one pass a step
+    dense1 = student_params["guidance_dense1"]
+    trained = {**student_params, "guidance_dense1": {**dense1, "kernel": dense1["kernel"] + 0.1}}
+    at = lambda w: student.apply({"params": trained}, x, t, {**cond, "guidance": jnp.full(8, w)})
+    assert float(jnp.abs(at(3.0) - at(0.0)).max()) > 1e-3
+    np.testing.assert_allclose(S.unet_model_fn(student, trained, cond, guidance=3.0)(x, t), at(3.0), atol=1e-6)
+    np.testing.assert_allclose(S.unet_model_fn(student, trained, cond)(x, t), at(0.0), atol=1e-6)
+    inside = S.unet_model_fn(student, trained, cond, guidance=3.0, interval=(0.0, 40.0))(x, t)
+    np.testing.assert_allclose(inside[t <= 40], at(3.0)[t <= 40], atol=1e-6)
+    np.testing.assert_allclose(inside[t > 40], at(0.0)[t > 40], atol=1e-6)
+    with pytest.raises(ValueError, match="no autoguidance, negative prompt or guidance rescale"):
+        S.unet_model_fn(student, trained, cond, guidance=3.0, rescale=0.7)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_first_stage_targets_are_the_guided_teachers_output(kind):
+    """distill.mode='guidance': at every example's own w and timestep, the targets are the x_0 and eps of
+    (1 + w) out(cond) - w out(null) of the teacher (the U-Net without the w input), and for a dropped
+    row its unconditional output, whatever w."""
+    teacher, params, student, _, config = _teacher_and_student(**{"diffusion.model_output": kind})
+    config.distill.update(teacher="teacher", mode="guidance")
+    rng = np.random.default_rng(3)
+    n = 16
+    w = rng.uniform(0, 4, n)
+    z, t = jnp.asarray(rng.standard_normal((n, 8, 8, 1)), jnp.float32), jnp.asarray(rng.integers(0, 100, n))
+    cond = _cond(n, rng, w)
+    x0, eps = distillation.training_targets(config, student, params, z, t, cond)
+    plain = {k: v for k, v in cond.items() if k != "guidance"}
+    out_c = np.asarray(teacher.apply({"params": params}, z, t, plain), np.float64)
+    out_u = np.asarray(teacher.apply({"params": params}, z, t, S.null_condition(plain)), np.float64)
+    w4 = w.reshape(-1, 1, 1, 1)
+    guided = np.where(np.asarray(cond["drop"]).reshape(-1, 1, 1, 1), out_u, (1 + w4) * out_c - w4 * out_u)
+    d = config.diffusion
+    abar = np.cumprod(1 - D.linear_betas(100, d.beta_start, d.beta_end))[np.asarray(t)].reshape(-1, 1, 1, 1)
+    z64 = np.asarray(z, np.float64)
+    want_eps = guided if kind == "eps" else np.sqrt(1 - abar) * z64 + np.sqrt(abar) * guided
+    want_x0 = (z64 - np.sqrt(1 - abar) * want_eps) / np.sqrt(abar)
+    np.testing.assert_allclose(eps, want_eps, atol=2e-4)
+    np.testing.assert_allclose(x0, want_x0, atol=2e-4 / np.sqrt(abar).min())
+
+
+def test_first_stage_train_step_draws_w_and_trains_on_the_teachers_output():
+    """Each example draws its own w in [distill.guidance_min, distill.guidance_max]; a student fresh from
+    its teacher is the teacher's conditional model, so at w = 0 its first loss is 0: every row's target
+    is its own output (the targets at w > 0: the test above)."""
+    _, params, _, _, config = _teacher_and_student()
+    config.distill.update(teacher="teacher", mode="guidance", guidance_min=1.0, guidance_max=3.0)
+    config.model.guidance_embedding = True
+    keys = jax.random.split(jax.random.key(0), 4096)
+    w = training.conditioning(config, {"label": jnp.zeros(4096, jnp.int32)}, keys)["guidance"]
+    assert 1.0 <= float(w.min()) < 1.01 and 2.99 < float(w.max()) <= 3.0 and abs(float(w.mean()) - 2.0) < 0.03
+    config.distill.update(guidance_min=0.0, guidance_max=0.0)
+    batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 2, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(np.random.default_rng(1).integers(0, 10, (8, 2)), jnp.int32)}
+    state = parallel.replicate(train_state.create_train_state(config, 0, params))
+    _, metrics = training.pmap_train_step(config)(state, batch, parallel.replicate(params))
+    assert float(parallel.to_host(metrics)["loss"]) < 1e-10
+
+
+def test_validate_guided_distillation(tmp_path):
+    """The first stage's student takes w; its teacher does not, and has not learnt guidance; later rounds
+    keep w as an input on both sides; each mistake is one line naming the field."""
+    first = _student(tmp_path, **{"model.num_classes": 10})
+    first.model.update(num_classes=10, guidance_embedding=True)
+    first.distill.mode = "guidance"
+    first.sampling.update(sampler="ancestral", timestep_spacing="even", steps=20)  # any sampler
+    validate_distill(first)
+    for changes, message in [
+        ({"model.guidance_embedding": False}, "distill.mode='guidance': the student learns its teacher's guided "
+                                              "output; set distill.guidance=w, or model.guidance_embedding=True"),
+        ({"distill.guidance": 2.0}, "distill.guidance=2.0: a student with model.guidance_embedding learns every w "
+                                    r"in \[distill.guidance_min, distill.guidance_max\] instead"),
+        ({"distill.guidance_min": 3.0, "distill.guidance_max": 1.0}, "need 0 <= guidance_min <= guidance_max"),
+        ({"distill.mode": "halving"}, r"distill.mode='halving': must be one of \('progressive', 'guidance'\)"),
+    ]:
+        config = first.copy_and_resolve_references()
+        config.update_from_flattened_dict(changes)
+        with pytest.raises(UserError, match=message):
+            validate_distill(config)
+    fixed = first.copy_and_resolve_references()
+    fixed.model.guidance_embedding, fixed.distill.guidance = False, 2.0
+    validate_distill(fixed)  # one w, learnt at every timestep: any sampler, one evaluation a step
+    again = _next_round(tmp_path, first, 2)  # the first stage's student as a teacher
+    again.distill.mode = "guidance"
+    again.sampling.update(sampler="ancestral", timestep_spacing="even")
+    with pytest.raises(UserError, match=r"round1 learnt its own teacher's guidance already"):
+        validate_distill(again)
+    second = _next_round(tmp_path, first, 8)  # progressive, w an input; a first stage is no step count to halve
+    second.sampling.update(sampler="ddim", timestep_spacing="trailing")
+    second.distill.mode = "progressive"
+    validate_distill(second)
+    second.model.guidance_embedding = False
+    with pytest.raises(UserError, match=r"its model.guidance_embedding=True differs from this run's False"):
+        validate_distill(second)
+    alone = small_cifar10_config()
+    alone.model.update(num_classes=10, guidance_embedding=True)
+    with pytest.raises(UserError, match="model.guidance_embedding=True: the student learns w from a guided teacher"):
+        validate_distill(alone)
+
+
+def test_a_student_that_takes_w_refuses_what_needs_a_conditional_output(tmp_path):
+    config = _cond_config(**{"model.guidance_embedding": True, "sampling.guidance": 2.0})
+    config.sampling.guidance_rescale = 0.7
+    with pytest.raises(UserError, match=r"sampling.guidance_rescale=0.7: this model learnt guidance "
+                                        r"\(model.guidance_embedding\) and takes w as an input"):
+        validate_sampling(config)
+    text = small_cifar10_config()
+    text.model.update(text_encoder="trained", guidance_embedding=True)
+    text.sampling.guidance = 2.0
+    with pytest.raises(UserError, match="--negative_prompt: this model learnt guidance against the null text"):
+        generation.conditioning(text, prompts=["a red circle"], negative_prompt="a blue square")
+
+
+def test_the_guidance_config_and_the_next_round(tmp_path):
+    """configs/distill_guidance.py makes the first stage of a conditional run; configs/distill.py on that
+    student starts the rounds at 8 steps, w still an input."""
+    teacher = small_cifar10_config()
+    teacher.model.num_classes = 10
+    path = _run_config(tmp_path / "teacher", teacher)
+    first = defaults.load_config_file(f"{ROOT}/configs/distill_guidance.py:{path}")
+    assert first.model.guidance_embedding and first.distill.mode == "guidance" and first.distill.teacher == path
+    assert (first.distill.guidance_min, first.distill.guidance_max) == (0.0, 4.0)
+    assert first.sampling.sampler == teacher.sampling.sampler
+    stage = _run_config(tmp_path / "stage1", first)
+    second = defaults.load_config_file(f"{ROOT}/configs/distill.py:{stage}")
+    assert second.model.guidance_embedding and second.distill.mode == "progressive"
+    assert second.sampling.steps == 8 and second.distill.guidance_max == 4.0
 
 
 def test_resume_refuses_another_teacher_or_step_count(tmp_path):
@@ -292,20 +477,21 @@ def test_main_refuses_a_missing_teacher_in_one_line(tmp_path):
 
 def documented_commands() -> list[str]:
     """The command lines of docs/samplers.md's distillation examples, continuations joined."""
-    runs = ("runs/digits_v", "runs/digits_d", "runs/digits_cond_v", "runs/digits_cond_d")
+    runs = ("runs/digits_v", "runs/digits_d", "runs/digits_cond_v", "runs/digits_cond_d", "runs/digits_cond_w")
     return [line for line in bash_lines([os.path.join(ROOT, "docs", "samplers.md")])
             if line.startswith("python -m ddpm_jax.") and any(run in line for run in runs)]
 
 
-@pytest.mark.slow  # eight small runs trained, three evaluations: about five minutes on a busy 2-core CPU
+@pytest.mark.slow  # thirteen small runs trained, five evaluations: about eight minutes on a busy 2-core CPU
 def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypatch):
-    """docs/samplers.md's teachers, rounds (guided too), sample and evaluations as written, with a small
-    model and 2 steps a run appended (sample and evaluate: fewer samples). The first student starts
-    from its teacher's EMA params (2 Adam steps of at most ~2e-4 from them), its config.json records the
-    teacher's step, and its command run again with more steps resumes from the same teacher."""
+    """docs/samplers.md's teachers, rounds (guided, and with w an input), samples and evaluations as
+    written, with a small model and 2 steps a run appended (sample and evaluate: fewer samples). The
+    first student starts from its teacher's EMA params (2 Adam steps of at most ~2e-4 from them), its
+    config.json records the teacher's step, and its command run again with more steps resumes from the
+    same teacher."""
     monkeypatch.chdir(tmp_path)
     commands = documented_commands()
-    assert len(commands) == 12, commands
+    assert len(commands) == 21, commands
     train = [f"--config.data.data_dir={tmp_path / 'tfds'}", *SMALL_MODEL]
     modules = {"main": (main, train), "sample": (sample, ["--num_samples=4", "--batch_size=8"]),
                "evaluate": (evaluate, ["--num_samples=10", "--num_per_class=1"])}
@@ -319,10 +505,16 @@ def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypat
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)))
     assert 0 < moved < 1e-3, moved
     config = json.loads((tmp_path / "runs" / "digits_d8" / "config.json").read_text())
-    assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2, "guidance": 0.0}
+    assert config["distill"] == {"teacher": "runs/digits_v", "teacher_checkpoint_step": 2, "mode": "progressive",
+                                 "guidance": 0.0, "guidance_min": 0.0, "guidance_max": 4.0}
     assert config["sampling"]["steps"] == 8 and os.path.exists("runs/digits_d4/samples/samples.npz")
     guided = json.loads((tmp_path / "runs" / "digits_cond_d8" / "config.json").read_text())
     assert guided["distill"]["guidance"] == 1.0 and guided["sampling"]["guidance"] == 0.0
+    first, last = (json.loads((tmp_path / "runs" / run / "config.json").read_text())
+                   for run in ("digits_cond_w", "digits_cond_w1"))
+    assert first["model"]["guidance_embedding"] and first["distill"]["mode"] == "guidance"
+    assert last["model"]["guidance_embedding"] and last["distill"]["mode"] == "progressive"
+    assert last["sampling"]["steps"] == 1 and os.path.exists("runs/digits_cond_w4/samples/samples.npz")
     resume = [a.replace("configs/", f"{ROOT}/configs/") for a in shlex.split(commands[1])[3:]]
     status, _, err = run_command(main, *resume, *train, "--config.training.num_train_steps=4")
     assert status == 0 and checkpoints.steps("runs/digits_d8") == [2, 4], err[-2000:]

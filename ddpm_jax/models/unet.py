@@ -8,7 +8,9 @@ Conditioning is one pytree `cond` (see `UNet`); each kind has one method: `label
 labels, added to the timestep embedding), `text_context` (text, Imagen-style (Saharia et al.
 2022): pooled into the timestep embedding and attended to by every attention block, its keys and
 values appended to the image's own) and `low_res_input` (super-resolution, SR3: the low-resolution
-image resized and concatenated to x_t, its augmentation level embedded like the timestep).
+image resized and concatenated to x_t, its augmentation level embedded like the timestep) and
+`guidance_input` (the guidance weight of a student that learnt classifier-free guidance, embedded like
+the timestep).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ TEXT_ENCODERS = ("none", "trained", "precomputed")
 TEXT_ATTENTION = ("fused", "cross")
 TIME_EMBEDDINGS = ("ddpm", "adm")
 DOWNSAMPLE_PADDING = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}
+# Scale of the guidance weight passed to the sinusoidal embedding: w in [0, 4] spreads as timesteps do.
+GUIDANCE_EMBEDDING_SCALE = 250.0
 
 # The official code's default_init: variance scaling, fan_avg, uniform (biases zero).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -187,7 +191,8 @@ class UNet(nn.Module):
     'text_emb' float `[B, L, D]` + 'mask' (`text_encoder='precomputed'`); 'low_res' float
     `[B, h, h, C]` in [-1, 1], h = low_res_size at the trained size (already noise-augmented,
     `superres.augment`; resized to x's size) +
-    'aug_level' float `[B]` (`low_res_size > 0`); 'drop' bool `[B]`: use the
+    'aug_level' float `[B]` (`low_res_size > 0`); 'guidance' float `[B]` (`guidance_embedding`: the
+    weight w the output is guided with; 0 where absent); 'drop' bool `[B]`: use the
     null condition (the null class, or the learned null text token) instead, as in training's
     condition dropout and the unconditional half of classifier-free guidance. Unconditional models
     ignore `cond`.
@@ -214,6 +219,7 @@ class UNet(nn.Module):
     max_text_len: int = 64  # trained encoder: most tokens per text (BOS included)
     low_res_size: int = 0  # > 0: a super-resolution model conditioned on cond['low_res'] of this size
     low_res_resize: str = "bicubic"  # how the low-res image is resized to x's size: superres.RESIZE_METHODS
+    guidance_embedding: bool = False  # the guidance weight cond['guidance'] as an input (a distilled student)
     # Ho et al.'s choices by default; the alternatives are Nichol & Dhariwal's (Improved DDPM, ADM):
     attn_head_dim: int = 0  # AttnBlock.head_dim: 0 one head; > 0 heads of this many channels
     scale_shift_norm: bool = False  # ResnetBlock.scale_shift: the timestep scales and shifts the norm
@@ -251,6 +257,16 @@ class UNet(nn.Module):
         level = timestep_embedding(cond["aug_level"] * superres.LEVEL_EMBEDDING_SCALE, self.ch)
         return jnp.concatenate([x, up.astype(x.dtype)], axis=-1), _dense(self.ch * 4, self.dtype, name="aug_emb")(level)
 
+    def guidance_input(self, cond, batch: int) -> jax.Array:
+        """`[B, 4 ch]`: the embedding of the guidance weight w = cond['guidance'] float `[B]` (0, the
+        conditional model, where absent), added to the timestep embedding: sinusoidal as t's (Meng et
+        al. 2023, Sec. 4), then two dense layers, the last zero-initialised so that a student made from
+        its teacher's params starts as the teacher's conditional model."""
+        w = cond["guidance"] if cond is not None and "guidance" in cond else jnp.zeros((batch,), jnp.float32)
+        emb = timestep_embedding(w * GUIDANCE_EMBEDDING_SCALE, self.ch)
+        emb = _dense(self.ch * 4, self.dtype, name="guidance_dense0")(emb)
+        return _dense(self.ch * 4, self.dtype, zero=True, name="guidance_dense1")(nn.swish(emb))
+
     @nn.compact
     def __call__(self, x, t, cond=None, *, train: bool = False):
         dt = self.dtype
@@ -282,6 +298,8 @@ class UNet(nn.Module):
             temb = temb + aug_emb
         if context is not None:
             temb = temb + _dense(self.ch * 4, dt, name="text_pool")(text.pooled(*context))
+        if self.guidance_embedding:
+            temb = temb + self.guidance_input(cond, x.shape[0])
 
         # Attention by level, not by the size met: a model applied to larger images than it was
         # trained on (super-resolution of whole images after training on crops) keeps its layers.
@@ -335,6 +353,7 @@ def unet_from_config(config: ConfigDict) -> UNet:
                 text_attention=m.text_attention,
                 text_encoder=m.text_encoder, text_width=m.text_width,
                 text_depth=m.text_depth, text_heads=m.text_heads, max_text_len=config.data.max_text_len,
-                low_res_size=m.low_res_size, low_res_resize=m.low_res_resize, attn_head_dim=m.attn_head_dim,
+                low_res_size=m.low_res_size, low_res_resize=m.low_res_resize,
+                guidance_embedding=m.guidance_embedding, attn_head_dim=m.attn_head_dim,
                 scale_shift_norm=m.scale_shift_norm, resblock_updown=m.resblock_updown,
                 time_embedding=m.time_embedding, norm_eps=m.norm_eps, downsample_padding=m.downsample_padding)
