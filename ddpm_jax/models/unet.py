@@ -259,9 +259,9 @@ class UNet(nn.Module):
 
     def guidance_input(self, cond, batch: int) -> jax.Array:
         """`[B, 4 ch]`: the embedding of the guidance weight w = cond['guidance'] float `[B]` (0, the
-        conditional model, where absent), added to the timestep embedding: sinusoidal as t's (Meng et
-        al. 2023, Sec. 4), then two dense layers, the last zero-initialised so that a student made from
-        its teacher's params starts as the teacher's conditional model."""
+        conditional model, where absent), added to the timestep embedding: sinusoidal as t's (as Meng
+        et al. 2023 embed w), then two dense layers, the last zero-initialised so that a student made
+        from its teacher's params starts as the teacher's conditional model."""
         w = cond["guidance"] if cond is not None and "guidance" in cond else jnp.zeros((batch,), jnp.float32)
         emb = timestep_embedding(w * GUIDANCE_EMBEDDING_SCALE, self.ch)
         emb = _dense(self.ch * 4, self.dtype, name="guidance_dense0")(emb)
