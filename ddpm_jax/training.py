@@ -128,9 +128,8 @@ def train_step(state: TrainState, batch: dict, teacher_params=None, *,
     'text_emb' `[B_dev, L, D]` + 'mask'}; `conditioning` drops each example's condition with the
     configured probability. With `distill.teacher`, the loss's x_0 and eps are
     `distillation.training_targets` of `teacher_params`, and in progressive distillation t is a student
-    step's timestep. With
-    `training.grad_accum_steps=k` the gradient is accumulated over k microbatches of B_dev / k
-    (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the EMA of the
+    step's timestep. With `training.grad_accum_steps=k` the gradient is accumulated over k microbatches
+    of B_dev / k (`accumulated_grads`). Gradients, loss and metrics are averaged over devices; the EMA of the
     params is updated here. A step whose loss or gradient norm is not finite changes
     nothing but the step count. Returns (state, {'loss', 'grad_norm', 'nonfinite' (0 or 1),
     'learning_rate', 'loss_q0', ..., 'loss_q3' (`loss_by_quarter`)}).
