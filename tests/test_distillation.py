@@ -1,5 +1,6 @@
 """Progressive distillation: trailing timesteps, the student's target against a float64 reference on
 the analytic Gaussian denoiser, the train step's wiring, and the checks of a distilled run's config."""
+import functools
 import json
 import os
 import shlex
@@ -297,37 +298,46 @@ def _cond(n, rng, w=None):
     return cond if w is None else {**cond, "guidance": jnp.asarray(w, jnp.float32)}
 
 
-def _teacher_and_student(**changes):
+def _student_config(**changes):
+    config = _cond_config(**changes)
+    config.model.guidance_embedding = True
+    return config
+
+
+@functools.cache
+def _teacher_and_student():
     """(teacher UNet, its params, student UNet with model.guidance_embedding, its params made from the
-    teacher's by `create_train_state`), the teacher's params perturbed so its outputs are not all zero."""
-    teacher_config, student_config = _cond_config(**changes), _cond_config(**changes)
-    student_config.model.guidance_embedding = True
-    leaves, tree = jax.tree.flatten(train_state.init_params(teacher_config, jax.random.key(0)))
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    student_params = train_state.create_train_state(student_config, 0, params).params
-    return (unet_from_config(teacher_config), params, unet_from_config(student_config), student_params,
-            student_config)
+    teacher's by `create_train_state`), the teacher's params perturbed so its outputs are not all zero.
+    Jitted as the train loop does: op by op it takes seconds more."""
+    leaves, tree = jax.tree.flatten(train_state.init_params(_cond_config(), jax.random.key(0)))
+    perturb = jax.jit(lambda leaves, keys: [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    params = tree.unflatten(perturb(leaves, list(jax.random.split(jax.random.key(1), len(leaves)))))
+    student_params = jax.jit(functools.partial(train_state.create_train_state, _student_config()))(
+        jax.random.key(0), params).params
+    return unet_from_config(_cond_config()), params, unet_from_config(_student_config()), student_params
 
 
 def test_a_student_that_takes_w_starts_as_its_teachers_conditional_model():
     """The teacher's params are kept, the embedding of w is added and its last layer starts at zero:
     whatever w, the student's output is the teacher's conditional one until it learns otherwise."""
-    teacher, params, student, student_params, _ = _teacher_and_student()
+    teacher, params, student, student_params = _teacher_and_student()
     assert set(student_params) - set(params) == {"guidance_dense0", "guidance_dense1"}
-    assert all(student_params[k] is params[k] for k in params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves({k: student_params[k] for k in params}),
+                                                    jax.tree.leaves(params)))
     rng = np.random.default_rng(0)
     x, t, cond = jnp.asarray(rng.standard_normal((8, 8, 8, 1)), jnp.float32), jnp.arange(8) * 12, _cond(8, rng)
-    np.testing.assert_allclose(student.apply({"params": student_params}, x, t, {**cond, "guidance": jnp.full(8, 3.0)}),
-                               teacher.apply({"params": params}, x, t, cond), atol=1e-6)
+    apply = jax.jit(student.apply)
+    np.testing.assert_allclose(apply({"params": student_params}, x, t, {**cond, "guidance": jnp.full(8, 3.0)}),
+                               jax.jit(teacher.apply)({"params": params}, x, t, cond), atol=1e-6)
     # once the embedding is trained, w is an input: the samplers pass it, one pass a step
     dense1 = student_params["guidance_dense1"]
     trained = {**student_params, "guidance_dense1": {**dense1, "kernel": dense1["kernel"] + 0.1}}
-    at = lambda w: student.apply({"params": trained}, x, t, {**cond, "guidance": jnp.full(8, w)})
+    at = lambda w: apply({"params": trained}, x, t, {**cond, "guidance": jnp.full(8, w)})
     assert float(jnp.abs(at(3.0) - at(0.0)).max()) > 1e-3
-    np.testing.assert_allclose(S.unet_model_fn(student, trained, cond, guidance=3.0)(x, t), at(3.0), atol=1e-6)
-    np.testing.assert_allclose(S.unet_model_fn(student, trained, cond)(x, t), at(0.0), atol=1e-6)
-    inside = S.unet_model_fn(student, trained, cond, guidance=3.0, interval=(0.0, 40.0))(x, t)
+    sampled = lambda **kw: jax.jit(S.unet_model_fn(student, trained, cond, **kw))(x, t)
+    np.testing.assert_allclose(sampled(guidance=3.0), at(3.0), atol=1e-6)
+    np.testing.assert_allclose(sampled(), at(0.0), atol=1e-6)
+    inside = sampled(guidance=3.0, interval=(0.0, 40.0))
     np.testing.assert_allclose(inside[t <= 40], at(3.0)[t <= 40], atol=1e-6)
     np.testing.assert_allclose(inside[t > 40], at(0.0)[t > 40], atol=1e-6)
     with pytest.raises(ValueError, match="no autoguidance, negative prompt or guidance rescale"):
@@ -339,17 +349,19 @@ def test_first_stage_targets_are_the_guided_teachers_output(kind):
     """distill.mode='guidance': at every example's own w and timestep, the targets are the x_0 and eps of
     (1 + w) out(cond) - w out(null) of the teacher (the U-Net without the w input), and for a dropped
     row its unconditional output, whatever w."""
-    teacher, params, student, _, config = _teacher_and_student(**{"diffusion.model_output": kind})
+    teacher, params, student, _ = _teacher_and_student()
+    config = _student_config(**{"diffusion.model_output": kind})
     config.distill.update(teacher="teacher", mode="guidance")
     rng = np.random.default_rng(3)
     n = 16
     w = rng.uniform(0, 4, n)
     z, t = jnp.asarray(rng.standard_normal((n, 8, 8, 1)), jnp.float32), jnp.asarray(rng.integers(0, 100, n))
     cond = _cond(n, rng, w)
-    x0, eps = distillation.training_targets(config, student, params, z, t, cond)
+    x0, eps = jax.jit(functools.partial(distillation.training_targets, config, student))(params, z, t, cond)
     plain = {k: v for k, v in cond.items() if k != "guidance"}
-    out_c = np.asarray(teacher.apply({"params": params}, z, t, plain), np.float64)
-    out_u = np.asarray(teacher.apply({"params": params}, z, t, S.null_condition(plain)), np.float64)
+    apply = jax.jit(teacher.apply)
+    out_c = np.asarray(apply({"params": params}, z, t, plain), np.float64)
+    out_u = np.asarray(apply({"params": params}, z, t, S.null_condition(plain)), np.float64)
     w4 = w.reshape(-1, 1, 1, 1)
     guided = np.where(np.asarray(cond["drop"]).reshape(-1, 1, 1, 1), out_u, (1 + w4) * out_c - w4 * out_u)
     d = config.diffusion
@@ -365,16 +377,17 @@ def test_first_stage_train_step_draws_w_and_trains_on_the_teachers_output():
     """Each example draws its own w in [distill.guidance_min, distill.guidance_max]; a student fresh from
     its teacher is the teacher's conditional model, so at w = 0 its first loss is 0: every row's target
     is its own output (the targets at w > 0: the test above)."""
-    _, params, _, _, config = _teacher_and_student()
+    params = _teacher_and_student()[1]
+    config = _student_config()
     config.distill.update(teacher="teacher", mode="guidance", guidance_min=1.0, guidance_max=3.0)
-    config.model.guidance_embedding = True
     keys = jax.random.split(jax.random.key(0), 4096)
     w = training.conditioning(config, {"label": jnp.zeros(4096, jnp.int32)}, keys)["guidance"]
     assert 1.0 <= float(w.min()) < 1.01 and 2.99 < float(w.max()) <= 3.0 and abs(float(w.mean()) - 2.0) < 0.03
     config.distill.update(guidance_min=0.0, guidance_max=0.0)
     batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 2, 8, 8, 1)), jnp.float32),
              "label": jnp.asarray(np.random.default_rng(1).integers(0, 10, (8, 2)), jnp.int32)}
-    state = parallel.replicate(train_state.create_train_state(config, 0, params))
+    state = parallel.replicate(jax.jit(functools.partial(train_state.create_train_state, config))(
+        jax.random.key(0), params))
     _, metrics = training.pmap_train_step(config)(state, batch, parallel.replicate(params))
     assert float(parallel.to_host(metrics)["loss"]) < 1e-10
 
