@@ -504,7 +504,7 @@ def test_the_documented_distillation_commands_run_as_written(tmp_path, monkeypat
     same teacher."""
     monkeypatch.chdir(tmp_path)
     commands = documented_commands()
-    assert len(commands) == 21, commands
+    assert len(commands) == 20, commands
     train = [f"--config.data.data_dir={tmp_path / 'tfds'}", *SMALL_MODEL]
     modules = {"main": (main, train), "sample": (sample, ["--num_samples=4", "--batch_size=8"]),
                "evaluate": (evaluate, ["--num_samples=10", "--num_per_class=1"])}
