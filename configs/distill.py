@@ -14,20 +14,12 @@ A student of configs/distill_guidance.py (Meng et al.'s first stage) keeps w as 
 The training settings are those measured on the digits (1,000 steps a round); a larger model wants more
 steps (training.num_train_steps, which the learning rate's decay follows) and a slower EMA.
 """
-from ddpm_jax import checkpoints
-from ddpm_jax.validation import UserError
+from ddpm_jax import distillation
 
 
 def get_config(teacher: str = ""):
-    if not teacher:
-        raise UserError("name the run to distill after a colon, e.g. --config=configs/distill.py:runs/digits_v.")
-    c = checkpoints.load_config(teacher)
-    student_of_a_student = bool(c.distill.teacher) and c.distill.mode == "progressive"
-    c.distill.update(teacher=teacher, teacher_checkpoint_step=0, mode="progressive", guidance=0.0)
+    c, t = distillation.student_config(teacher, "distill.py", "progressive", num_train_steps=1000)
+    halves = bool(t.distill.teacher) and t.distill.mode == "progressive"  # a student of a student: half its steps
     c.sampling.update(sampler="ddim", eta=0.0, timestep_spacing="trailing", guidance=0.0,
-                      steps=c.sampling.steps // 2 if student_of_a_student else 8)
-    c.optim.update(learning_rate=2e-4, warmup_steps=0, ema_decay=0.995)  # 0.999: 37% teacher after 1,000 steps
-    c.training.num_train_steps = 1000
-    c.training.allow_config_change = False  # a resume must read the same teacher, whatever the teacher's run allowed
-    c.optim.decay_steps = c.training.get_ref("num_train_steps")  # each round's learning rate decays to 0
+                      steps=t.sampling.steps // 2 if halves else 8)
     return c

@@ -11,20 +11,11 @@ sampler at sampling.guidance = w; configs/distill.py then halves its steps, w st
     python -m ddpm_jax.sample --workdir=runs/digits_cond_w --guidance=2
     python -m ddpm_jax.main --config=configs/distill.py:runs/digits_cond_w --workdir=runs/digits_cond_w8
 """
-from ddpm_jax import checkpoints
-from ddpm_jax.validation import UserError
+from ddpm_jax import distillation
 
 
 def get_config(teacher: str = ""):
-    if not teacher:
-        raise UserError("name the run to distill after a colon, e.g. "
-                        "--config=configs/distill_guidance.py:runs/digits_cond_v.")
-    c = checkpoints.load_config(teacher)
+    c, _ = distillation.student_config(teacher, "distill_guidance.py", "guidance", num_train_steps=2000)
     c.model.guidance_embedding = True
-    c.distill.update(teacher=teacher, teacher_checkpoint_step=0, mode="guidance", guidance=0.0,
-                     guidance_min=0.0, guidance_max=4.0)
-    c.optim.update(learning_rate=2e-4, warmup_steps=0, ema_decay=0.995)  # as configs/distill.py's rounds
-    c.training.num_train_steps = 2000
-    c.training.allow_config_change = False  # a resume must read the same teacher, whatever the teacher's run allowed
-    c.optim.decay_steps = c.training.get_ref("num_train_steps")
+    c.distill.update(guidance_min=0.0, guidance_max=4.0)
     return c

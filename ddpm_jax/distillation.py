@@ -96,6 +96,25 @@ def training_targets(config: ConfigDict, model, teacher_params, z_t: jax.Array, 
     return x0, (z_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
 
 
+def student_config(teacher: str, config_file: str, mode: str,
+                   num_train_steps: int) -> tuple[ConfigDict, ConfigDict]:
+    """(a student's config, its teacher's) for configs/distill.py and distill_guidance.py: the config.json
+    of the run at `teacher` (the --config's ARG after `config_file`), with `distill.teacher` and `mode`
+    set and the training settings measured on the digits: `num_train_steps` of Adam from 2e-4 decaying
+    to 0, no warmup, EMA 0.995 (0.999 would leave 37% of the teacher's params after 1,000 steps)."""
+    if not teacher:
+        raise UserError(f"name the run to distill after a colon, e.g. "
+                        f"--config=configs/{config_file}:runs/digits_cond_v.")
+    teacher_config = checkpoints.load_config(teacher)
+    c = teacher_config.copy_and_resolve_references()
+    c.distill.update(teacher=teacher, teacher_checkpoint_step=0, mode=mode, guidance=0.0)
+    c.optim.update(learning_rate=2e-4, warmup_steps=0, ema_decay=0.995)
+    c.training.num_train_steps = num_train_steps
+    c.training.allow_config_change = False  # a resume must read the same teacher, whatever the teacher's run allowed
+    c.optim.decay_steps = c.training.get_ref("num_train_steps")  # the learning rate decays to 0 over the run
+    return c, teacher_config
+
+
 def load_teacher(config: ConfigDict) -> tuple[ConfigDict, dict]:
     """(a copy of `config` with `distill.teacher_checkpoint_step` set to the step read, the teacher's EMA
     params on the host) of `distill.teacher`'s checkpoint of that step (0: its newest readable one)."""
